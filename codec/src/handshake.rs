@@ -1,0 +1,395 @@
+//! The handshake messages: [`ServerHello`], [`ClientAuth`], [`AuthResult`].
+//!
+//! Each travels alone in one WebSocket binary message, so there is no length prefix: the message is
+//! the whole buffer, and it is refused unread when longer than [`MAX_HANDSHAKE_LEN`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::auth::{Mac, Nonce};
+use crate::frame::decode_message;
+use crate::id::{InstanceId, SessionId, TunnelId};
+use crate::{CodecError, pb};
+
+/// The protocol version this build speaks (`ferry.v1`).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest handshake message. The biggest, `ClientAuth`, is under 250 bytes; anything much larger
+/// is not a ferry agent and is refused before decoding.
+pub const MAX_HANDSHAKE_LEN: usize = 1024;
+/// Longest software version string (`gateway_version`, `agent_version`).
+pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
+
+/// Checks that the peer speaks our protocol version.
+///
+/// # Errors
+/// [`CodecError::UnsupportedVersion`] for any other version.
+pub fn check_version(version: u32) -> Result<(), CodecError> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(CodecError::UnsupportedVersion(version))
+    }
+}
+
+/// Gateway → agent, first message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerHello {
+    /// Gateway's protocol version.
+    pub version: u32,
+    /// Fresh per connection.
+    pub nonce: Nonce,
+    /// Gateway build, for logs.
+    pub gateway_version: String,
+    /// Whether the gateway checks MACs.
+    pub auth_required: bool,
+}
+
+/// Agent → gateway, answer to [`ServerHello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// Agent's protocol version.
+    pub version: u32,
+    /// The tunnel the agent serves.
+    pub tunnel_id: TunnelId,
+    /// The agent process.
+    pub instance_id: InstanceId,
+    /// Agent build, for logs.
+    pub agent_version: String,
+    /// MAC over the client transcript; `None` when the agent has no secret.
+    pub mac: Option<Mac>,
+}
+
+/// Limits the gateway applies to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Most streams open at once.
+    pub max_streams: u32,
+    /// Largest `Data` payload.
+    pub max_data_frame_len: u32,
+}
+
+/// The gateway accepted the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthAccepted {
+    /// Names the session.
+    pub session_id: SessionId,
+    /// MAC over the server transcript; `None` when the gateway has no secrets.
+    pub server_mac: Option<Mac>,
+    /// Heartbeat period on the control stream.
+    pub heartbeat_interval: Duration,
+    /// Session limits.
+    pub limits: SessionLimits,
+}
+
+/// Why the gateway refused an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AuthErrorCode {
+    /// Protocol version mismatch.
+    UnsupportedVersion,
+    /// A handshake message did not decode.
+    Malformed,
+    /// The tunnel id does not follow the grammar.
+    InvalidTunnelId,
+    /// Wrong or missing secret.
+    BadCredentials,
+    /// No secret is configured for this tunnel id.
+    UnknownTunnel,
+    /// Too many failures from this address.
+    RateLimited,
+    /// The gateway is full or shutting down.
+    Overloaded,
+    /// The agent answered too late.
+    HandshakeTimeout,
+}
+
+impl AuthErrorCode {
+    /// The stable snake_case name, used in WebSocket close reasons and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::Malformed => "malformed",
+            Self::InvalidTunnelId => "invalid_tunnel_id",
+            Self::BadCredentials => "bad_credentials",
+            Self::UnknownTunnel => "unknown_tunnel",
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    /// The fixed message the gateway sends with this code. It never carries detail about the
+    /// secret or the transcript; the gateway logs that instead.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::UnsupportedVersion => "the gateway does not speak this protocol version",
+            Self::Malformed => "a handshake message could not be decoded",
+            Self::InvalidTunnelId => "the tunnel id must be agent_{uuid}_{purpose}",
+            Self::BadCredentials => "authentication failed: check the secret",
+            Self::UnknownTunnel => "this gateway has no secret for the tunnel id",
+            Self::RateLimited => "too many failed attempts; retry later",
+            Self::Overloaded => "the gateway cannot take this session now",
+            Self::HandshakeTimeout => "the handshake took too long",
+        }
+    }
+
+    /// Whether retrying soon could help (network and load problems) or a person must change
+    /// something first (credentials, tunnel id, version).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited | Self::Overloaded | Self::HandshakeTimeout
+        )
+    }
+}
+
+/// The refusal: a code and the fixed message for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRejected {
+    /// Why.
+    pub code: AuthErrorCode,
+    /// The gateway's text for the code.
+    pub message: String,
+}
+
+impl From<AuthErrorCode> for AuthRejected {
+    fn from(code: AuthErrorCode) -> Self {
+        Self {
+            code,
+            message: code.message().to_owned(),
+        }
+    }
+}
+
+/// Gateway → agent, last handshake message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthResult {
+    /// The session starts.
+    Accepted(AuthAccepted),
+    /// The gateway closes the connection.
+    Rejected(AuthRejected),
+}
+
+/// Defines `encode` / `decode` for a handshake message over its protobuf twin.
+macro_rules! handshake_message {
+    ($domain:ty, $wire:ty, $name:literal) => {
+        impl $domain {
+            /// Encodes the message as the whole payload of one WebSocket message.
+            pub fn encode(&self) -> Bytes {
+                <$wire>::from(self).encode_to_vec().into()
+            }
+
+            /// Decodes one WebSocket message.
+            ///
+            /// # Errors
+            /// Longer than [`MAX_HANDSHAKE_LEN`], malformed protobuf, or invalid fields.
+            pub fn decode(buf: impl Into<Bytes>) -> Result<Self, CodecError> {
+                let buf = buf.into();
+                if buf.len() > MAX_HANDSHAKE_LEN {
+                    return Err(CodecError::TooLarge {
+                        what: $name,
+                        len: buf.len(),
+                        limit: MAX_HANDSHAKE_LEN,
+                    });
+                }
+                decode_message::<$wire, $domain>(buf, $name)
+            }
+        }
+    };
+}
+
+handshake_message!(ServerHello, pb::ServerHello, "ServerHello");
+handshake_message!(ClientAuth, pb::ClientAuth, "ClientAuth");
+handshake_message!(AuthResult, pb::AuthResult, "AuthResult");
+
+fn check_software_version(text: &str, field: &'static str) -> Result<(), CodecError> {
+    let printable = text.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if text.len() > MAX_SOFTWARE_VERSION_LEN || !printable {
+        return Err(CodecError::invalid(
+            field,
+            "must be at most 64 printable ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+fn mac_to_wire(mac: Option<&Mac>) -> Bytes {
+    mac.map(|mac| Bytes::copy_from_slice(mac.as_bytes()))
+        .unwrap_or_default()
+}
+
+fn mac_from_wire(bytes: &[u8], field: &'static str) -> Result<Option<Mac>, CodecError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| CodecError::invalid(field, "must be 32 bytes"))?;
+    Ok(Some(Mac::from_bytes(bytes)))
+}
+
+impl From<&ServerHello> for pb::ServerHello {
+    fn from(hello: &ServerHello) -> Self {
+        Self {
+            version: hello.version,
+            server_nonce: Bytes::copy_from_slice(hello.nonce.as_bytes()),
+            gateway_version: hello.gateway_version.clone(),
+            auth_required: hello.auth_required,
+        }
+    }
+}
+
+impl TryFrom<pb::ServerHello> for ServerHello {
+    type Error = CodecError;
+
+    fn try_from(hello: pb::ServerHello) -> Result<Self, CodecError> {
+        if hello.version == 0 {
+            return Err(CodecError::MissingField("ServerHello.version"));
+        }
+        let nonce: [u8; 32] = hello.server_nonce[..]
+            .try_into()
+            .map_err(|_| CodecError::invalid("ServerHello.server_nonce", "must be 32 bytes"))?;
+        check_software_version(&hello.gateway_version, "ServerHello.gateway_version")?;
+        Ok(Self {
+            version: hello.version,
+            nonce: Nonce::from_bytes(nonce),
+            gateway_version: hello.gateway_version,
+            auth_required: hello.auth_required,
+        })
+    }
+}
+
+impl From<&ClientAuth> for pb::ClientAuth {
+    fn from(auth: &ClientAuth) -> Self {
+        Self {
+            version: auth.version,
+            tunnel_id: auth.tunnel_id.to_string(),
+            instance_id: Bytes::copy_from_slice(auth.instance_id.as_bytes()),
+            agent_version: auth.agent_version.clone(),
+            mac: mac_to_wire(auth.mac.as_ref()),
+        }
+    }
+}
+
+impl TryFrom<pb::ClientAuth> for ClientAuth {
+    type Error = CodecError;
+
+    fn try_from(auth: pb::ClientAuth) -> Result<Self, CodecError> {
+        if auth.version == 0 {
+            return Err(CodecError::MissingField("ClientAuth.version"));
+        }
+        check_software_version(&auth.agent_version, "ClientAuth.agent_version")?;
+        Ok(Self {
+            version: auth.version,
+            tunnel_id: auth.tunnel_id.parse::<TunnelId>()?,
+            instance_id: InstanceId::from_wire(&auth.instance_id)?,
+            agent_version: auth.agent_version,
+            mac: mac_from_wire(&auth.mac, "ClientAuth.mac")?,
+        })
+    }
+}
+
+impl From<AuthErrorCode> for pb::AuthErrorCode {
+    fn from(code: AuthErrorCode) -> Self {
+        match code {
+            AuthErrorCode::UnsupportedVersion => Self::UnsupportedVersion,
+            AuthErrorCode::Malformed => Self::Malformed,
+            AuthErrorCode::InvalidTunnelId => Self::InvalidTunnelId,
+            AuthErrorCode::BadCredentials => Self::BadCredentials,
+            AuthErrorCode::UnknownTunnel => Self::UnknownTunnel,
+            AuthErrorCode::RateLimited => Self::RateLimited,
+            AuthErrorCode::Overloaded => Self::Overloaded,
+            AuthErrorCode::HandshakeTimeout => Self::HandshakeTimeout,
+        }
+    }
+}
+
+impl TryFrom<i32> for AuthErrorCode {
+    type Error = CodecError;
+
+    fn try_from(raw: i32) -> Result<Self, CodecError> {
+        const FIELD: &str = "AuthRejected.code";
+        Ok(match pb::AuthErrorCode::try_from(raw) {
+            Ok(pb::AuthErrorCode::UnsupportedVersion) => Self::UnsupportedVersion,
+            Ok(pb::AuthErrorCode::Malformed) => Self::Malformed,
+            Ok(pb::AuthErrorCode::InvalidTunnelId) => Self::InvalidTunnelId,
+            Ok(pb::AuthErrorCode::BadCredentials) => Self::BadCredentials,
+            Ok(pb::AuthErrorCode::UnknownTunnel) => Self::UnknownTunnel,
+            Ok(pb::AuthErrorCode::RateLimited) => Self::RateLimited,
+            Ok(pb::AuthErrorCode::Overloaded) => Self::Overloaded,
+            Ok(pb::AuthErrorCode::HandshakeTimeout) => Self::HandshakeTimeout,
+            Ok(pb::AuthErrorCode::Unspecified) => return Err(CodecError::MissingField(FIELD)),
+            Err(_) => return Err(CodecError::invalid(FIELD, "unknown error code")),
+        })
+    }
+}
+
+impl From<&AuthResult> for pb::AuthResult {
+    fn from(result: &AuthResult) -> Self {
+        use pb::auth_result::Outcome;
+        let outcome = match result {
+            AuthResult::Accepted(ok) => Outcome::Accepted(pb::AuthAccepted {
+                session_id: Bytes::copy_from_slice(ok.session_id.as_bytes()),
+                server_mac: mac_to_wire(ok.server_mac.as_ref()),
+                heartbeat_interval_ms: u32::try_from(ok.heartbeat_interval.as_millis())
+                    .unwrap_or(u32::MAX),
+                limits: Some(pb::SessionLimits {
+                    max_streams: ok.limits.max_streams,
+                    max_data_frame_len: ok.limits.max_data_frame_len,
+                }),
+            }),
+            AuthResult::Rejected(err) => Outcome::Rejected(pb::AuthRejected {
+                code: pb::AuthErrorCode::from(err.code).into(),
+                message: err.message.clone(),
+            }),
+        };
+        Self {
+            outcome: Some(outcome),
+        }
+    }
+}
+
+impl TryFrom<pb::AuthResult> for AuthResult {
+    type Error = CodecError;
+
+    fn try_from(result: pb::AuthResult) -> Result<Self, CodecError> {
+        use pb::auth_result::Outcome;
+        match result
+            .outcome
+            .ok_or(CodecError::MissingField("AuthResult.outcome"))?
+        {
+            Outcome::Accepted(ok) => {
+                if ok.heartbeat_interval_ms == 0 {
+                    return Err(CodecError::MissingField(
+                        "AuthAccepted.heartbeat_interval_ms",
+                    ));
+                }
+                let limits = ok
+                    .limits
+                    .ok_or(CodecError::MissingField("AuthAccepted.limits"))?;
+                if limits.max_streams == 0 || limits.max_data_frame_len == 0 {
+                    return Err(CodecError::invalid(
+                        "AuthAccepted.limits",
+                        "limits must be positive",
+                    ));
+                }
+                Ok(Self::Accepted(AuthAccepted {
+                    session_id: SessionId::from_wire(&ok.session_id)?,
+                    server_mac: mac_from_wire(&ok.server_mac, "AuthAccepted.server_mac")?,
+                    heartbeat_interval: Duration::from_millis(ok.heartbeat_interval_ms.into()),
+                    limits: SessionLimits {
+                        max_streams: limits.max_streams,
+                        max_data_frame_len: limits.max_data_frame_len,
+                    },
+                }))
+            }
+            // The message length is bounded by MAX_HANDSHAKE_LEN, checked before decoding.
+            Outcome::Rejected(err) => Ok(Self::Rejected(AuthRejected {
+                code: err.code.try_into()?,
+                message: err.message,
+            })),
+        }
+    }
+}

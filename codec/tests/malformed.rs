@@ -1,0 +1,281 @@
+//! One test per kind of bad input: each must give its typed error (never a panic, never an
+//! allocation beyond the limits, never a silently accepted value).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ferry_codec::frame::{HEADER_LEN, MAX_DATA_LEN, MAX_HEAD_LEN};
+use ferry_codec::handshake::{MAX_HANDSHAKE_LEN, check_version};
+use ferry_codec::{
+    Abort, AbortCode, ClientAuth, CodecError, ControlCodec, ControlMessage, Frame, FrameCodec,
+    InstanceId, Nonce, PROTOCOL_VERSION, ServerHello, TunnelIdError,
+};
+use tokio_util::codec::Decoder;
+use uuid::Uuid;
+
+const TUNNEL: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
+
+fn frame_bytes(len: u32, kind: u8, payload: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    buf.put_u32(len);
+    buf.put_u8(kind);
+    buf.put_slice(payload);
+    buf
+}
+
+/// A protobuf field: tag (field number, wire type) and a length-delimited payload.
+fn pb_field(number: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 128);
+    let mut out = vec![(number << 3) | 2, payload.len() as u8];
+    out.extend_from_slice(payload);
+    out
+}
+
+#[test]
+fn truncated_header_needs_more_bytes() {
+    for len in 0..HEADER_LEN {
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 1, 2][..len]);
+        assert!(Frame::decode(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), len, "nothing consumed");
+    }
+}
+
+#[test]
+fn truncated_payload_needs_more_bytes_then_fails_at_eof() {
+    let mut buf = BytesMut::new();
+    Frame::Data(Bytes::from_static(b"hello world"))
+        .encode(&mut buf)
+        .unwrap();
+    buf.truncate(buf.len() - 3);
+    let mut codec = FrameCodec;
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    match codec.decode_eof(&mut buf) {
+        Err(CodecError::Truncated { have, need }) => assert_eq!((have, need), (13, 16)),
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+}
+
+#[test]
+fn oversized_data_frame_is_refused_from_its_header_alone() {
+    let mut buf = frame_bytes(MAX_DATA_LEN as u32 + 1, 2, b"");
+    let capacity = buf.capacity();
+    match Frame::decode(&mut buf) {
+        Err(CodecError::TooLarge { len, limit, .. }) => {
+            assert_eq!((len, limit), (MAX_DATA_LEN + 1, MAX_DATA_LEN))
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(
+        buf.capacity(),
+        capacity,
+        "nothing reserved for a refused frame"
+    );
+}
+
+#[test]
+fn oversized_head_and_max_length_are_refused() {
+    assert!(matches!(
+        Frame::decode(&mut frame_bytes(MAX_HEAD_LEN as u32 + 1, 1, b"")),
+        Err(CodecError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        Frame::decode(&mut frame_bytes(u32::MAX, 3, b"")),
+        Err(CodecError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn end_frame_with_payload_is_refused() {
+    assert!(matches!(
+        Frame::decode(&mut frame_bytes(1, 4, b"x")),
+        Err(CodecError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn unknown_kinds_are_refused() {
+    for kind in [0u8, 6, 0x7f, 0xff] {
+        match Frame::decode(&mut frame_bytes(0, kind, b"")) {
+            Err(CodecError::UnknownKind(k)) => assert_eq!(k, kind),
+            other => panic!("kind {kind}: expected UnknownKind, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn garbage_protobuf_in_head_is_refused() {
+    // Field 1, wire type 2, announcing 100 bytes that are not there.
+    let garbage = [0x0a, 100, 1, 2];
+    let mut buf = frame_bytes(garbage.len() as u32, 1, &garbage);
+    assert!(matches!(
+        Frame::decode(&mut buf),
+        Err(CodecError::Protobuf { what: "Head", .. })
+    ));
+}
+
+#[test]
+fn head_without_kind_is_refused() {
+    let mut buf = frame_bytes(0, 1, b"");
+    assert!(matches!(
+        Frame::decode(&mut buf),
+        Err(CodecError::MissingField("Head.kind"))
+    ));
+}
+
+#[test]
+fn head_with_injected_header_value_is_refused() {
+    // Head { request: RequestHead { method: "GET", target: "/", version: 2,
+    //        headers: [Header { name: "x", value: "a\r\nb" }], request_id: "r" } }
+    let header = [pb_field(1, b"x"), pb_field(2, b"a\r\nb")].concat();
+    let request = [
+        pb_field(1, b"GET"),
+        pb_field(2, b"/"),
+        vec![3 << 3, 2],
+        pb_field(4, &header),
+        pb_field(6, b"r"),
+    ]
+    .concat();
+    let head = pb_field(1, &request);
+    let mut buf = frame_bytes(head.len() as u32, 1, &head);
+    assert!(matches!(
+        Frame::decode(&mut buf),
+        Err(CodecError::InvalidField {
+            field: "Header.value",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn unknown_abort_code_is_refused() {
+    // Abort { code: 99 }
+    let abort = [1 << 3, 99];
+    let mut buf = frame_bytes(abort.len() as u32, 5, &abort);
+    assert!(matches!(
+        Frame::decode(&mut buf),
+        Err(CodecError::InvalidField {
+            field: "Abort.code",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn encoder_refuses_frames_the_peer_would_refuse() {
+    let big = Frame::Data(Bytes::from(vec![0; MAX_DATA_LEN + 1]));
+    assert!(matches!(
+        big.encode(&mut BytesMut::new()),
+        Err(CodecError::TooLarge { .. })
+    ));
+    let long = Frame::Abort(Abort::new(AbortCode::Internal, "x".repeat(2000)));
+    assert!(matches!(
+        long.encode(&mut BytesMut::new()),
+        Err(CodecError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn oversized_and_garbage_control_messages_are_refused() {
+    let mut buf = BytesMut::new();
+    buf.put_u32(1 << 20);
+    assert!(matches!(
+        ControlCodec.decode(&mut buf),
+        Err(CodecError::TooLarge { .. })
+    ));
+
+    let mut buf = BytesMut::new();
+    buf.put_u32(2);
+    buf.put_slice(&[0xff, 0xff]);
+    assert!(matches!(
+        ControlMessage::decode(&mut buf),
+        Err(CodecError::Protobuf { .. })
+    ));
+
+    let mut buf = BytesMut::new();
+    buf.put_u32(0);
+    assert!(matches!(
+        ControlMessage::decode(&mut buf),
+        Err(CodecError::MissingField(_))
+    ));
+}
+
+fn client_auth(tunnel_id: &str) -> Vec<u8> {
+    [
+        vec![1 << 3, PROTOCOL_VERSION as u8],
+        pb_field(2, tunnel_id.as_bytes()),
+        pb_field(3, &[7; 16]),
+    ]
+    .concat()
+}
+
+#[test]
+fn client_auth_with_bad_tunnel_id_is_refused() {
+    assert!(ClientAuth::decode(client_auth(TUNNEL)).is_ok());
+    let bad = TUNNEL.replace("_web", "_WEB");
+    assert!(matches!(
+        ClientAuth::decode(client_auth(&bad)),
+        Err(CodecError::TunnelId(TunnelIdError::InvalidPurpose))
+    ));
+}
+
+#[test]
+fn client_auth_with_short_instance_id_is_refused() {
+    // Re-encode with a 15-byte instance id: drop the last byte and fix its length prefix.
+    let mut auth = client_auth(TUNNEL);
+    auth.truncate(auth.len() - 1);
+    let prefix = auth.len() - 16;
+    auth[prefix] = 15;
+    assert!(ClientAuth::decode(auth).is_err());
+}
+
+#[test]
+fn oversized_handshake_is_refused_before_decoding() {
+    let big = vec![0u8; MAX_HANDSHAKE_LEN + 1];
+    assert!(matches!(
+        ClientAuth::decode(big.clone()),
+        Err(CodecError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        ServerHello::decode(big),
+        Err(CodecError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn server_hello_with_short_nonce_is_refused() {
+    let hello = [vec![1 << 3, 1], pb_field(2, &[1; 31])].concat();
+    assert!(matches!(
+        ServerHello::decode(hello),
+        Err(CodecError::InvalidField {
+            field: "ServerHello.server_nonce",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn other_protocol_versions_are_refused() {
+    assert!(check_version(PROTOCOL_VERSION).is_ok());
+    assert!(matches!(
+        check_version(2),
+        Err(CodecError::UnsupportedVersion(2))
+    ));
+    let hello = ServerHello {
+        version: 9,
+        nonce: Nonce::from_bytes([0; 32]),
+        gateway_version: String::new(),
+        auth_required: false,
+    };
+    let decoded = ServerHello::decode(hello.encode()).unwrap();
+    assert!(check_version(decoded.version).is_err());
+}
+
+#[test]
+fn instance_ids_survive_the_handshake() {
+    let auth = ClientAuth {
+        version: PROTOCOL_VERSION,
+        tunnel_id: TUNNEL.parse().unwrap(),
+        instance_id: InstanceId(Uuid::from_u128(42)),
+        agent_version: "ferry-agent 0.1.0".into(),
+        mac: None,
+    };
+    assert_eq!(ClientAuth::decode(auth.encode()).unwrap(), auth);
+}
