@@ -88,6 +88,7 @@ impl<'a> Arbitrary<'a> for RequestHead {
             client_addr: Option::<(std::net::IpAddr, u16)>::arbitrary(u)?
                 .map(|(ip, port)| SocketAddr::new(ip, port)),
             request_id: text_from(u, REQUEST_ID_CHARS, 1, 40)?,
+            body_len: u.arbitrary()?,
         })
     }
 }
@@ -262,6 +263,9 @@ impl<'a> Arbitrary<'a> for AuthResult {
                 max_streams: u.int_in_range(1..=u32::MAX)?,
                 max_data_frame_len: u.int_in_range(1..=u32::MAX)?,
             },
+            public_urls: (0..u.int_in_range(0..=2)?)
+                .map(|_| text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}")))
+                .collect::<Result<_>>()?,
         }))
     }
 }

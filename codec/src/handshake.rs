@@ -81,6 +81,8 @@ pub struct AuthAccepted {
     pub heartbeat_interval: Duration,
     /// Session limits.
     pub limits: SessionLimits,
+    /// Public URLs that reach the tunnel, for the agent's log.
+    pub public_urls: Vec<String>,
 }
 
 /// Why the gateway refused an agent.
@@ -339,6 +341,7 @@ impl From<&AuthResult> for pb::AuthResult {
                     max_streams: ok.limits.max_streams,
                     max_data_frame_len: ok.limits.max_data_frame_len,
                 }),
+                public_urls: ok.public_urls.clone(),
             }),
             AuthResult::Rejected(err) => Outcome::Rejected(pb::AuthRejected {
                 code: pb::AuthErrorCode::from(err.code).into(),
@@ -369,6 +372,9 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                 let limits = ok
                     .limits
                     .ok_or(CodecError::MissingField("AuthAccepted.limits"))?;
+                if ok.public_urls.iter().any(|url| !url.bytes().all(|b| b.is_ascii_graphic())) {
+                    return Err(CodecError::invalid("AuthAccepted.public_urls", "not a URL"));
+                }
                 if limits.max_streams == 0 || limits.max_data_frame_len == 0 {
                     return Err(CodecError::invalid(
                         "AuthAccepted.limits",
@@ -383,6 +389,7 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                         max_streams: limits.max_streams,
                         max_data_frame_len: limits.max_data_frame_len,
                     },
+                    public_urls: ok.public_urls,
                 }))
             }
             // The message length is bounded by MAX_HANDSHAKE_LEN, checked before decoding.

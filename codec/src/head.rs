@@ -39,7 +39,7 @@ impl Header {
         if !is_token(&name) {
             return Err(CodecError::invalid("Header.name", "not an HTTP token"));
         }
-        if !value.iter().copied().all(is_value_byte) {
+        if !is_value(&value) {
             return Err(CodecError::invalid(
                 "Header.value",
                 "contains a control character",
@@ -64,18 +64,32 @@ impl Header {
     }
 }
 
-/// `tchar` of RFC 9110 §5.6.2.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
+/// `tchar` of RFC 9110 §5.6.2, as a lookup table (header names are checked on every decoded head).
+const TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.')
+            || matches!(c, b'^' | b'_' | b'`' | b'|' | b'~');
+        b += 1;
+    }
+    table
+};
 
 pub(crate) fn is_token(bytes: &[u8]) -> bool {
-    !bytes.is_empty() && bytes.iter().copied().all(is_tchar)
+    // `fold` rather than `all`: no early exit, so the loop vectorises; valid input is the norm.
+    !bytes.is_empty() && bytes.iter().fold(true, |ok, &b| ok & TCHAR[usize::from(b)])
 }
 
 /// The bytes `http::HeaderValue` accepts: visible ASCII, space, tab and obs-text.
 pub(crate) fn is_value_byte(b: u8) -> bool {
     (b >= 0x20 && b != 0x7f) || b == b'\t'
+}
+
+fn is_value(bytes: &[u8]) -> bool {
+    bytes.iter().fold(true, |ok, &b| ok & is_value_byte(b))
 }
 
 /// HTTP version of a head, as the sender saw it.
@@ -106,6 +120,8 @@ pub struct RequestHead {
     pub client_addr: Option<SocketAddr>,
     /// The gateway's id for the request.
     pub request_id: String,
+    /// Exact body length when known; `None` for a body of unknown length.
+    pub body_len: Option<u64>,
 }
 
 /// An HTTP response head, agent → gateway.
@@ -271,6 +287,7 @@ impl From<&RequestHead> for pb::RequestHead {
             headers: headers_to_wire(&head.headers),
             client_addr: head.client_addr.map(addr_to_wire),
             request_id: head.request_id.clone(),
+            body_len: head.body_len,
         }
     }
 }
@@ -307,6 +324,7 @@ impl TryFrom<pb::RequestHead> for RequestHead {
             headers: headers_from_wire(head.headers)?,
             client_addr: head.client_addr.map(addr_from_wire).transpose()?,
             request_id: head.request_id,
+            body_len: head.body_len,
         })
     }
 }
@@ -478,6 +496,7 @@ mod tests {
             headers: vec![],
             client_addr: None,
             request_id: "r1".into(),
+            body_len: None,
         };
         assert!(RequestHead::try_from(head.clone()).is_ok());
         for bad in [&b"http://x/"[..], b"", b"/a b", b"/\x01"] {

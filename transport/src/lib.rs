@@ -1,1 +1,39 @@
-//! Async I/O shared by the gateway and the agent (filled in by the tunnel issue).
+//! Async I/O shared by the ferry gateway and agent.
+//!
+//! ```text
+//! gateway                                                        agent
+//! hyper body ─ send_body ─ FrameWriter ─┐                  ┌─ FrameReader ─ FrameBody ─ hyper client
+//!                                       yamux ═ WsIo ═ WebSocket ═ WsIo ═ yamux
+//! hyper resp ─ FrameBody ─ FrameReader ─┘                  └─ FrameWriter ─ send_body ─ upstream body
+//! ```
+//!
+//! # Layout
+//!
+//! - [`ws`] — [`WsIo`]: a WebSocket as a byte stream for yamux (binary messages, coalesced writes,
+//!   bounded buffers), and the handshake-message helpers.
+//! - [`session`] — the yamux session driver (one task owns the connection) and [`StreamOpener`], the
+//!   cloneable handle through which many tasks open streams.
+//! - [`stream`] — [`FrameReader`] / [`FrameWriter`]: ferry frames on one yamux stream.
+//! - [`backoff`] — reconnect delays with full jitter.
+//! - [`body`] — [`FrameBody`] (frames in, `http_body::Body` out) and [`send_body`] (the reverse),
+//!   both driven by their consumer so backpressure runs end to end.
+//! - [`heads`] — conversions between `http` types and codec heads, and hop-by-hop header removal.
+//! - [`error`] — [`TransportError`].
+#![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used)]
+
+pub mod backoff;
+pub mod body;
+pub mod error;
+pub mod heads;
+pub mod session;
+pub mod stream;
+pub mod ws;
+
+pub use body::{BodyError, FrameBody, send_body};
+pub use error::TransportError;
+pub use session::{SessionConfig, SessionDriver, StreamOpener};
+pub use stream::{FrameReader, FrameWriter, TunnelStream};
+pub use ws::{IoCounters, WsIo};
+/// The multiplexer, re-exported so the gateway and agent use the exact version this crate drives.
+pub use yamux;

@@ -1,0 +1,198 @@
+//! [`AgentConfig`]: what the agent library needs, validated; `main.rs` builds it from flags.
+
+use std::fmt;
+use std::time::Duration;
+
+use ferry_codec::{InstanceId, TunnelId};
+use ferry_transport::SessionConfig;
+use http::Uri;
+use http::uri::{Authority, Scheme};
+
+/// Where the agent dials when neither `--gateway` nor `GATEWAY_URL` says otherwise.
+pub const DEFAULT_GATEWAY: &str = "ws://127.0.0.1:3000/ws";
+/// TCP connect plus WebSocket and ferry handshakes to the gateway.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connect to the upstream; a refused connection fails at once, this bounds a black hole.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the upstream may take to send its response head. Shorter than the gateway's 60 s
+/// so the client gets a precise `upstream_timeout` from us rather than a generic one.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(55);
+/// Idle pooled upstream connections are closed after this.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// First reconnect delay (full jitter: the actual wait is uniform in `0..delay`).
+pub const RECONNECT_INITIAL: Duration = Duration::from_secs(1);
+/// Largest reconnect delay.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How long in-flight requests may run after SIGINT/SIGTERM.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The local service: `http://host:port` or `https://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// `host:port`.
+    pub authority: Authority,
+}
+
+impl Upstream {
+    /// Parses `host:port`, `http://host:port` or `https://host[:port]`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let with_scheme = if text.contains("://") { text.to_owned() } else { format!("http://{text}") };
+        let uri: Uri = with_scheme
+            .parse()
+            .map_err(|err| format!("{text:?} is not host:port or http(s)://host:port ({err})"))?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            other => return Err(format!("unsupported upstream scheme {other:?} (use http or https)")),
+        };
+        let authority = uri.authority().cloned().ok_or_else(|| format!("{text:?} has no host"))?;
+        if authority.host().is_empty() {
+            return Err(format!("{text:?} has no host"));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(format!("the upstream is an origin: drop the path {:?}", uri.path()));
+        }
+        if authority.as_str().contains('@') {
+            return Err("the upstream may not contain credentials".into());
+        }
+        Ok(Self { scheme, authority })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// The gateway's agent endpoint: `ws://host:port/path` or `wss://…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayUrl {
+    /// The full URL.
+    pub uri: Uri,
+    /// Whether to use TLS.
+    pub tls: bool,
+    /// Host to dial and to name in the TLS handshake.
+    pub host: String,
+    /// Port to dial.
+    pub port: u16,
+}
+
+impl GatewayUrl {
+    /// Parses `ws://host[:port][/path]` or `wss://…`; a missing path means `/ws`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: Uri = text.parse().map_err(|err| format!("{text:?} is not a URL ({err})"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            Some("http" | "https") => {
+                return Err(format!("{text:?}: the gateway URL uses ws:// or wss:// (for example {DEFAULT_GATEWAY})"));
+            }
+            _ => return Err(format!("{text:?}: expected ws://host:port/ws or wss://host/ws")),
+        };
+        let authority = uri.authority().ok_or_else(|| format!("{text:?} has no host"))?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        if host.is_empty() {
+            return Err(format!("{text:?} has no host"));
+        }
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = match uri.path_and_query().map(|p| p.as_str()) {
+            None | Some("" | "/") => "/ws",
+            Some(path) => path,
+        };
+        let uri = Uri::builder()
+            .scheme(if tls { "wss" } else { "ws" })
+            .authority(authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|err| format!("{text:?}: {err}"))?;
+        Ok(Self { uri, tls, host, port })
+    }
+}
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The tunnel this agent serves.
+    pub tunnel_id: TunnelId,
+    /// The local service.
+    pub upstream: Upstream,
+    /// The gateway's agent endpoint.
+    pub gateway: GatewayUrl,
+    /// This process; stays the same across reconnects.
+    pub instance_id: InstanceId,
+    /// yamux limits (the agent's side of them).
+    pub session: SessionConfig,
+    /// See [`CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// See [`UPSTREAM_CONNECT_TIMEOUT`].
+    pub upstream_connect_timeout: Duration,
+    /// See [`UPSTREAM_TIMEOUT`].
+    pub upstream_timeout: Duration,
+    /// Stop after this many failed connection attempts in a row; `None` retries forever.
+    pub max_retries: Option<u32>,
+    /// See [`RECONNECT_INITIAL`].
+    pub reconnect_initial: Duration,
+    /// See [`RECONNECT_MAX`].
+    pub reconnect_max: Duration,
+    /// See [`DRAIN_TIMEOUT`].
+    pub drain_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with every default, for `tunnel_id` → `upstream` via `gateway`.
+    pub fn new(tunnel_id: TunnelId, upstream: Upstream, gateway: GatewayUrl) -> Self {
+        Self {
+            tunnel_id,
+            upstream,
+            gateway,
+            instance_id: InstanceId(uuid::Uuid::new_v4()),
+            session: SessionConfig::default(),
+            connect_timeout: CONNECT_TIMEOUT,
+            upstream_connect_timeout: UPSTREAM_CONNECT_TIMEOUT,
+            upstream_timeout: UPSTREAM_TIMEOUT,
+            max_retries: None,
+            reconnect_initial: RECONNECT_INITIAL,
+            reconnect_max: RECONNECT_MAX,
+            drain_timeout: DRAIN_TIMEOUT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_forms() {
+        let up = Upstream::parse("127.0.0.1:8000").unwrap();
+        assert_eq!(up.to_string(), "http://127.0.0.1:8000");
+        assert_eq!(Upstream::parse("http://localhost:5173").unwrap().to_string(), "http://localhost:5173");
+        assert_eq!(Upstream::parse("https://svc.local").unwrap().scheme, Scheme::HTTPS);
+        assert_eq!(Upstream::parse("[::1]:8000").unwrap().authority.as_str(), "[::1]:8000");
+        assert!(Upstream::parse("ftp://x:1").is_err());
+        assert!(Upstream::parse("http://x:1/api").is_err());
+        assert!(Upstream::parse("http://user:pw@x:1").is_err());
+        assert!(Upstream::parse("").is_err());
+    }
+
+    #[test]
+    fn gateway_forms() {
+        let gw = GatewayUrl::parse("ws://127.0.0.1:3000/ws").unwrap();
+        assert_eq!((gw.host.as_str(), gw.port, gw.tls), ("127.0.0.1", 3000, false));
+        let gw = GatewayUrl::parse("wss://tunnel.example.com").unwrap();
+        assert_eq!(gw.uri.to_string(), "wss://tunnel.example.com/ws");
+        assert_eq!((gw.port, gw.tls), (443, true));
+        assert_eq!(GatewayUrl::parse("ws://[::1]:3000/").unwrap().host, "::1");
+        assert!(GatewayUrl::parse("http://x/ws").is_err());
+        assert!(GatewayUrl::parse("x:3000").is_err());
+    }
+}

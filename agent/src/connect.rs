@@ -1,0 +1,60 @@
+//! Dialling the gateway: TCP, the WebSocket upgrade to `/ws` with subprotocol `ferry.v1`, and the
+//! ferry handshake. Reconnect policy (backoff) lives in [`crate::run`].
+
+use ferry_codec::handshake::{AuthAccepted, check_version};
+use ferry_codec::{AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello};
+use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
+use http::HeaderValue;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::config::AgentConfig;
+use crate::error::ConnectError;
+
+/// The WebSocket to the gateway.
+pub(crate) type GatewayWs = WebSocketStream<TcpStream>;
+
+/// One connection attempt, bounded by the connect timeout.
+pub(crate) async fn connect(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
+    tokio::time::timeout(config.connect_timeout, connect_inner(config))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+}
+
+async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
+    let gateway = &config.gateway;
+    let addr = format!("{}:{}", gateway.host, gateway.port);
+    let tcp = TcpStream::connect((gateway.host.as_str(), gateway.port))
+        .await
+        .map_err(|source| ConnectError::Dial { addr: addr.clone(), source })?;
+    // Small frames (heads, window updates) must not wait for Nagle.
+    tcp.set_nodelay(true).map_err(|source| ConnectError::Dial { addr, source })?;
+
+    let mut request = gateway.uri.to_string().into_client_request().map_err(ConnectError::WebSocket)?;
+    request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+    request.headers_mut().insert(
+        "user-agent",
+        HeaderValue::from_static(concat!("ferry-agent/", env!("CARGO_PKG_VERSION"))),
+    );
+    let (mut ws, _response) = tokio_tungstenite::client_async_with_config(request, tcp, Some(websocket_config()))
+        .await
+        .map_err(ConnectError::WebSocket)?;
+
+    let hello = ServerHello::decode(recv_message(&mut ws).await?)?;
+    check_version(hello.version)?;
+    let auth = ClientAuth {
+        version: PROTOCOL_VERSION,
+        tunnel_id: config.tunnel_id.clone(),
+        instance_id: config.instance_id,
+        agent_version: concat!("ferry-agent ", env!("CARGO_PKG_VERSION")).into(),
+        mac: None,
+    };
+    send_message(&mut ws, auth.encode()).await?;
+    match AuthResult::decode(recv_message(&mut ws).await?)? {
+        AuthResult::Accepted(accepted) => Ok((ws, accepted)),
+        AuthResult::Rejected(rejected) => {
+            Err(ConnectError::Rejected { code: rejected.code, message: rejected.message })
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! [`AgentError`] (the agent cannot go on) and [`ConnectError`] (one connection attempt failed).
+
+use ferry_codec::{AuthErrorCode, CodecError};
+use ferry_transport::TransportError;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// `--max-retries` attempts in a row failed; the last failure is the source.
+    #[error("gave up after {attempts} failed connection attempts")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        #[source]
+        last: ConnectError,
+    },
+    /// TLS setup for the upstream failed.
+    #[error("upstream TLS setup failed")]
+    Tls(#[source] std::io::Error),
+}
+
+/// Why one attempt to connect to the gateway failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// TCP connect (or DNS) failed.
+    #[error("cannot reach the gateway at {addr}")]
+    Dial {
+        /// `host:port`.
+        addr: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The whole connect took longer than the connect timeout.
+    #[error("connecting to the gateway timed out")]
+    Timeout,
+    /// The WebSocket upgrade failed (not a ferry gateway, wrong path, proxy in the way).
+    #[error("WebSocket upgrade to the gateway failed")]
+    WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The handshake broke off.
+    #[error("handshake with the gateway failed")]
+    Handshake(#[from] TransportError),
+    /// The gateway sent something we cannot accept.
+    #[error("the gateway sent an invalid handshake message")]
+    Protocol(#[from] CodecError),
+    /// The gateway refused us.
+    #[error("the gateway refused the tunnel: {} ({message})", code.as_str())]
+    Rejected {
+        /// Why.
+        code: AuthErrorCode,
+        /// The gateway's text for the code.
+        message: String,
+    },
+}
+
+impl ConnectError {
+    /// What the operator should do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Self::Dial { .. } | Self::Timeout => "check that the gateway is running and reachable (--gateway / GATEWAY_URL)",
+            Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
+            Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
+            Self::Rejected { code, .. } => match code {
+                AuthErrorCode::BadCredentials => "check FERRY_SECRET / --secret-file against the gateway's secret for this tunnel",
+                AuthErrorCode::UnknownTunnel => "ask the gateway operator to add a secret for this tunnel id",
+                AuthErrorCode::InvalidTunnelId => "fix --tunnel-id: agent_{uuid}_{purpose}",
+                AuthErrorCode::UnsupportedVersion => "upgrade the agent or the gateway so they speak the same protocol",
+                _ => "the gateway is busy; the agent retries",
+            },
+        }
+    }
+
+    /// Whether a person has to change something before a retry can succeed.
+    pub fn needs_attention(&self) -> bool {
+        matches!(self, Self::Rejected { code, .. } if !code.is_transient())
+    }
+}

@@ -1,0 +1,113 @@
+//! The ferry agent: the private side of a tunnel.
+//!
+//! ```text
+//! upstream ◀── hyper client (pooled) ◀── upstream ◀── tunnel (yamux streams) ◀══ WebSocket ══ gateway
+//!                                                          ▲
+//!                                         connect (dial, handshake, reconnect with backoff)
+//! ```
+//!
+//! The agent dials *out* to the gateway, so the service it exposes needs no inbound port. Each
+//! stream the gateway opens carries one public request; the agent proxies it to the upstream and
+//! streams the response back.
+//!
+//! # Layout
+//!
+//! - [`config`] — [`AgentConfig`], the upstream and gateway URL parsers, defaults.
+//! - `connect` — dialling the gateway and the handshake.
+//! - `tunnel` — one session: streams, control stream, drain.
+//! - `upstream` — proxying one stream to the upstream.
+//! - [`error`] — [`AgentError`] and [`ConnectError`].
+#![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used)]
+
+pub mod config;
+mod connect;
+pub mod error;
+mod tunnel;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_transport::backoff::Backoff;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use config::AgentConfig;
+pub use error::{AgentError, ConnectError};
+use tunnel::SessionEnd;
+
+/// A session that lasted this long resets the reconnect backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// Wait before retrying after an error a person has to fix (bad secret, unknown tunnel): no point
+/// hammering the gateway, but pick up a fix without a restart.
+const ATTENTION_RETRY: Duration = Duration::from_secs(30);
+
+/// Keeps the tunnel up until `shutdown` fires: connects, serves, reconnects with backoff.
+///
+/// # Errors
+/// Invalid configuration, or `max_retries` failed attempts in a row.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    config.session.validate().map_err(AgentError::Config)?;
+    let config = Arc::new(config);
+    let upstream = Arc::new(upstream::Upstream { client: upstream::client(&config)?, config: Arc::clone(&config) });
+    let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
+    let mut failures = 0u32;
+    info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");
+    loop {
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            attempt = connect::connect(&config) => attempt,
+        };
+        let delay = match attempt {
+            Ok((ws, accepted)) => {
+                failures = 0;
+                info!(session_id = %accepted.session_id, "tunnel is up");
+                for url in &accepted.public_urls {
+                    info!(%url, "public URL");
+                }
+                let started = Instant::now();
+                match tunnel::serve(&upstream, ws, &accepted, &shutdown).await {
+                    Ok(SessionEnd::Shutdown) => return Ok(()),
+                    Ok(SessionEnd::Lost) => warn!("the gateway closed the session; reconnecting"),
+                    Err(err) => warn!(%err, "connection to the gateway lost; reconnecting"),
+                }
+                if started.elapsed() >= HEALTHY_SESSION {
+                    backoff.reset();
+                }
+                backoff.next_delay()
+            }
+            Err(err) => {
+                failures += 1;
+                if config.max_retries.is_some_and(|max| failures >= max) {
+                    error!(err = %error_chain(&err), hint = err.hint(), "giving up");
+                    return Err(AgentError::GaveUp { attempts: failures, last: err });
+                }
+                if err.needs_attention() {
+                    error!(err = %error_chain(&err), hint = err.hint(), retry_in_secs = ATTENTION_RETRY.as_secs(), "connection refused by the gateway");
+                    ATTENTION_RETRY
+                } else {
+                    let delay = backoff.next_delay();
+                    warn!(err = %error_chain(&err), hint = err.hint(), retry_in_ms = delay.as_millis() as u64, "cannot connect to the gateway");
+                    delay
+                }
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// `err: source: source…` for logs.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}

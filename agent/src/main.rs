@@ -1,0 +1,113 @@
+//! `agent`: the private side of a ferry tunnel. Parses flags, sets up logging and signals, and
+//! runs the library.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_agent::AgentConfig;
+use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Upstream};
+use ferry_codec::TunnelId;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Agent of a ferry tunnel: dials out to a gateway over one WebSocket and serves the public
+/// requests it forwards from a local upstream service. No inbound port is needed.
+///
+/// Logging is controlled by RUST_LOG (default `info`), e.g. RUST_LOG=ferry_agent=debug.
+#[derive(Debug, Parser)]
+#[command(name = "agent", version)]
+struct Args {
+    /// Tunnel to serve: agent_{uuid}_{purpose}, e.g. agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web
+    /// (purpose: 1-20 of a-z, 0-9 and inner `-`).
+    #[arg(long, value_parser = parse_tunnel_id, value_name = "ID")]
+    tunnel_id: TunnelId,
+
+    /// Local service to expose: HOST:PORT, http://HOST:PORT or https://HOST[:PORT].
+    #[arg(long, value_parser = Upstream::parse, value_name = "ADDR")]
+    upstream: Upstream,
+
+    /// Gateway agent endpoint: ws://HOST:PORT/ws or wss://HOST/ws.
+    #[arg(long, env = "GATEWAY_URL", default_value = DEFAULT_GATEWAY, value_parser = GatewayUrl::parse, value_name = "URL")]
+    gateway: GatewayUrl,
+
+    /// Give up after N failed connection attempts in a row (default: retry forever).
+    #[arg(long, value_name = "N")]
+    max_retries: Option<u32>,
+
+    /// How long the upstream may take to send its response head before the client gets 504.
+    #[arg(long, default_value = "55s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    upstream_timeout: Duration,
+
+    /// How long a shutdown (SIGINT/SIGTERM) lets requests in flight finish.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    drain_timeout: Duration,
+}
+
+fn parse_tunnel_id(text: &str) -> Result<TunnelId, String> {
+    text.parse().map_err(|err| format!("{err}"))
+}
+
+impl Args {
+    fn into_config(self) -> AgentConfig {
+        let mut config = AgentConfig::new(self.tunnel_id, self.upstream, self.gateway);
+        config.max_retries = self.max_retries;
+        config.upstream_timeout = self.upstream_timeout;
+        config.drain_timeout = self.drain_timeout;
+        config
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    ferry_agent::run(args.into_config(), shutdown).await.context("agent stopped")?;
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("signal received; draining");
+    token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_tunnel_id_is_a_clear_error() {
+        let err = Args::try_parse_from(["agent", "--tunnel-id", "web", "--upstream", "127.0.0.1:8000"]).unwrap_err();
+        assert!(err.to_string().contains("agent_"), "{err}");
+    }
+}

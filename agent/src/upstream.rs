@@ -1,0 +1,187 @@
+//! The agent's side of a request stream: read the request head, proxy to the upstream through a
+//! pooled hyper client with the body streaming, send the response head and body back.
+
+use std::sync::Arc;
+
+use ferry_codec::{Abort, AbortCode, Frame, Head, RequestHead, ResponseHead};
+use ferry_transport::body::{SendBodyError, send_body};
+use ferry_transport::heads::{headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade};
+use ferry_transport::stream::{FrameReader, FrameWriter, pipe, split};
+use ferry_transport::{FrameBody, yamux};
+use http::{Request, StatusCode, Uri, Version};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::{Instrument, debug, debug_span};
+
+use crate::config::{AgentConfig, POOL_IDLE_TIMEOUT};
+use crate::error::AgentError;
+use crate::error_chain;
+
+/// The pooled client every stream uses.
+pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, FrameBody>;
+
+/// Builds the upstream client: `TCP_NODELAY`, connect timeout, idle pool timeout (with the timer
+/// it needs), TLS with the system roots when the upstream is `https`.
+pub(crate) fn client(config: &AgentConfig) -> Result<UpstreamClient, AgentError> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.upstream_connect_timeout));
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = if config.upstream.scheme == http::uri::Scheme::HTTPS {
+        builder.with_native_roots().map_err(AgentError::Tls)?
+    } else {
+        // Plain HTTP: TLS is never used, so no roots are needed (and none may be installed).
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        builder.with_tls_config(tls)
+    };
+    let connector = builder.https_or_http().enable_http1().wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector))
+}
+
+/// What every stream handler shares.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) client: UpstreamClient,
+    pub(crate) config: Arc<AgentConfig>,
+}
+
+/// Serves one inbound stream to the end.
+pub(crate) async fn serve_stream(upstream: Arc<Upstream>, stream: yamux::Stream) {
+    let span = debug_span!("stream", stream_id = %stream.id(), request_id = tracing::field::Empty);
+    async move {
+        let (mut reader, mut writer) = split(stream);
+        let head = match reader.next().await {
+            Some(Ok(Frame::Head(Head::Request(head)))) => head,
+            Some(Ok(other)) => {
+                debug!(kind = other.kind().name(), "stream did not start with a request head");
+                abort(&mut writer, AbortCode::ProtocolError, "expected a request head").await;
+                return;
+            }
+            Some(Err(err)) => {
+                debug!(%err, "unreadable request head");
+                abort(&mut writer, AbortCode::ProtocolError, "unreadable request head").await;
+                return;
+            }
+            None => return,
+        };
+        tracing::Span::current().record("request_id", head.request_id.as_str());
+        match proxy(&upstream, head, reader, &mut writer).await {
+            Ok(None) => {}
+            Ok(Some((upstream_io, reader))) => match pipe(reader, writer, upstream_io).await {
+                Ok((to_upstream, from_upstream)) => debug!(to_upstream, from_upstream, "upgraded stream closed"),
+                Err(err) => debug!(%err, "upgraded stream failed"),
+            },
+            Err((code, message)) => abort(&mut writer, code, &message).await,
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
+    if writer.send(&Frame::Abort(Abort::new(code, message))).await.is_ok() {
+        let _ = writer.finish().await;
+    }
+}
+
+/// After a `101`: the upgraded upstream connection and the stream's reader, to pipe together.
+type Upgraded = (TokioIo<hyper::upgrade::Upgraded>, FrameReader);
+
+/// Sends the request upstream and the response back. An `Err` is sent as `Abort` (only ever
+/// before the response head: after it, failures are reported by `send_body`).
+async fn proxy(
+    upstream: &Upstream,
+    head: RequestHead,
+    mut reader: FrameReader,
+    writer: &mut FrameWriter,
+) -> Result<Option<Upgraded>, (AbortCode, String)> {
+    let mut headers = headers_from_wire(head.headers);
+    let upgrade = wants_upgrade(&headers);
+    strip_hop_by_hop(&mut headers, upgrade);
+
+    // A known-empty body is a lone `End`: take it now, give hyper an empty body (no chunked
+    // encoding on a GET) and keep the reader for a possible upgrade.
+    let (body, raw_reader) = if head.body_len == Some(0) {
+        match reader.next().await {
+            Some(Ok(Frame::End)) => (FrameBody::empty(), Some(reader)),
+            _ => return Err((AbortCode::ProtocolError, "expected the end of an empty body".into())),
+        }
+    } else {
+        (FrameBody::new(reader, head.body_len), None)
+    };
+
+    let config = &upstream.config;
+    let uri = Uri::builder()
+        .scheme(config.upstream.scheme.clone())
+        .authority(config.upstream.authority.clone())
+        .path_and_query(head.target.as_ref())
+        .build()
+        .map_err(|_| (AbortCode::ProtocolError, "invalid request target".to_owned()))?;
+    let mut request = Request::new(body);
+    *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
+        .map_err(|_| (AbortCode::ProtocolError, "invalid method".to_owned()))?;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+
+    let response = match tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) if err.is_connect() => {
+            debug!(%err, upstream = %config.upstream, "upstream unreachable");
+            return Err((AbortCode::UpstreamUnreachable, format!("cannot connect to {}", config.upstream)));
+        }
+        Ok(Err(err)) => {
+            debug!(err = %error_chain(&err), "upstream request failed");
+            return Err((AbortCode::UpstreamReset, "the upstream closed the connection".into()));
+        }
+        Err(_) => return Err((AbortCode::UpstreamTimeout, "the upstream did not answer in time".into())),
+    };
+
+    let status = response.status();
+    let (mut parts, body) = response.into_parts();
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, switching);
+    let head = ResponseHead {
+        status: status.as_u16(),
+        version: version_to_wire(parts.version),
+        headers: headers_to_wire(&parts.headers),
+    };
+
+    if switching {
+        let Some(reader) = raw_reader.filter(|_| upgrade) else {
+            return Err((AbortCode::ProtocolError, "101 to a request that cannot be upgraded".into()));
+        };
+        let response = http::Response::from_parts(parts, body);
+        let upstream_io = match hyper::upgrade::on(response).await {
+            Ok(io) => io,
+            Err(err) => {
+                debug!(%err, "upstream upgrade failed");
+                return Err((AbortCode::UpstreamReset, "the upstream upgrade failed".into()));
+            }
+        };
+        if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
+            return Ok(None);
+        }
+        return Ok(Some((TokioIo::new(upstream_io), reader)));
+    }
+
+    if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
+        return Ok(None);
+    }
+    match send_body(body, writer, AbortCode::UpstreamReset).await {
+        Ok(_) => {
+            let _ = writer.finish().await;
+        }
+        Err(SendBodyError::Body(err)) => debug!(err = %error_chain(&err), "upstream body failed mid-way"),
+        Err(SendBodyError::Stream(err)) => debug!(%err, "gateway stopped reading the response"),
+    }
+    Ok(None)
+}

@@ -1,0 +1,116 @@
+//! [`GatewayConfig`]: everything the gateway library needs, validated; `main.rs` builds it from
+//! flags. Defaults are named constants with the reason for their value.
+
+use std::time::Duration;
+
+use ferry_transport::SessionConfig;
+
+/// How long an agent has to complete the ferry handshake after its WebSocket is up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening a stream to an agent may take before the client gets 504 `agent_unresponsive`.
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to send the response head before 504 `upstream_timeout`. The
+/// agent has its own, shorter upstream timeout; this one catches an agent that says nothing.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to send its request head (slowloris protection).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat period announced to agents.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+/// Most bytes of request head hyper buffers before answering 431. Larger than any sane browser
+/// request (Cloudflare allows 32 KiB), well under the codec's head limit.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in a request before 431.
+pub const MAX_HEADERS: usize = 128;
+/// Most open client + agent connections; the accept loop waits for a free slot beyond this.
+pub const MAX_CONNECTIONS: usize = 32_768;
+/// How long a shutdown waits for in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// With a domain, `{label}.{domain}` routes to the tunnel whose DNS label is `label`.
+    /// Lowercase, without a trailing dot.
+    pub domain: Option<String>,
+    /// yamux limits for each agent session.
+    pub session: SessionConfig,
+    /// See [`HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// See [`STREAM_OPEN_TIMEOUT`].
+    pub stream_open_timeout: Duration,
+    /// See [`RESPONSE_TIMEOUT`].
+    pub response_timeout: Duration,
+    /// See [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
+    /// See [`HEARTBEAT_INTERVAL`].
+    pub heartbeat_interval: Duration,
+    /// See [`MAX_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// See [`MAX_HEADERS`].
+    pub max_headers: usize,
+    /// See [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`DRAIN_TIMEOUT`].
+    pub drain_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            domain: None,
+            session: SessionConfig::default(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            stream_open_timeout: STREAM_OPEN_TIMEOUT,
+            response_timeout: RESPONSE_TIMEOUT,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            heartbeat_interval: HEARTBEAT_INTERVAL,
+            max_header_bytes: MAX_HEADER_BYTES,
+            max_headers: MAX_HEADERS,
+            max_connections: MAX_CONNECTIONS,
+            drain_timeout: DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// Normalises a `--domain` value: lowercase, no trailing dot, no port, each label valid DNS.
+///
+/// # Errors
+/// A message saying what is wrong with the domain.
+pub fn parse_domain(text: &str) -> Result<String, String> {
+    let domain = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    if domain.is_empty() {
+        return Err("the domain is empty".into());
+    }
+    if domain.len() > 253 - 64 {
+        return Err("the domain is too long to leave room for a 63-octet tunnel label".into());
+    }
+    for label in domain.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "{label:?} is not a valid DNS label (letters, digits and inner hyphens; give the \
+                 domain without scheme or port, like tunnel.example.com)"
+            ));
+        }
+    }
+    Ok(domain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_normalised_and_checked() {
+        assert_eq!(parse_domain("Tunnel.Example.COM.").unwrap(), "tunnel.example.com");
+        assert!(parse_domain("").is_err());
+        assert!(parse_domain("http://x.com").is_err());
+        assert!(parse_domain("x.com:443").is_err());
+        assert!(parse_domain("a..b").is_err());
+        assert!(parse_domain("-a.com").is_err());
+    }
+}

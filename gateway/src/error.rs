@@ -1,0 +1,151 @@
+//! Errors: [`GatewayError`] stops the gateway; [`ProxyError`] ends one request with a JSON answer.
+
+use bytes::Bytes;
+use ferry_codec::AbortCode;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// An I/O error on the listener.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Why the gateway answered a public request itself. Each maps to a status and a stable code.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// No agent serves this tunnel.
+    #[error("no agent is connected for this tunnel")]
+    TunnelNotFound,
+    /// The tunnel id in the path is not well-formed.
+    #[error("not a tunnel id: {0}")]
+    InvalidTunnelId(String),
+    /// Nothing at this path on the gateway itself.
+    #[error("no such endpoint on the gateway")]
+    NotFound,
+    /// The method is not allowed on a gateway endpoint.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A malformed request (for example a bad WebSocket upgrade to `/ws`).
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The session has no room for another stream.
+    #[error("the tunnel is at its concurrent request limit")]
+    AtCapacity,
+    /// The agent did not accept the stream in time.
+    #[error("the agent did not accept the request in time")]
+    AgentUnresponsive,
+    /// The session died before the response head arrived.
+    #[error("the connection to the agent was lost before it answered")]
+    SessionLost,
+    /// The agent could not reach its upstream (refused, reset, DNS, TLS).
+    #[error("the agent could not reach the upstream service: {0}")]
+    UpstreamUnreachable(String),
+    /// The upstream (or the agent) did not answer in time.
+    #[error("the upstream service did not answer in time")]
+    UpstreamTimeout,
+    /// The agent refused the request.
+    #[error("the agent refused the request: {0}")]
+    AgentRefused(String),
+    /// The body is over a limit.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    /// The agent is shutting down.
+    #[error("the agent is shutting down")]
+    AgentShuttingDown,
+    /// The agent broke the protocol or failed internally.
+    #[error("the agent failed to handle the request")]
+    AgentError,
+    /// The request already went through this gateway.
+    #[error("request loop detected")]
+    LoopDetected,
+}
+
+impl ProxyError {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::TunnelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::InvalidTunnelId(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::AtCapacity | Self::AgentRefused(_) | Self::AgentShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::AgentUnresponsive | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::SessionLost | Self::UpstreamUnreachable(_) | Self::AgentError => StatusCode::BAD_GATEWAY,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::LoopDetected => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// The stable machine-readable code in the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TunnelNotFound => "tunnel_not_found",
+            Self::InvalidTunnelId(_) => "invalid_tunnel_id",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BadRequest(_) => "bad_request",
+            Self::AtCapacity => "tunnel_at_capacity",
+            Self::AgentUnresponsive => "agent_unresponsive",
+            Self::SessionLost => "session_lost",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::AgentRefused(_) => "agent_refused",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::AgentShuttingDown => "agent_shutting_down",
+            Self::AgentError => "agent_error",
+            Self::LoopDetected => "loop_detected",
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for `Retry-After`.
+    fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::AtCapacity | Self::AgentShuttingDown => Some(1),
+            Self::AgentRefused(_) => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The error for an `Abort` the agent sent before any response head.
+    pub fn from_abort(code: AbortCode, message: String) -> Self {
+        match code {
+            AbortCode::UpstreamUnreachable | AbortCode::UpstreamReset => Self::UpstreamUnreachable(message),
+            AbortCode::UpstreamTimeout => Self::UpstreamTimeout,
+            AbortCode::Refused => Self::AgentRefused(message),
+            AbortCode::TooLarge => Self::PayloadTooLarge,
+            AbortCode::ShuttingDown => Self::AgentShuttingDown,
+            _ => Self::AgentError,
+        }
+    }
+
+    /// The JSON answer: `{"error": {"code", "message"}, "request_id"}`.
+    pub fn to_response(&self, request_id: &str) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() },
+            "request_id": request_id,
+        });
+        let mut response = json_response(self.status(), &body);
+        if let Some(seconds) = self.retry_after() {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// A JSON response with the given status.
+pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,130 @@
+//! `gateway`: the public side of a ferry tunnel. Parses flags, sets up logging and signals, and
+//! runs the library.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_gateway::GatewayConfig;
+use ferry_gateway::config::parse_domain;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Public gateway of a ferry tunnel: serves HTTP on one port and forwards requests to the agents
+/// that dial in to `/ws` on the same port.
+///
+/// Logging is controlled by RUST_LOG (default `info`), e.g. RUST_LOG=ferry_gateway=debug.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version)]
+struct Args {
+    /// Address to listen on: `:PORT` (all IPv4 interfaces), `HOST:PORT`, or `[::]:PORT`.
+    #[arg(long, default_value = ":3000", value_parser = parse_listen, value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// Route requests for `{label}.DOMAIN` to the tunnel whose DNS label is `label`
+    /// (`agent-{uuid}-{purpose}`). Without it, only path routing (`/t/{tunnel_id}/...`) works.
+    #[arg(long, value_parser = parse_domain, value_name = "DOMAIN")]
+    domain: Option<String>,
+
+    /// Most requests in flight at once on one agent session.
+    #[arg(long, default_value_t = ferry_transport::SessionConfig::default().max_streams, value_name = "N")]
+    max_streams: usize,
+
+    /// How long the agent may take to return a response head before the client gets 504.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    response_timeout: Duration,
+
+    /// How long a shutdown (SIGINT/SIGTERM) waits for requests in flight.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    drain_timeout: Duration,
+}
+
+/// Parses `:PORT`, `HOST:PORT`, `IP:PORT` and `[IPv6]:PORT`.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port number"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .map_err(|err| format!("{text:?} is not HOST:PORT ({err})"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<GatewayConfig> {
+        let mut config = GatewayConfig { domain: self.domain, ..GatewayConfig::default() };
+        config.session.max_streams = self.max_streams;
+        config.session.max_connection_window = self.max_streams.saturating_mul(ferry_transport::session::STREAM_WINDOW);
+        config.session.validate().map_err(anyhow::Error::msg).context("--max-streams")?;
+        config.response_timeout = self.response_timeout;
+        config.drain_timeout = self.drain_timeout;
+        Ok(config)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let listen = args.listen;
+    let config = args.into_config()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    ferry_gateway::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("signal received; shutting down");
+    token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(parse_listen(":3000").unwrap(), "0.0.0.0:3000".parse().unwrap());
+        assert_eq!(parse_listen("127.0.0.1:80").unwrap(), "127.0.0.1:80".parse().unwrap());
+        assert_eq!(parse_listen("[::]:3000").unwrap(), "[::]:3000".parse().unwrap());
+        assert!(parse_listen(":http").is_err());
+        assert!(parse_listen("3000").is_err());
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,244 @@
+//! Forwarding one public request through a tunnel: pick a session, open a stream, send the head
+//! and stream the body, wait for the response head, stream the response body back. Upgrades
+//! (`101`) turn the stream into a raw pipe.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use ferry_codec::{AbortCode, Frame, Head, RequestHead, TunnelId};
+use ferry_transport::body::{BodyError, send_body};
+use ferry_transport::heads::{headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade};
+use ferry_transport::stream::{FrameReader, FrameWriter, split};
+use ferry_transport::{FrameBody, TransportError, yamux};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tracing::{Instrument, debug};
+
+use crate::Gateway;
+use crate::error::ProxyError;
+use crate::session::InFlight;
+
+/// The body of every response the gateway sends.
+pub(crate) type ResponseBody = Either<Full<Bytes>, TunnelBody>;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Sends `request` to tunnel `id` with the upstream target `target`.
+pub(crate) async fn forward(
+    gateway: &Arc<Gateway>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    id: &TunnelId,
+    target: String,
+    request_id: &str,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if gateway.seen_before(request.headers()) {
+        return Err(ProxyError::LoopDetected);
+    }
+    let session = gateway.registry.pick(id).ok_or(ProxyError::TunnelNotFound)?;
+    let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
+    let head = request_head(gateway, parts, peer, target, request_id, upgrade, body_len);
+
+    let in_flight = session.begin_request();
+    let stream = match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(TransportError::Yamux(yamux::ConnectionError::TooManyStreams))) => return Err(ProxyError::AtCapacity),
+        Ok(Err(err)) => {
+            debug!(%err, "opening a stream failed");
+            return Err(ProxyError::SessionLost);
+        }
+        Err(_) => return Err(ProxyError::AgentUnresponsive),
+    };
+    let (mut reader, mut writer) = split(stream);
+    writer.send(&Frame::Head(Head::Request(head))).await.map_err(|_| ProxyError::SessionLost)?;
+
+    // The request body goes up while the response comes down: an echo answers before the
+    // upload ends. A known-empty body is just `End`, without a task.
+    let upload = if body_len == Some(0) {
+        writer.send(&Frame::End).await.map_err(|_| ProxyError::SessionLost)?;
+        Upload::Done(writer)
+    } else {
+        gateway.tracker.spawn(
+            async move {
+                if let Err(err) = send_body(body, &mut writer, AbortCode::ClientGone).await {
+                    debug!(%err, "request body not fully sent");
+                }
+            }
+            .in_current_span(),
+        );
+        Upload::Running
+    };
+
+    let first = tokio::time::timeout(gateway.config.response_timeout, reader.next()).await;
+    let head = match first {
+        Err(_) => return Err(ProxyError::UpstreamTimeout),
+        Ok(Some(Ok(Frame::Head(Head::Response(head))))) => head,
+        Ok(Some(Ok(Frame::Abort(abort)))) => return Err(ProxyError::from_abort(abort.code, abort.message)),
+        Ok(Some(Ok(other))) => {
+            debug!(kind = other.kind().name(), "agent answered without a response head");
+            return Err(ProxyError::AgentError);
+        }
+        Ok(Some(Err(err))) => {
+            debug!(%err, "reading the response head failed");
+            return Err(ProxyError::SessionLost);
+        }
+        Ok(None) => return Err(ProxyError::SessionLost),
+    };
+    let status = StatusCode::from_u16(head.status).map_err(|_| ProxyError::AgentError)?;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut headers = headers_from_wire(head.headers);
+    // The agent strips these too; a misbehaving agent must not steer our framing.
+    strip_hop_by_hop(&mut headers, switching);
+
+    if switching {
+        let (Some(on_upgrade), Upload::Done(writer)) = (on_upgrade, upload) else {
+            debug!("101 without an upgrade request (or with a request body)");
+            return Err(ProxyError::AgentError);
+        };
+        gateway.tracker.spawn(pipe(on_upgrade, reader, writer, in_flight).in_current_span());
+        return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
+    }
+    let body = TunnelBody { inner: FrameBody::new(reader, None), _in_flight: in_flight };
+    Ok(build_response(status, headers, Either::Right(body)))
+}
+
+/// Where the request body stands when the response head arrives.
+enum Upload {
+    /// Sent (it was empty); the writer is free for an upgrade.
+    Done(FrameWriter),
+    /// Still streaming in its own task.
+    Running,
+}
+
+fn build_response(status: StatusCode, headers: HeaderMap, body: ResponseBody) -> Response<ResponseBody> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The head the agent gets: hop-by-hop fields gone, forwarding fields added, target rewritten.
+fn request_head(
+    gateway: &Gateway,
+    parts: Parts,
+    peer: SocketAddr,
+    target: String,
+    request_id: &str,
+    upgrade: bool,
+    body_len: Option<u64>,
+) -> RequestHead {
+    let mut headers = parts.headers;
+    // HTTP/2 clients send the host as `:authority`; the upstream (HTTP/1.1) needs `Host`.
+    let host = headers.get(header::HOST).cloned().or_else(|| {
+        parts.uri.authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut headers, upgrade);
+    let client_ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    append_list(&mut headers, X_FORWARDED_FOR, &client_ip.to_string());
+    let proto = gateway.public_scheme();
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let mut forwarded = match client_ip {
+        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
+    if let Some(host) = host {
+        if let Some(text) = host.to_str().ok().map(str::trim).filter(|t| !t.contains(['"', '\\'])) {
+            forwarded.push_str(&format!(";host=\"{text}\""));
+        }
+        headers.insert(X_FORWARDED_HOST, host.clone());
+        headers.entry(header::HOST).or_insert(host);
+    }
+    append_list(&mut headers, header::FORWARDED, &forwarded);
+    let received = match parts.version {
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        _ => "1.1",
+    };
+    append_list(&mut headers, header::VIA, &format!("{received} {}", gateway.via_token));
+
+    RequestHead {
+        method: parts.method.as_str().to_owned(),
+        target: Bytes::from(target),
+        version: version_to_wire(parts.version),
+        headers: headers_to_wire(&headers),
+        client_addr: Some(SocketAddr::new(client_ip, peer.port())),
+        request_id: request_id.to_owned(),
+        body_len,
+    }
+}
+
+/// Appends `value` to a comma-separated list field (one field, as proxies conventionally do).
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => format!("{existing}, {value}"),
+        _ => value.to_owned(),
+    };
+    if let Ok(joined) = HeaderValue::from_str(&joined) {
+        headers.insert(name, joined);
+    }
+}
+
+/// After `101`: bytes both ways between the public client and the stream, until both close.
+async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _in_flight: InFlight) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(err) => {
+            debug!(%err, "client upgrade failed");
+            return;
+        }
+    };
+    match ferry_transport::stream::pipe(reader, writer, TokioIo::new(upgraded)).await {
+        Ok((down, up)) => debug!(down, up, "upgraded connection closed"),
+        Err(err) => debug!(%err, "upgraded connection failed"),
+    }
+}
+
+/// A response body read from the tunnel; keeps the request counted in flight until hyper is done
+/// with it (sent, or dropped because the client went away).
+#[derive(Debug)]
+pub(crate) struct TunnelBody {
+    inner: FrameBody,
+    _in_flight: InFlight,
+}
+
+impl Body for TunnelBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        let result = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(err))) = &result {
+            // hyper now cuts the response short: the client sees it incomplete, never complete.
+            debug!(%err, "response body broken");
+        }
+        result
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,143 @@
+//! Which way a public request goes: to a tunnel (by Host or by path), to the agent endpoint, or to
+//! one of the gateway's own pages. Pure functions over the Host and the path, so the rules are
+//! tested without sockets.
+//!
+//! - Host routing (with `--domain`): `{label}.{domain}` goes to the tunnel whose DNS label is
+//!   `label`, path unchanged.
+//! - Path routing (always): `/t/{tunnel_id}/rest?q` goes to the tunnel as `/rest?q`.
+
+use ferry_codec::TunnelId;
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `GET /`: liveness.
+    Health,
+    /// `GET /connections`: live sessions.
+    Connections,
+    /// `GET /connections/{tunnel_id}`: the sessions of one tunnel.
+    TunnelConnections(TunnelId),
+    /// `GET /ws`: an agent connecting.
+    AgentConnect,
+    /// To a tunnel, with the target (path and query) the upstream should see.
+    Tunnel { id: TunnelId, target: String },
+    /// `/t/{x}` where `x` is not a tunnel id, or a Host label that is not one.
+    InvalidTunnelId(String),
+    /// Nothing here.
+    NotFound,
+}
+
+/// Lowercase host without port or trailing dot, so `Agent-…-Web.Example.com.:443` and
+/// `agent-…-web.example.com` route (and later authorise) the same way.
+pub(crate) fn normalize_host(raw: &str) -> String {
+    let raw = raw.trim();
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: keep the brackets, drop the port.
+        rest.split_once(']').map_or(raw, |(ip, _)| &raw[..ip.len() + 2])
+    } else {
+        match raw.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => raw,
+        }
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Decides the route. `host` is already normalised; `path_and_query` is the request target in
+/// origin form.
+pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &str) -> Route {
+    if let (Some(domain), Some(host)) = (domain, host) {
+        if let Some(label) = host.strip_suffix(domain).and_then(|rest| rest.strip_suffix('.')) {
+            if label.contains('.') {
+                return Route::NotFound;
+            }
+            return match TunnelId::from_label(label) {
+                Ok(id) => Route::Tunnel { id, target: path_and_query.to_owned() },
+                Err(_) => Route::InvalidTunnelId(label.to_owned()),
+            };
+        }
+    }
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    if let Some(rest) = path.strip_prefix("/t/") {
+        let (id, rest) = match rest.find('/') {
+            Some(slash) => rest.split_at(slash),
+            None => (rest, "/"),
+        };
+        return match id.parse::<TunnelId>() {
+            Ok(id) => {
+                let target = match query {
+                    Some(query) => format!("{rest}?{query}"),
+                    None => rest.to_owned(),
+                };
+                Route::Tunnel { id, target }
+            }
+            Err(_) => Route::InvalidTunnelId(id.to_owned()),
+        };
+    }
+    match path {
+        "/" => Route::Health,
+        "/ws" => Route::AgentConnect,
+        "/connections" => Route::Connections,
+        _ => match path.strip_prefix("/connections/").map(str::parse::<TunnelId>) {
+            Some(Ok(id)) => Route::TunnelConnections(id),
+            Some(Err(_)) => Route::NotFound,
+            None => Route::NotFound,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
+    const LABEL: &str = "agent-0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4-web";
+
+    fn tunnel(target: &str) -> Route {
+        Route::Tunnel { id: ID.parse().unwrap(), target: target.into() }
+    }
+
+    #[test]
+    fn path_routing_rewrites_and_keeps_query() {
+        assert_eq!(route(None, None, &format!("/t/{ID}/api/x?y=1&z")), tunnel("/api/x?y=1&z"));
+        assert_eq!(route(None, None, &format!("/t/{ID}")), tunnel("/"));
+        assert_eq!(route(None, None, &format!("/t/{ID}?q=1")), tunnel("/?q=1"));
+        assert_eq!(route(None, None, &format!("/t/{ID}/")), tunnel("/"));
+        assert_eq!(route(None, None, "/t/nope/x"), Route::InvalidTunnelId("nope".into()));
+    }
+
+    #[test]
+    fn host_routing_by_label() {
+        let host = normalize_host(&format!("{}.Tunnel.Example.com.:8443", LABEL.to_uppercase()));
+        assert_eq!(route(Some("tunnel.example.com"), Some(&host), "/a?b"), tunnel("/a?b"));
+        // The bare domain and other hosts fall back to the gateway's own routes.
+        assert_eq!(route(Some("tunnel.example.com"), Some("tunnel.example.com"), "/"), Route::Health);
+        assert_eq!(route(Some("tunnel.example.com"), Some("other.org"), "/ws"), Route::AgentConnect);
+        assert_eq!(route(Some("tunnel.example.com"), Some("www.tunnel.example.com"), "/"), Route::InvalidTunnelId("www".into()));
+        assert_eq!(route(Some("tunnel.example.com"), Some("a.b.tunnel.example.com"), "/"), Route::NotFound);
+        // A host that merely ends with the domain's text is not a subdomain.
+        assert_eq!(route(Some("example.com"), Some("badexample.com"), "/"), Route::Health);
+        // Without --domain, Host is ignored.
+        assert_eq!(route(None, Some(&format!("{LABEL}.x.com")), "/"), Route::Health);
+    }
+
+    #[test]
+    fn gateway_pages() {
+        assert_eq!(route(None, None, "/"), Route::Health);
+        assert_eq!(route(None, None, "/ws"), Route::AgentConnect);
+        assert_eq!(route(None, None, "/connections"), Route::Connections);
+        assert_eq!(route(None, None, &format!("/connections/{ID}")), Route::TunnelConnections(ID.parse().unwrap()));
+        assert_eq!(route(None, None, "/favicon.ico"), Route::NotFound);
+    }
+
+    #[test]
+    fn hosts_normalise() {
+        assert_eq!(normalize_host("Example.COM:80"), "example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
+        assert_eq!(normalize_host("[::1]:3000"), "[::1]");
+        assert_eq!(normalize_host("127.0.0.1"), "127.0.0.1");
+    }
+}

@@ -1,0 +1,166 @@
+//! One agent session as the rest of the gateway sees it: identity, the handle to open streams,
+//! counters for `/connections`, and the in-flight request accounting that picks replicas.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_codec::{InstanceId, SessionId, TunnelId};
+use ferry_transport::{IoCounters, StreamOpener, TransportError, yamux};
+use tokio_util::sync::CancellationToken;
+
+/// A live agent session.
+#[derive(Debug)]
+pub struct Session {
+    /// Chosen by the gateway at the handshake.
+    pub id: SessionId,
+    /// The tunnel it serves.
+    pub tunnel_id: TunnelId,
+    /// The agent process (stable across its reconnects).
+    pub instance_id: InstanceId,
+    /// The agent's self-reported build.
+    pub agent_version: String,
+    /// The agent's address as seen by the gateway.
+    pub peer: SocketAddr,
+    /// When the handshake completed.
+    pub connected_at: SystemTime,
+    started: Instant,
+    opener: StreamOpener,
+    in_flight: AtomicU64,
+    streams_total: AtomicU64,
+    /// Bytes over the WebSocket, both ways.
+    pub counters: Arc<IoCounters>,
+    draining: AtomicBool,
+    /// Cancelling it ends the session.
+    pub cancel: CancellationToken,
+}
+
+impl Session {
+    /// A session that completed its handshake.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: SessionId,
+        tunnel_id: TunnelId,
+        instance_id: InstanceId,
+        agent_version: String,
+        peer: SocketAddr,
+        opener: StreamOpener,
+        counters: Arc<IoCounters>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            tunnel_id,
+            instance_id,
+            agent_version,
+            peer,
+            connected_at: SystemTime::now(),
+            started: Instant::now(),
+            opener,
+            in_flight: AtomicU64::new(0),
+            streams_total: AtomicU64::new(0),
+            counters,
+            draining: AtomicBool::new(false),
+            cancel,
+        }
+    }
+
+    /// Whether new requests may go to this session.
+    pub fn accepts_requests(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && !self.cancel.is_cancelled() && !self.opener.is_closed()
+    }
+
+    /// Stops routing new requests here (the agent asked to drain).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Requests in flight on this session.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.streams_total.fetch_add(1, Ordering::Relaxed);
+        InFlight { session: Arc::clone(self) }
+    }
+
+    /// Opens a stream to the agent.
+    ///
+    /// # Errors
+    /// The session is closed or at its stream limit.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn open_stream(&self) -> Result<yamux::Stream, TransportError> {
+        self.opener.open().await
+    }
+
+    /// The `/connections` entry.
+    pub fn to_json(&self) -> serde_json::Value {
+        let since = self.connected_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        serde_json::json!({
+            "tunnel_id": self.tunnel_id.as_str(),
+            "session_id": self.id.to_string(),
+            "instance_id": self.instance_id.to_string(),
+            "agent_version": self.agent_version,
+            "peer": self.peer.to_string(),
+            "connected_since": rfc3339(since),
+            "connected_for_secs": self.started.elapsed().as_secs(),
+            "in_flight": self.in_flight(),
+            "requests_total": self.streams_total.load(Ordering::Relaxed),
+            "bytes_to_agent": self.counters.tx.load(Ordering::Relaxed),
+            "bytes_from_agent": self.counters.rx.load(Ordering::Relaxed),
+            "draining": self.draining.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Keeps a request counted in its session's in-flight total while alive.
+#[derive(Debug)]
+pub struct InFlight {
+    session: Arc<Session>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.session.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (UTC, proleptic Gregorian).
+pub(crate) fn rfc3339(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn formats_utc_timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+}

@@ -1,0 +1,268 @@
+//! The agent endpoint: `GET /ws` upgrades to a WebSocket, the ferry handshake runs over it, and the
+//! connection becomes a yamux session registered under its tunnel id until it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferry_codec::handshake::{AuthAccepted, AuthRejected, SessionLimits, check_version};
+use ferry_codec::{
+    AuthErrorCode, AuthResult, ClientAuth, CodecError, ControlMessage, Nonce, PROTOCOL_VERSION,
+    ServerHello, SessionId,
+};
+use ferry_transport::session::session;
+use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
+use ferry_transport::{IoCounters, TransportError, WsIo, yamux};
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_util::codec::FramedRead;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::error::ProxyError;
+use crate::session::Session;
+use crate::Gateway;
+
+/// Largest WebSocket message before the handshake completes: a `ClientAuth` is under 250 bytes,
+/// so an unauthenticated peer cannot make the gateway buffer more than this.
+const MAX_HANDSHAKE_MESSAGE: usize = 4 * 1024;
+
+/// Answers `GET /ws`: checks the upgrade request, returns `101`, and runs the session in a tracked
+/// task once hyper hands over the connection.
+pub(crate) fn accept(
+    gateway: &Arc<Gateway>,
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let headers = request.headers();
+    let is_upgrade = request.method() == http::Method::GET
+        && ferry_transport::heads::wants_upgrade(headers)
+        && headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !is_upgrade {
+        return Err(ProxyError::BadRequest("the agent endpoint expects a WebSocket upgrade"));
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return Err(ProxyError::BadRequest("unsupported WebSocket version (expected 13)"));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(ProxyError::BadRequest("missing Sec-WebSocket-Key"));
+    };
+    let offers_ferry = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if !offers_ferry {
+        return Err(ProxyError::BadRequest("the agent must offer the ferry.v1 WebSocket subprotocol"));
+    }
+    let accept_key = derive_accept_key(key.as_bytes());
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    let on_upgrade = hyper::upgrade::on(&mut request);
+
+    let gw = Arc::clone(gateway);
+    let span = info_span!("tunnel", tunnel_id = tracing::field::Empty, session_id = tracing::field::Empty);
+    gateway.session_tracker.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(err) => {
+                    debug!(%err, "agent upgrade failed");
+                    return;
+                }
+            };
+            let config = websocket_config().max_message_size(Some(MAX_HANDSHAKE_MESSAGE));
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+            serve(gw, ws, peer, host).await;
+        }
+        .instrument(span),
+    );
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept_key).expect("base64 is a valid header value"),
+    );
+    Ok(response)
+}
+
+type AgentWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Handshake, then the session until it ends.
+async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: Option<String>) {
+    let handshake = tokio::time::timeout(gateway.config.handshake_timeout, handshake(&gateway, &mut ws, host.as_deref()));
+    let (auth, accepted) = match handshake.await {
+        Ok(Ok(done)) => done,
+        Ok(Err(failure)) => {
+            warn!(code = failure.code.as_str(), detail = %failure.detail, "agent handshake failed");
+            reject(ws, failure.code).await;
+            return;
+        }
+        Err(_) => {
+            warn!("agent handshake timed out");
+            reject(ws, AuthErrorCode::HandshakeTimeout).await;
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("tunnel_id", auth.tunnel_id.as_str());
+    span.record("session_id", tracing::field::display(accepted.session_id));
+
+    // Past the handshake the peer is a known agent: lift the message cap to the session's. The
+    // agent sends nothing between ClientAuth and our AuthResult, so nothing is buffered here.
+    let ws = WebSocketStream::from_raw_socket(ws.into_inner(), Role::Server, Some(websocket_config())).await;
+    let counters = Arc::new(IoCounters::default());
+    let (driver, opener) = session(WsIo::new(ws, Arc::clone(&counters)), yamux::Mode::Server, &gateway.config.session);
+    let cancel = gateway.sessions.child_token();
+    let session = Arc::new(Session::new(
+        accepted.session_id,
+        auth.tunnel_id.clone(),
+        auth.instance_id,
+        auth.agent_version.clone(),
+        peer,
+        opener,
+        counters,
+        cancel.clone(),
+    ));
+
+    // The agent opens exactly one stream, the control stream; anything else is refused (reset).
+    let mut control_taken = false;
+    let control_session = Arc::clone(&session);
+    let tracker = gateway.session_tracker.clone();
+    let on_inbound = move |stream: yamux::Stream| {
+        if control_taken {
+            warn!("agent opened an unexpected stream; resetting it");
+            return;
+        }
+        control_taken = true;
+        tracker.spawn(control(Arc::clone(&control_session), stream).in_current_span());
+    };
+
+    gateway.registry.insert(Arc::clone(&session));
+    info!(agent_version = %auth.agent_version, "tunnel up");
+    let result = driver.run(on_inbound, cancel.clone()).await;
+    gateway.registry.remove(&session.tunnel_id, session.id);
+    cancel.cancel();
+    match result {
+        Ok(()) => info!("tunnel down"),
+        Err(err) => info!(%err, "tunnel down"),
+    }
+}
+
+/// A failed handshake: the code for the agent, the detail for our log.
+struct HandshakeFailure {
+    code: AuthErrorCode,
+    detail: String,
+}
+
+impl HandshakeFailure {
+    fn new(code: AuthErrorCode, detail: impl std::fmt::Display) -> Self {
+        Self { code, detail: detail.to_string() }
+    }
+}
+
+impl From<TransportError> for HandshakeFailure {
+    fn from(err: TransportError) -> Self {
+        Self::new(AuthErrorCode::Malformed, err)
+    }
+}
+
+async fn handshake(
+    gateway: &Gateway,
+    ws: &mut AgentWs,
+    host: Option<&str>,
+) -> Result<(ClientAuth, AuthAccepted), HandshakeFailure> {
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).map_err(|err| HandshakeFailure::new(AuthErrorCode::Overloaded, err))?;
+    let hello = ServerHello {
+        version: PROTOCOL_VERSION,
+        nonce: Nonce::from_bytes(nonce),
+        gateway_version: concat!("ferry-gateway ", env!("CARGO_PKG_VERSION")).into(),
+        auth_required: false,
+    };
+    send_message(ws, hello.encode()).await?;
+    let message = recv_message(ws).await?;
+    let auth = ClientAuth::decode(message).map_err(|err| match err {
+        CodecError::TunnelId(_) => HandshakeFailure::new(AuthErrorCode::InvalidTunnelId, err),
+        other => HandshakeFailure::new(AuthErrorCode::Malformed, other),
+    })?;
+    check_version(auth.version).map_err(|err| HandshakeFailure::new(AuthErrorCode::UnsupportedVersion, err))?;
+
+    let session_id = SessionId(Uuid::new_v4());
+    let accepted = AuthAccepted {
+        session_id,
+        server_mac: None,
+        heartbeat_interval: gateway.config.heartbeat_interval,
+        limits: SessionLimits {
+            max_streams: u32::try_from(gateway.config.session.max_streams).unwrap_or(u32::MAX),
+            max_data_frame_len: ferry_codec::frame::MAX_DATA_LEN as u32,
+        },
+        public_urls: gateway.public_urls(&auth.tunnel_id, host),
+    };
+    send_message(ws, AuthResult::Accepted(accepted.clone()).encode()).await?;
+    Ok((auth, accepted))
+}
+
+/// Tells the agent why, closes with 1008 and the code as the reason.
+async fn reject(mut ws: AgentWs, code: AuthErrorCode) {
+    let result = AuthResult::Rejected(AuthRejected::from(code)).encode();
+    let _ = ws.send(Message::Binary(result)).await;
+    let close = CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() };
+    let _ = ws.close(Some(close)).await;
+    // Drain until the agent acknowledges the close (bounded by the caller's task lifetime).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async { while ws.next().await.is_some() {} }).await;
+}
+
+/// The control stream: answers heartbeats, records what the agent reports.
+async fn control(session: Arc<Session>, stream: yamux::Stream) {
+    let (read, mut write) = tokio::io::split(stream.compat());
+    let mut messages = FramedRead::new(read, ferry_codec::ControlCodec);
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let message = tokio::select! {
+            () = session.cancel.cancelled() => return,
+            message = messages.next() => message,
+        };
+        match message {
+            Some(Ok(ControlMessage::Ping { nonce })) => {
+                buf.clear();
+                if (ControlMessage::Pong { nonce }).encode(&mut buf).is_err() {
+                    return;
+                }
+                if tokio::io::AsyncWriteExt::write_all(&mut write, &buf).await.is_err() {
+                    return;
+                }
+            }
+            Some(Ok(ControlMessage::Drain { grace })) => {
+                info!(grace_ms = grace.as_millis() as u64, "agent is draining");
+                session.set_draining();
+            }
+            Some(Ok(other)) => debug!(?other, "control message"),
+            Some(Err(err)) => {
+                warn!(%err, "bad control stream; closing the session");
+                session.cancel.cancel();
+                return;
+            }
+            None => return,
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Between `http` types and the codec's heads: header lists, versions, and the hop-by-hop rules
+//! of a proxy (RFC 9110 §7.6.1).
+
+use ferry_codec::{Header, HttpVersion};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+use tracing::debug;
+
+/// Header fields that describe one connection and must not be forwarded (RFC 9110 §7.6.1 and the
+/// de-facto `Keep-Alive` and `Proxy-Connection`). `Upgrade` is kept when the request asks for one.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop fields and every field the `Connection` header names.
+///
+/// With `keep_upgrade`, an `Upgrade` request keeps `Upgrade` and `Connection: upgrade` so the
+/// upstream sees the upgrade. `TE: trailers` is kept (it only says trailers are welcome, and
+/// HTTP/2 allows exactly that value).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|value| value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    } else {
+        headers.remove(header::TE);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|value| {
+            value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
+/// Header fields in map order (repeats in order) as wire headers.
+pub fn headers_to_wire(map: &HeaderMap) -> Vec<Header> {
+    let mut out = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        // `http` enforces the same grammar as the codec; a field it let through always passes.
+        match Header::new(bytes::Bytes::copy_from_slice(name.as_str().as_bytes()), value_bytes(value)) {
+            Ok(header) => out.push(header),
+            Err(err) => debug!(%err, header = %name, "dropping a header the wire cannot carry"),
+        }
+    }
+    out
+}
+
+fn value_bytes(value: &HeaderValue) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(value.as_bytes())
+}
+
+/// Wire headers as a header map, in order.
+pub fn headers_from_wire(headers: Vec<Header>) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for header in headers {
+        let (name, value) = header.into_parts();
+        // The codec validated both; `from_bytes` only lowercases the name.
+        match (HeaderName::from_bytes(&name), HeaderValue::from_maybe_shared(value)) {
+            (Ok(name), Ok(value)) => {
+                map.append(name, value);
+            }
+            _ => debug!("dropping an invalid header from the wire"),
+        }
+    }
+    map
+}
+
+/// The codec's version for an `http` version.
+pub fn version_to_wire(version: Version) -> HttpVersion {
+    match version {
+        Version::HTTP_10 | Version::HTTP_09 => HttpVersion::Http10,
+        Version::HTTP_2 => HttpVersion::Http2,
+        Version::HTTP_3 => HttpVersion::Http3,
+        _ => HttpVersion::Http11,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in fields {
+            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_fields() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip, trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ]);
+        strip_hop_by_hop(&mut headers, false);
+        let left: Vec<_> = headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(left, [("te", "trailers"), ("set-cookie", "a=1"), ("set-cookie", "b=2")]);
+    }
+
+    #[test]
+    fn keeps_upgrade_when_asked() {
+        let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers["upgrade"], "websocket");
+        assert_eq!(headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_repeats_in_order() {
+        let headers = map(&[("set-cookie", "a=1"), ("x-a", "1"), ("set-cookie", "b=2")]);
+        let back = headers_from_wire(headers_to_wire(&headers));
+        let cookies: Vec<_> = back.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(back["x-a"], "1");
+    }
+}

@@ -1,0 +1,142 @@
+//! The shared I/O stack without sockets: two yamux sessions over WebSockets over an in-memory
+//! duplex pipe, exchanging frames and bodies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_codec::{AbortCode, Frame};
+use ferry_transport::body::{BodyError, send_body};
+use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::stream::split;
+use ferry_transport::ws::websocket_config;
+use ferry_transport::{FrameBody, IoCounters, StreamOpener, WsIo};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A "gateway" session (server mode) and the inbound streams of an "agent" session (client mode).
+async fn pair() -> (StreamOpener, mpsc::Receiver<yamux::Stream>, CancellationToken) {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let cfg = Some(websocket_config());
+    let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, cfg).await;
+    let client_ws = WebSocketStream::from_raw_socket(b, Role::Client, cfg).await;
+    let config = SessionConfig::default();
+    let shutdown = CancellationToken::new();
+
+    let (server, opener) = session(WsIo::new(server_ws, Arc::new(IoCounters::default())), yamux::Mode::Server, &config);
+    let (client, _client_opener) =
+        session(WsIo::new(client_ws, Arc::new(IoCounters::default())), yamux::Mode::Client, &config);
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(server.run(|_| {}, shutdown.clone()));
+    tokio::spawn(client.run(move |stream| tx.try_send(stream).expect("test channel has room"), shutdown.clone()));
+    (opener, rx, shutdown)
+}
+
+#[tokio::test]
+async fn frames_and_a_large_body_cross_both_ways() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (opener, mut inbound, _shutdown) = pair().await;
+        // The "agent" echoes every body it gets back on the same stream.
+        tokio::spawn(async move {
+            while let Some(stream) = inbound.recv().await {
+                tokio::spawn(async move {
+                    let (reader, mut writer) = split(stream);
+                    send_body(FrameBody::new(reader, None), &mut writer, AbortCode::UpstreamReset).await.unwrap();
+                    writer.finish().await.unwrap();
+                });
+            }
+        });
+
+        let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let payload = Bytes::from(payload);
+        let stream = opener.open().await.unwrap();
+        let (reader, mut writer) = split(stream);
+        let upload = tokio::spawn({
+            let payload = payload.clone();
+            async move {
+                let body = http_body_util::Full::new(payload);
+                send_body(body, &mut writer, AbortCode::ClientGone).await.unwrap();
+                writer.finish().await.unwrap();
+            }
+        });
+        let echoed = FrameBody::new(reader, None).collect().await.unwrap().to_bytes();
+        upload.await.unwrap();
+        assert_eq!(echoed.len(), payload.len());
+        assert!(echoed == payload);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn many_concurrent_streams_are_independent() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (opener, mut inbound, _shutdown) = pair().await;
+        tokio::spawn(async move {
+            while let Some(stream) = inbound.recv().await {
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = split(stream);
+                    while let Some(frame) = reader.next().await {
+                        let frame = frame.unwrap();
+                        let end = frame == Frame::End;
+                        writer.send(&frame).await.unwrap();
+                        if end {
+                            break;
+                        }
+                    }
+                    writer.finish().await.unwrap();
+                });
+            }
+        });
+        // One stream never finishes; the others must not wait for it.
+        let stalled = opener.open().await.unwrap();
+        let (_stalled_reader, mut stalled_writer) = split(stalled);
+        stalled_writer.send(&Frame::Data(Bytes::from_static(b"hello"))).await.unwrap();
+
+        let mut tasks = Vec::new();
+        for i in 0..500u32 {
+            let opener = opener.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut reader, mut writer) = split(opener.open().await.unwrap());
+                let data = Frame::Data(Bytes::from(i.to_be_bytes().to_vec()));
+                writer.send(&data).await.unwrap();
+                writer.send(&Frame::End).await.unwrap();
+                assert_eq!(reader.next().await.unwrap().unwrap(), data);
+                assert_eq!(reader.next().await.unwrap().unwrap(), Frame::End);
+                assert!(reader.next().await.is_none());
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_end_is_an_error_not_a_short_body() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (opener, mut inbound, _shutdown) = pair().await;
+        tokio::spawn(async move {
+            let stream = inbound.recv().await.unwrap();
+            let (_reader, mut writer) = split(stream);
+            writer.send(&Frame::Data(Bytes::from_static(b"partial"))).await.unwrap();
+            // Dropping the stream without `End` resets it.
+        });
+        let (reader, mut writer) = split(opener.open().await.unwrap());
+        writer.send(&Frame::End).await.unwrap();
+        let mut body = FrameBody::new(reader, None);
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "partial");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(err, BodyError::Truncated | BodyError::Transport(_)), "{err:?}");
+    })
+    .await
+    .expect("test timed out");
+}
