@@ -41,21 +41,35 @@ impl Upstream {
     /// # Errors
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let with_scheme = if text.contains("://") { text.to_owned() } else { format!("http://{text}") };
+        let with_scheme = if text.contains("://") {
+            text.to_owned()
+        } else {
+            format!("http://{text}")
+        };
         let uri: Uri = with_scheme
             .parse()
             .map_err(|err| format!("{text:?} is not host:port or http(s)://host:port ({err})"))?;
         let scheme = match uri.scheme_str() {
             Some("http") => Scheme::HTTP,
             Some("https") => Scheme::HTTPS,
-            other => return Err(format!("unsupported upstream scheme {other:?} (use http or https)")),
+            other => {
+                return Err(format!(
+                    "unsupported upstream scheme {other:?} (use http or https)"
+                ));
+            }
         };
-        let authority = uri.authority().cloned().ok_or_else(|| format!("{text:?} has no host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{text:?} has no host"))?;
         if authority.host().is_empty() {
             return Err(format!("{text:?} has no host"));
         }
         if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(format!("the upstream is an origin: drop the path {:?}", uri.path()));
+            return Err(format!(
+                "the upstream is an origin: drop the path {:?}",
+                uri.path()
+            ));
         }
         if authority.as_str().contains('@') {
             return Err("the upstream may not contain credentials".into());
@@ -89,17 +103,31 @@ impl GatewayUrl {
     /// # Errors
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text.parse().map_err(|err| format!("{text:?} is not a URL ({err})"))?;
+        let uri: Uri = text
+            .parse()
+            .map_err(|err| format!("{text:?} is not a URL ({err})"))?;
         let tls = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
             Some("http" | "https") => {
-                return Err(format!("{text:?}: the gateway URL uses ws:// or wss:// (for example {DEFAULT_GATEWAY})"));
+                return Err(format!(
+                    "{text:?}: the gateway URL uses ws:// or wss:// (for example {DEFAULT_GATEWAY})"
+                ));
             }
-            _ => return Err(format!("{text:?}: expected ws://host:port/ws or wss://host/ws")),
+            _ => {
+                return Err(format!(
+                    "{text:?}: expected ws://host:port/ws or wss://host/ws"
+                ));
+            }
         };
-        let authority = uri.authority().ok_or_else(|| format!("{text:?} has no host"))?;
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{text:?} has no host"))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         if host.is_empty() {
             return Err(format!("{text:?} has no host"));
         }
@@ -114,7 +142,12 @@ impl GatewayUrl {
             .path_and_query(path)
             .build()
             .map_err(|err| format!("{text:?}: {err}"))?;
-        Ok(Self { uri, tls, host, port })
+        Ok(Self {
+            uri,
+            tls,
+            host,
+            port,
+        })
     }
 }
 
@@ -175,9 +208,20 @@ mod tests {
     fn upstream_forms() {
         let up = Upstream::parse("127.0.0.1:8000").unwrap();
         assert_eq!(up.to_string(), "http://127.0.0.1:8000");
-        assert_eq!(Upstream::parse("http://localhost:5173").unwrap().to_string(), "http://localhost:5173");
-        assert_eq!(Upstream::parse("https://svc.local").unwrap().scheme, Scheme::HTTPS);
-        assert_eq!(Upstream::parse("[::1]:8000").unwrap().authority.as_str(), "[::1]:8000");
+        assert_eq!(
+            Upstream::parse("http://localhost:5173")
+                .unwrap()
+                .to_string(),
+            "http://localhost:5173"
+        );
+        assert_eq!(
+            Upstream::parse("https://svc.local").unwrap().scheme,
+            Scheme::HTTPS
+        );
+        assert_eq!(
+            Upstream::parse("[::1]:8000").unwrap().authority.as_str(),
+            "[::1]:8000"
+        );
         assert!(Upstream::parse("ftp://x:1").is_err());
         assert!(Upstream::parse("http://x:1/api").is_err());
         assert!(Upstream::parse("http://user:pw@x:1").is_err());
@@ -187,7 +231,10 @@ mod tests {
     #[test]
     fn gateway_forms() {
         let gw = GatewayUrl::parse("ws://127.0.0.1:3000/ws").unwrap();
-        assert_eq!((gw.host.as_str(), gw.port, gw.tls), ("127.0.0.1", 3000, false));
+        assert_eq!(
+            (gw.host.as_str(), gw.port, gw.tls),
+            ("127.0.0.1", 3000, false)
+        );
         let gw = GatewayUrl::parse("wss://tunnel.example.com").unwrap();
         assert_eq!(gw.uri.to_string(), "wss://tunnel.example.com/ws");
         assert_eq!((gw.port, gw.tls), (443, true));

@@ -63,14 +63,24 @@ impl ConnectError {
     /// What the operator should do about it.
     pub fn hint(&self) -> &'static str {
         match self {
-            Self::Dial { .. } | Self::Timeout => "check that the gateway is running and reachable (--gateway / GATEWAY_URL)",
+            Self::Dial { .. } | Self::Timeout => {
+                "check that the gateway is running and reachable (--gateway / GATEWAY_URL)"
+            }
             Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
-            Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
+            Self::Handshake(_) | Self::Protocol(_) => {
+                "the gateway may run an incompatible ferry version"
+            }
             Self::Rejected { code, .. } => match code {
-                AuthErrorCode::BadCredentials => "check FERRY_SECRET / --secret-file against the gateway's secret for this tunnel",
-                AuthErrorCode::UnknownTunnel => "ask the gateway operator to add a secret for this tunnel id",
+                AuthErrorCode::BadCredentials => {
+                    "check FERRY_SECRET / --secret-file against the gateway's secret for this tunnel"
+                }
+                AuthErrorCode::UnknownTunnel => {
+                    "ask the gateway operator to add a secret for this tunnel id"
+                }
                 AuthErrorCode::InvalidTunnelId => "fix --tunnel-id: agent_{uuid}_{purpose}",
-                AuthErrorCode::UnsupportedVersion => "upgrade the agent or the gateway so they speak the same protocol",
+                AuthErrorCode::UnsupportedVersion => {
+                    "upgrade the agent or the gateway so they speak the same protocol"
+                }
                 _ => "the gateway is busy; the agent retries",
             },
         }

@@ -50,7 +50,10 @@ const ATTENTION_RETRY: Duration = Duration::from_secs(30);
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     config.session.validate().map_err(AgentError::Config)?;
     let config = Arc::new(config);
-    let upstream = Arc::new(upstream::Upstream { client: upstream::client(&config)?, config: Arc::clone(&config) });
+    let upstream = Arc::new(upstream::Upstream {
+        client: upstream::client(&config)?,
+        config: Arc::clone(&config),
+    });
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
     info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");
@@ -81,7 +84,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 failures += 1;
                 if config.max_retries.is_some_and(|max| failures >= max) {
                     error!(err = %error_chain(&err), hint = err.hint(), "giving up");
-                    return Err(AgentError::GaveUp { attempts: failures, last: err });
+                    return Err(AgentError::GaveUp {
+                        attempts: failures,
+                        last: err,
+                    });
                 }
                 if err.needs_attention() {
                     error!(err = %error_chain(&err), hint = err.hint(), retry_in_secs = ATTENTION_RETRY.as_secs(), "connection refused by the gateway");

@@ -62,13 +62,17 @@ impl Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    ferry_agent::run(args.into_config(), shutdown).await.context("agent stopped")?;
+    ferry_agent::run(args.into_config(), shutdown)
+        .await
+        .context("agent stopped")?;
     Ok(())
 }
 
@@ -107,7 +111,14 @@ mod tests {
 
     #[test]
     fn bad_tunnel_id_is_a_clear_error() {
-        let err = Args::try_parse_from(["agent", "--tunnel-id", "web", "--upstream", "127.0.0.1:8000"]).unwrap_err();
+        let err = Args::try_parse_from([
+            "agent",
+            "--tunnel-id",
+            "web",
+            "--upstream",
+            "127.0.0.1:8000",
+        ])
+        .unwrap_err();
         assert!(err.to_string().contains("agent_"), "{err}");
     }
 }

@@ -43,7 +43,11 @@ pub(crate) async fn serve(
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, TransportError> {
     let counters = Arc::new(IoCounters::default());
-    let (driver, opener) = session(WsIo::new(ws, counters), yamux::Mode::Client, &upstream.config.session);
+    let (driver, opener) = session(
+        WsIo::new(ws, counters),
+        yamux::Mode::Client,
+        &upstream.config.session,
+    );
     let streams = TaskTracker::new();
     let stop_driver = CancellationToken::new();
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -70,12 +74,19 @@ pub(crate) async fn serve(
         }
         None => {
             let grace = upstream.config.drain_timeout;
-            info!(in_flight = streams.len(), grace_secs = grace.as_secs(), "draining: finishing requests in flight");
+            info!(
+                in_flight = streams.len(),
+                grace_secs = grace.as_secs(),
+                "draining: finishing requests in flight"
+            );
             let _ = control_tx.send(ControlMessage::Drain { grace }).await;
             streams.close();
             let drained = async {
                 if tokio::time::timeout(grace, streams.wait()).await.is_err() {
-                    warn!(left = streams.len(), "drain deadline passed; closing anyway");
+                    warn!(
+                        left = streams.len(),
+                        "drain deadline passed; closing anyway"
+                    );
                 }
             };
             tokio::select! {
@@ -92,7 +103,11 @@ pub(crate) async fn serve(
 
 /// The control stream: opened first, announces the agent, sends what the session queues, and
 /// reads what the gateway sends.
-async fn control(opener: StreamOpener, mut outbox: mpsc::Receiver<ControlMessage>, stop: CancellationToken) {
+async fn control(
+    opener: StreamOpener,
+    mut outbox: mpsc::Receiver<ControlMessage>,
+    stop: CancellationToken,
+) {
     let stream = match opener.open().await {
         Ok(stream) => stream,
         Err(err) => {
@@ -104,7 +119,10 @@ async fn control(opener: StreamOpener, mut outbox: mpsc::Receiver<ControlMessage
     let mut inbox = FramedRead::new(read, ferry_codec::ControlCodec);
     let mut buf = BytesMut::new();
     // The first frame announces the stream to the gateway.
-    let hello = ControlMessage::UpstreamHealth { state: HealthState::Unknown, detail: String::new() };
+    let hello = ControlMessage::UpstreamHealth {
+        state: HealthState::Unknown,
+        detail: String::new(),
+    };
     if send(&mut write, &mut buf, &hello).await.is_err() {
         return;
     }

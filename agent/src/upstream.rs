@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use ferry_codec::{Abort, AbortCode, Frame, Head, RequestHead, ResponseHead};
 use ferry_transport::body::{SendBodyError, send_body};
-use ferry_transport::heads::{headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade};
-use ferry_transport::stream::{FrameReader, FrameWriter, pipe, split};
+use ferry_transport::heads::{
+    headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
+};
+use ferry_transport::stream::{FrameReader, FrameWriter, acknowledge, pipe, split};
 use ferry_transport::{FrameBody, yamux};
 use http::{Request, StatusCode, Uri, Version};
 use hyper_rustls::HttpsConnector;
@@ -54,20 +56,37 @@ pub(crate) struct Upstream {
 }
 
 /// Serves one inbound stream to the end.
-pub(crate) async fn serve_stream(upstream: Arc<Upstream>, stream: yamux::Stream) {
+pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Stream) {
     let span = debug_span!("stream", stream_id = %stream.id(), request_id = tracing::field::Empty);
     async move {
+        if let Err(err) = acknowledge(&mut stream).await {
+            debug!(%err, "stream closed before it was acknowledged");
+            return;
+        }
         let (mut reader, mut writer) = split(stream);
         let head = match reader.next().await {
             Some(Ok(Frame::Head(Head::Request(head)))) => head,
             Some(Ok(other)) => {
-                debug!(kind = other.kind().name(), "stream did not start with a request head");
-                abort(&mut writer, AbortCode::ProtocolError, "expected a request head").await;
+                debug!(
+                    kind = other.kind().name(),
+                    "stream did not start with a request head"
+                );
+                abort(
+                    &mut writer,
+                    AbortCode::ProtocolError,
+                    "expected a request head",
+                )
+                .await;
                 return;
             }
             Some(Err(err)) => {
                 debug!(%err, "unreadable request head");
-                abort(&mut writer, AbortCode::ProtocolError, "unreadable request head").await;
+                abort(
+                    &mut writer,
+                    AbortCode::ProtocolError,
+                    "unreadable request head",
+                )
+                .await;
                 return;
             }
             None => return,
@@ -76,7 +95,9 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, stream: yamux::Stream)
         match proxy(&upstream, head, reader, &mut writer).await {
             Ok(None) => {}
             Ok(Some((upstream_io, reader))) => match pipe(reader, writer, upstream_io).await {
-                Ok((to_upstream, from_upstream)) => debug!(to_upstream, from_upstream, "upgraded stream closed"),
+                Ok((to_upstream, from_upstream)) => {
+                    debug!(to_upstream, from_upstream, "upgraded stream closed")
+                }
                 Err(err) => debug!(%err, "upgraded stream failed"),
             },
             Err((code, message)) => abort(&mut writer, code, &message).await,
@@ -87,7 +108,11 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, stream: yamux::Stream)
 }
 
 async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
-    if writer.send(&Frame::Abort(Abort::new(code, message))).await.is_ok() {
+    if writer
+        .send(&Frame::Abort(Abort::new(code, message)))
+        .await
+        .is_ok()
+    {
         let _ = writer.finish().await;
     }
 }
@@ -112,7 +137,12 @@ async fn proxy(
     let (body, raw_reader) = if head.body_len == Some(0) {
         match reader.next().await {
             Some(Ok(Frame::End)) => (FrameBody::empty(), Some(reader)),
-            _ => return Err((AbortCode::ProtocolError, "expected the end of an empty body".into())),
+            _ => {
+                return Err((
+                    AbortCode::ProtocolError,
+                    "expected the end of an empty body".into(),
+                ));
+            }
         }
     } else {
         (FrameBody::new(reader, head.body_len), None)
@@ -124,7 +154,12 @@ async fn proxy(
         .authority(config.upstream.authority.clone())
         .path_and_query(head.target.as_ref())
         .build()
-        .map_err(|_| (AbortCode::ProtocolError, "invalid request target".to_owned()))?;
+        .map_err(|_| {
+            (
+                AbortCode::ProtocolError,
+                "invalid request target".to_owned(),
+            )
+        })?;
     let mut request = Request::new(body);
     *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
         .map_err(|_| (AbortCode::ProtocolError, "invalid method".to_owned()))?;
@@ -132,18 +167,31 @@ async fn proxy(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
 
-    let response = match tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) if err.is_connect() => {
-            debug!(%err, upstream = %config.upstream, "upstream unreachable");
-            return Err((AbortCode::UpstreamUnreachable, format!("cannot connect to {}", config.upstream)));
-        }
-        Ok(Err(err)) => {
-            debug!(err = %error_chain(&err), "upstream request failed");
-            return Err((AbortCode::UpstreamReset, "the upstream closed the connection".into()));
-        }
-        Err(_) => return Err((AbortCode::UpstreamTimeout, "the upstream did not answer in time".into())),
-    };
+    let response =
+        match tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) if err.is_connect() => {
+                debug!(%err, upstream = %config.upstream, "upstream unreachable");
+                return Err((
+                    AbortCode::UpstreamUnreachable,
+                    format!("cannot connect to {}", config.upstream),
+                ));
+            }
+            Ok(Err(err)) => {
+                debug!(err = %error_chain(&err), "upstream request failed");
+                return Err((
+                    AbortCode::UpstreamReset,
+                    "the upstream closed the connection".into(),
+                ));
+            }
+            Err(_) => {
+                return Err((
+                    AbortCode::UpstreamTimeout,
+                    "the upstream did not answer in time".into(),
+                ));
+            }
+        };
 
     let status = response.status();
     let (mut parts, body) = response.into_parts();
@@ -157,30 +205,46 @@ async fn proxy(
 
     if switching {
         let Some(reader) = raw_reader.filter(|_| upgrade) else {
-            return Err((AbortCode::ProtocolError, "101 to a request that cannot be upgraded".into()));
+            return Err((
+                AbortCode::ProtocolError,
+                "101 to a request that cannot be upgraded".into(),
+            ));
         };
         let response = http::Response::from_parts(parts, body);
         let upstream_io = match hyper::upgrade::on(response).await {
             Ok(io) => io,
             Err(err) => {
                 debug!(%err, "upstream upgrade failed");
-                return Err((AbortCode::UpstreamReset, "the upstream upgrade failed".into()));
+                return Err((
+                    AbortCode::UpstreamReset,
+                    "the upstream upgrade failed".into(),
+                ));
             }
         };
-        if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
+        if writer
+            .send(&Frame::Head(Head::Response(head)))
+            .await
+            .is_err()
+        {
             return Ok(None);
         }
         return Ok(Some((TokioIo::new(upstream_io), reader)));
     }
 
-    if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
+    if writer
+        .send(&Frame::Head(Head::Response(head)))
+        .await
+        .is_err()
+    {
         return Ok(None);
     }
     match send_body(body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {
             let _ = writer.finish().await;
         }
-        Err(SendBodyError::Body(err)) => debug!(err = %error_chain(&err), "upstream body failed mid-way"),
+        Err(SendBodyError::Body(err)) => {
+            debug!(err = %error_chain(&err), "upstream body failed mid-way")
+        }
         Err(SendBodyError::Stream(err)) => debug!(%err, "gateway stopped reading the response"),
     }
     Ok(None)

@@ -264,7 +264,9 @@ impl<'a> Arbitrary<'a> for AuthResult {
                 max_data_frame_len: u.int_in_range(1..=u32::MAX)?,
             },
             public_urls: (0..u.int_in_range(0..=2)?)
-                .map(|_| text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}")))
+                .map(|_| {
+                    text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}"))
+                })
                 .collect::<Result<_>>()?,
         }))
     }

@@ -372,7 +372,11 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                 let limits = ok
                     .limits
                     .ok_or(CodecError::MissingField("AuthAccepted.limits"))?;
-                if ok.public_urls.iter().any(|url| !url.bytes().all(|b| b.is_ascii_graphic())) {
+                if ok
+                    .public_urls
+                    .iter()
+                    .any(|url| !url.bytes().all(|b| b.is_ascii_graphic()))
+                {
                     return Err(CodecError::invalid("AuthAccepted.public_urls", "not a URL"));
                 }
                 if limits.max_streams == 0 || limits.max_data_frame_len == 0 {

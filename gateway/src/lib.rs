@@ -76,12 +76,19 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    fn new(config: GatewayConfig, shutdown: CancellationToken) -> Result<Self, GatewayError> {
+    /// A gateway that stops accepting when `shutdown` fires. Serve it with [`Gateway::serve`].
+    ///
+    /// # Errors
+    /// The configuration is invalid.
+    pub fn new(
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, GatewayError> {
         config.session.validate().map_err(GatewayError::Config)?;
         let mut random = [0u8; 4];
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
         let instance = u32::from_be_bytes(random);
-        Ok(Self {
+        Ok(Arc::new(Self {
             http: server::http_builder(&config),
             config,
             registry: Registry::default(),
@@ -92,7 +99,30 @@ impl Gateway {
             via_token: format!("ferry-{instance:08x}"),
             request_prefix: instance,
             request_counter: AtomicU64::new(0),
-        })
+        }))
+    }
+
+    /// Accepts on `listener` until shutdown, then drains: lets in-flight requests finish (up to
+    /// the drain timeout), then closes the agent sessions.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener) {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, domain = self.config.domain.as_deref().unwrap_or("-"), "gateway listening");
+        }
+        warn!("no agent secret configured: any well-formed tunnel id is accepted");
+        server::accept_loop(Arc::clone(self), listener).await;
+        info!("shutting down: draining requests in flight");
+        self.tracker.close();
+        if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("drain deadline passed with requests still in flight");
+        }
+        // Requests are done: now the agents can go.
+        self.sessions.cancel();
+        self.session_tracker.close();
+        let _ = tokio::time::timeout(self.config.drain_timeout, self.session_tracker.wait()).await;
+        info!("gateway stopped");
     }
 
     /// A request id unique to this gateway process: its instance prefix and a counter.
@@ -108,10 +138,10 @@ impl Gateway {
 
     /// Whether `Via` shows this request already passed through this gateway.
     fn seen_before(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get_all(header::VIA)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.contains(self.via_token.as_str())))
+        headers.get_all(header::VIA).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.contains(self.via_token.as_str()))
+        })
     }
 
     /// The URLs a tunnel is reachable at, given the Host the agent dialled.
@@ -124,7 +154,9 @@ impl Gateway {
         if let Some(domain) = &self.config.domain {
             let port = host
                 .rsplit_once(':')
-                .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(']'))
+                .filter(|(_, port)| {
+                    port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(']')
+                })
                 .map(|(_, port)| format!(":{port}"))
                 .unwrap_or_default();
             urls.push(format!("{scheme}://{}.{domain}{port}/", id.to_label()));
@@ -134,7 +166,11 @@ impl Gateway {
     }
 
     /// Answers one public request.
-    async fn handle(self: &Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    async fn handle(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
         let host = request
             .headers()
             .get(header::HOST)
@@ -142,7 +178,11 @@ impl Gateway {
             .or_else(|| request.uri().authority().map(|a| a.as_str()))
             .map(normalize_host);
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        let route = route(self.config.domain.as_deref(), host.as_deref(), path_and_query);
+        let route = route(
+            self.config.domain.as_deref(),
+            host.as_deref(),
+            path_and_query,
+        );
         let request_id = self.next_request_id();
         let is_read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
         let result = match route {
@@ -159,35 +199,27 @@ impl Gateway {
             Route::Health if is_read => Ok(admin::health(self)),
             Route::Connections if is_read => Ok(admin::connections(self, None)),
             Route::TunnelConnections(id) if is_read => Ok(admin::connections(self, Some(&id))),
-            Route::Health | Route::Connections | Route::TunnelConnections(_) => Err(ProxyError::MethodNotAllowed),
+            Route::Health | Route::Connections | Route::TunnelConnections(_) => {
+                Err(ProxyError::MethodNotAllowed)
+            }
             Route::InvalidTunnelId(text) => Err(ProxyError::InvalidTunnelId(text)),
             Route::NotFound => Err(ProxyError::NotFound),
         };
-        result.unwrap_or_else(|err| err.to_response(&request_id)).map(Either::Left)
+        result
+            .unwrap_or_else(|err| err.to_response(&request_id))
+            .map(Either::Left)
     }
 }
 
-/// Runs a gateway on `listener` until `shutdown` fires, then drains: stops accepting, lets
-/// in-flight requests finish (up to the drain timeout) and closes agent sessions.
+/// Runs a gateway on `listener` until `shutdown` fires, then drains (see [`Gateway::serve`]).
 ///
 /// # Errors
 /// The configuration is invalid.
-pub async fn run(config: GatewayConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), GatewayError> {
-    let gateway = Arc::new(Gateway::new(config, shutdown.clone())?);
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, domain = gateway.config.domain.as_deref().unwrap_or("-"), "gateway listening");
-    }
-    warn!("no agent secret configured: any well-formed tunnel id is accepted");
-    server::accept_loop(Arc::clone(&gateway), listener).await;
-    info!("shutting down: draining requests in flight");
-    gateway.tracker.close();
-    if tokio::time::timeout(gateway.config.drain_timeout, gateway.tracker.wait()).await.is_err() {
-        warn!("drain deadline passed with requests still in flight");
-    }
-    // Requests are done: now the agents can go.
-    gateway.sessions.cancel();
-    gateway.session_tracker.close();
-    let _ = tokio::time::timeout(gateway.config.drain_timeout, gateway.session_tracker.wait()).await;
-    info!("gateway stopped");
+pub async fn run(
+    config: GatewayConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    Gateway::new(config, shutdown)?.serve(listener).await;
     Ok(())
 }

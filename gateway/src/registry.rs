@@ -6,20 +6,50 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use ferry_codec::{SessionId, TunnelId};
+use tokio::sync::watch;
 
 use crate::session::Session;
 
 /// Live sessions by tunnel.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     tunnels: RwLock<HashMap<TunnelId, Vec<Arc<Session>>>>,
+    /// Bumped on every change, so waiters (tests, pending requests) wake up.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            tunnels: RwLock::default(),
+            changes: watch::Sender::new(0),
+        }
+    }
 }
 
 impl Registry {
     /// Adds a session that finished its handshake.
     pub fn insert(&self, session: Arc<Session>) {
         let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
-        tunnels.entry(session.tunnel_id.clone()).or_default().push(session);
+        tunnels
+            .entry(session.tunnel_id.clone())
+            .or_default()
+            .push(session);
+        drop(tunnels);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until `condition` holds for the registry (checked now and after every change).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn wait_until(&self, condition: impl Fn(&Self) -> bool) {
+        let mut changes = self.changes.subscribe();
+        while !condition(self) {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Removes a session (when it ends). Unknown ids are ignored.
@@ -31,6 +61,8 @@ impl Registry {
                 tunnels.remove(tunnel_id);
             }
         }
+        drop(tunnels);
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// The session with the fewest requests in flight among those taking new requests.

@@ -59,13 +59,19 @@ pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
             },
         };
         let conn_gateway = Arc::clone(&gateway);
-        gateway
-            .tracker
-            .spawn(serve_connection(conn_gateway, socket, peer, permit).instrument(info_span!("conn", %peer)));
+        gateway.tracker.spawn(
+            serve_connection(conn_gateway, socket, peer, permit)
+                .instrument(info_span!("conn", %peer)),
+        );
     }
 }
 
-async fn serve_connection(gateway: Arc<Gateway>, socket: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+async fn serve_connection(
+    gateway: Arc<Gateway>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");
     }
@@ -74,7 +80,9 @@ async fn serve_connection(gateway: Arc<Gateway>, socket: TcpStream, peer: Socket
         let gateway = Arc::clone(&service_gateway);
         async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
     });
-    let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(socket), service);
+    let conn = gateway
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(socket), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,

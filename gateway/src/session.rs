@@ -28,6 +28,8 @@ pub struct Session {
     started: Instant,
     opener: StreamOpener,
     in_flight: AtomicU64,
+    /// Notified whenever `in_flight` drops to zero.
+    idle: tokio::sync::Notify,
     streams_total: AtomicU64,
     /// Bytes over the WebSocket, both ways.
     pub counters: Arc<IoCounters>,
@@ -59,6 +61,7 @@ impl Session {
             started: Instant::now(),
             opener,
             in_flight: AtomicU64::new(0),
+            idle: tokio::sync::Notify::new(),
             streams_total: AtomicU64::new(0),
             counters,
             draining: AtomicBool::new(false),
@@ -68,7 +71,9 @@ impl Session {
 
     /// Whether new requests may go to this session.
     pub fn accepts_requests(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && !self.cancel.is_cancelled() && !self.opener.is_closed()
+        !self.draining.load(Ordering::Relaxed)
+            && !self.cancel.is_cancelled()
+            && !self.opener.is_closed()
     }
 
     /// Stops routing new requests here (the agent asked to drain).
@@ -81,11 +86,27 @@ impl Session {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Waits until no request is in flight on this session.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
     /// Counts a request as in flight until the guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.streams_total.fetch_add(1, Ordering::Relaxed);
-        InFlight { session: Arc::clone(self) }
+        InFlight {
+            session: Arc::clone(self),
+        }
     }
 
     /// Opens a stream to the agent.
@@ -101,7 +122,11 @@ impl Session {
 
     /// The `/connections` entry.
     pub fn to_json(&self) -> serde_json::Value {
-        let since = self.connected_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let since = self
+            .connected_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         serde_json::json!({
             "tunnel_id": self.tunnel_id.as_str(),
             "session_id": self.id.to_string(),
@@ -127,7 +152,9 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.session.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.session.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.session.idle.notify_waiters();
+        }
     }
 }
 

@@ -13,9 +13,9 @@ use ferry_codec::{Abort, AbortCode, Frame, Trailers};
 use http::HeaderMap;
 use http_body::{Body, SizeHint};
 
+use crate::TransportError;
 use crate::heads::{headers_from_wire, headers_to_wire};
 use crate::stream::{FrameReader, FrameWriter};
-use crate::TransportError;
 
 /// Why a [`FrameBody`] ended without its `End` frame: the body is incomplete and the consumer must
 /// make that visible (hyper then cuts the connection or resets the HTTP/2 stream).
@@ -50,12 +50,18 @@ pub struct FrameBody {
 impl FrameBody {
     /// A body read from `reader`, of `len` bytes when known.
     pub fn new(reader: FrameReader, len: Option<u64>) -> Self {
-        Self { reader: Some(reader), remaining: len }
+        Self {
+            reader: Some(reader),
+            remaining: len,
+        }
     }
 
     /// A body that is already complete.
     pub fn empty() -> Self {
-        Self { reader: None, remaining: Some(0) }
+        Self {
+            reader: None,
+            remaining: Some(0),
+        }
     }
 }
 
@@ -95,7 +101,9 @@ impl Body for FrameBody {
                 }
                 return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
             }
-            Frame::Trailers(trailers) => Some(Ok(http_body::Frame::trailers(headers_from_wire(trailers.headers)))),
+            Frame::Trailers(trailers) => Some(Ok(http_body::Frame::trailers(headers_from_wire(
+                trailers.headers,
+            )))),
             Frame::End if this.remaining.is_some_and(|r| r > 0) => Some(Err(BodyError::Truncated)),
             Frame::End => None,
             Frame::Abort(abort) => Some(Err(BodyError::Aborted(abort))),
@@ -138,7 +146,11 @@ pub enum SendBodyError<E> {
 ///
 /// # Errors
 /// The body or the stream failed.
-pub async fn send_body<B>(mut body: B, writer: &mut FrameWriter, on_error: AbortCode) -> Result<u64, SendBodyError<B::Error>>
+pub async fn send_body<B>(
+    mut body: B,
+    writer: &mut FrameWriter,
+    on_error: AbortCode,
+) -> Result<u64, SendBodyError<B::Error>>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -167,7 +179,11 @@ where
         }
     }
     if let Some(map) = trailers {
-        writer.send(&Frame::Trailers(Trailers { headers: headers_to_wire(&map) })).await?;
+        writer
+            .send(&Frame::Trailers(Trailers {
+                headers: headers_to_wire(&map),
+            }))
+            .await?;
     }
     writer.send(&Frame::End).await?;
     Ok(sent)

@@ -2,19 +2,19 @@
 //! of a proxy (RFC 9110 §7.6.1).
 
 use ferry_codec::{Header, HttpVersion};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tracing::debug;
 
 /// Header fields that describe one connection and must not be forwarded (RFC 9110 §7.6.1 and the
 /// de-facto `Keep-Alive` and `Proxy-Connection`). `Upgrade` is kept when the request asks for one.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// `Trailer` is end-to-end (it declares the trailer fields; hyper sends only declared ones).
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -35,10 +35,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|value| value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    let te_trailers = headers.get_all(header::TE).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -58,7 +60,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|value| {
-            value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
         })
 }
 
@@ -67,7 +72,10 @@ pub fn headers_to_wire(map: &HeaderMap) -> Vec<Header> {
     let mut out = Vec::with_capacity(map.len());
     for (name, value) in map {
         // `http` enforces the same grammar as the codec; a field it let through always passes.
-        match Header::new(bytes::Bytes::copy_from_slice(name.as_str().as_bytes()), value_bytes(value)) {
+        match Header::new(
+            bytes::Bytes::copy_from_slice(name.as_str().as_bytes()),
+            value_bytes(value),
+        ) {
             Ok(header) => out.push(header),
             Err(err) => debug!(%err, header = %name, "dropping a header the wire cannot carry"),
         }
@@ -85,7 +93,10 @@ pub fn headers_from_wire(headers: Vec<Header>) -> HeaderMap {
     for header in headers {
         let (name, value) = header.into_parts();
         // The codec validated both; `from_bytes` only lowercases the name.
-        match (HeaderName::from_bytes(&name), HeaderValue::from_maybe_shared(value)) {
+        match (
+            HeaderName::from_bytes(&name),
+            HeaderValue::from_maybe_shared(value),
+        ) {
             (Ok(name), Ok(value)) => {
                 map.append(name, value);
             }
@@ -112,7 +123,10 @@ mod tests {
     fn map(fields: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in fields {
-            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
         map
     }
@@ -131,8 +145,18 @@ mod tests {
             ("set-cookie", "b=2"),
         ]);
         strip_hop_by_hop(&mut headers, false);
-        let left: Vec<_> = headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
-        assert_eq!(left, [("te", "trailers"), ("set-cookie", "a=1"), ("set-cookie", "b=2")]);
+        let left: Vec<_> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("te", "trailers"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2")
+            ]
+        );
     }
 
     #[test]
