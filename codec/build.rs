@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
-    let files = ["handshake.proto", "control.proto", "stream.proto"]
-        .map(|name| root.join("ferry/v1").join(name));
+    let files =
+        ["handshake.proto", "control.proto", "stream.proto"].map(|name| root.join("ferry/v1").join(name));
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

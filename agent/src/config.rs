@@ -1,6 +1,7 @@
 //! [`AgentConfig`]: what the agent library needs, validated; `main.rs` builds it from flags.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_codec::{InstanceId, TunnelId};
@@ -41,11 +42,7 @@ impl Upstream {
     /// # Errors
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let with_scheme = if text.contains("://") {
-            text.to_owned()
-        } else {
-            format!("http://{text}")
-        };
+        let with_scheme = if text.contains("://") { text.to_owned() } else { format!("http://{text}") };
         let uri: Uri = with_scheme
             .parse()
             .map_err(|err| format!("{text:?} is not host:port or http(s)://host:port ({err})"))?;
@@ -53,23 +50,15 @@ impl Upstream {
             Some("http") => Scheme::HTTP,
             Some("https") => Scheme::HTTPS,
             other => {
-                return Err(format!(
-                    "unsupported upstream scheme {other:?} (use http or https)"
-                ));
+                return Err(format!("unsupported upstream scheme {other:?} (use http or https)"));
             }
         };
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("{text:?} has no host"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("{text:?} has no host"))?;
         if authority.host().is_empty() {
             return Err(format!("{text:?} has no host"));
         }
         if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(format!(
-                "the upstream is an origin: drop the path {:?}",
-                uri.path()
-            ));
+            return Err(format!("the upstream is an origin: drop the path {:?}", uri.path()));
         }
         if authority.as_str().contains('@') {
             return Err("the upstream may not contain credentials".into());
@@ -103,9 +92,7 @@ impl GatewayUrl {
     /// # Errors
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|err| format!("{text:?} is not a URL ({err})"))?;
+        let uri: Uri = text.parse().map_err(|err| format!("{text:?} is not a URL ({err})"))?;
         let tls = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
@@ -115,19 +102,11 @@ impl GatewayUrl {
                 ));
             }
             _ => {
-                return Err(format!(
-                    "{text:?}: expected ws://host:port/ws or wss://host/ws"
-                ));
+                return Err(format!("{text:?}: expected ws://host:port/ws or wss://host/ws"));
             }
         };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{text:?} has no host"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        let authority = uri.authority().ok_or_else(|| format!("{text:?} has no host"))?;
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
         if host.is_empty() {
             return Err(format!("{text:?} has no host"));
         }
@@ -142,12 +121,7 @@ impl GatewayUrl {
             .path_and_query(path)
             .build()
             .map_err(|err| format!("{text:?}: {err}"))?;
-        Ok(Self {
-            uri,
-            tls,
-            host,
-            port,
-        })
+        Ok(Self { uri, tls, host, port })
     }
 }
 
@@ -158,6 +132,8 @@ pub struct AgentConfig {
     pub tunnel_id: TunnelId,
     /// The local service.
     pub upstream: Upstream,
+    /// Extra CA certificates (PEM) to trust for an `https` upstream, besides the system roots.
+    pub upstream_ca: Option<PathBuf>,
     /// The gateway's agent endpoint.
     pub gateway: GatewayUrl,
     /// This process; stays the same across reconnects.
@@ -186,6 +162,7 @@ impl AgentConfig {
         Self {
             tunnel_id,
             upstream,
+            upstream_ca: None,
             gateway,
             instance_id: InstanceId(uuid::Uuid::new_v4()),
             session: SessionConfig::default(),
@@ -208,20 +185,9 @@ mod tests {
     fn upstream_forms() {
         let up = Upstream::parse("127.0.0.1:8000").unwrap();
         assert_eq!(up.to_string(), "http://127.0.0.1:8000");
-        assert_eq!(
-            Upstream::parse("http://localhost:5173")
-                .unwrap()
-                .to_string(),
-            "http://localhost:5173"
-        );
-        assert_eq!(
-            Upstream::parse("https://svc.local").unwrap().scheme,
-            Scheme::HTTPS
-        );
-        assert_eq!(
-            Upstream::parse("[::1]:8000").unwrap().authority.as_str(),
-            "[::1]:8000"
-        );
+        assert_eq!(Upstream::parse("http://localhost:5173").unwrap().to_string(), "http://localhost:5173");
+        assert_eq!(Upstream::parse("https://svc.local").unwrap().scheme, Scheme::HTTPS);
+        assert_eq!(Upstream::parse("[::1]:8000").unwrap().authority.as_str(), "[::1]:8000");
         assert!(Upstream::parse("ftp://x:1").is_err());
         assert!(Upstream::parse("http://x:1/api").is_err());
         assert!(Upstream::parse("http://user:pw@x:1").is_err());
@@ -231,10 +197,7 @@ mod tests {
     #[test]
     fn gateway_forms() {
         let gw = GatewayUrl::parse("ws://127.0.0.1:3000/ws").unwrap();
-        assert_eq!(
-            (gw.host.as_str(), gw.port, gw.tls),
-            ("127.0.0.1", 3000, false)
-        );
+        assert_eq!((gw.host.as_str(), gw.port, gw.tls), ("127.0.0.1", 3000, false));
         let gw = GatewayUrl::parse("wss://tunnel.example.com").unwrap();
         assert_eq!(gw.uri.to_string(), "wss://tunnel.example.com/ws");
         assert_eq!((gw.port, gw.tls), (443, true));

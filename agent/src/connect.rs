@@ -16,9 +16,7 @@ use crate::error::ConnectError;
 pub(crate) type GatewayWs = WebSocketStream<TcpStream>;
 
 /// One connection attempt, bounded by the connect timeout.
-pub(crate) async fn connect(
-    config: &AgentConfig,
-) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
+pub(crate) async fn connect(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
     tokio::time::timeout(config.connect_timeout, connect_inner(config))
         .await
         .map_err(|_| ConnectError::Timeout)?
@@ -29,27 +27,15 @@ async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted)
     let addr = format!("{}:{}", gateway.host, gateway.port);
     let tcp = TcpStream::connect((gateway.host.as_str(), gateway.port))
         .await
-        .map_err(|source| ConnectError::Dial {
-            addr: addr.clone(),
-            source,
-        })?;
+        .map_err(|source| ConnectError::Dial { addr: addr.clone(), source })?;
     // Small frames (heads, window updates) must not wait for Nagle.
-    tcp.set_nodelay(true)
-        .map_err(|source| ConnectError::Dial { addr, source })?;
+    tcp.set_nodelay(true).map_err(|source| ConnectError::Dial { addr, source })?;
 
-    let mut request = gateway
-        .uri
-        .to_string()
-        .into_client_request()
-        .map_err(ConnectError::WebSocket)?;
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static(SUBPROTOCOL),
-    );
-    request.headers_mut().insert(
-        "user-agent",
-        HeaderValue::from_static(concat!("ferry-agent/", env!("CARGO_PKG_VERSION"))),
-    );
+    let mut request = gateway.uri.to_string().into_client_request().map_err(ConnectError::WebSocket)?;
+    request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+    request
+        .headers_mut()
+        .insert("user-agent", HeaderValue::from_static(concat!("ferry-agent/", env!("CARGO_PKG_VERSION"))));
     let (mut ws, _response) =
         tokio_tungstenite::client_async_with_config(request, tcp, Some(websocket_config()))
             .await
@@ -67,9 +53,8 @@ async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted)
     send_message(&mut ws, auth.encode()).await?;
     match AuthResult::decode(recv_message(&mut ws).await?)? {
         AuthResult::Accepted(accepted) => Ok((ws, accepted)),
-        AuthResult::Rejected(rejected) => Err(ConnectError::Rejected {
-            code: rejected.code,
-            message: rejected.message,
-        }),
+        AuthResult::Rejected(rejected) => {
+            Err(ConnectError::Rejected { code: rejected.code, message: rejected.message })
+        }
     }
 }

@@ -20,8 +20,8 @@ pub enum AgentError {
         last: ConnectError,
     },
     /// TLS setup for the upstream failed.
-    #[error("upstream TLS setup failed")]
-    Tls(#[source] std::io::Error),
+    #[error("upstream TLS setup failed: {0}")]
+    Tls(String),
 }
 
 /// Why one attempt to connect to the gateway failed.
@@ -67,16 +67,12 @@ impl ConnectError {
                 "check that the gateway is running and reachable (--gateway / GATEWAY_URL)"
             }
             Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
-            Self::Handshake(_) | Self::Protocol(_) => {
-                "the gateway may run an incompatible ferry version"
-            }
+            Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
             Self::Rejected { code, .. } => match code {
                 AuthErrorCode::BadCredentials => {
                     "check FERRY_SECRET / --secret-file against the gateway's secret for this tunnel"
                 }
-                AuthErrorCode::UnknownTunnel => {
-                    "ask the gateway operator to add a secret for this tunnel id"
-                }
+                AuthErrorCode::UnknownTunnel => "ask the gateway operator to add a secret for this tunnel id",
                 AuthErrorCode::InvalidTunnelId => "fix --tunnel-id: agent_{uuid}_{purpose}",
                 AuthErrorCode::UnsupportedVersion => {
                     "upgrade the agent or the gateway so they speak the same protocol"

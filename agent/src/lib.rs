@@ -50,10 +50,16 @@ const ATTENTION_RETRY: Duration = Duration::from_secs(30);
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     config.session.validate().map_err(AgentError::Config)?;
     let config = Arc::new(config);
-    let upstream = Arc::new(upstream::Upstream {
-        client: upstream::client(&config)?,
-        config: Arc::clone(&config),
-    });
+    let extra_ca = match &config.upstream_ca {
+        Some(path) => Some(
+            tokio::fs::read(path)
+                .await
+                .map_err(|err| AgentError::Tls(format!("cannot read {}: {err}", path.display())))?,
+        ),
+        None => None,
+    };
+    let client = upstream::client(&config, extra_ca.as_deref())?;
+    let upstream = Arc::new(upstream::Upstream { client, config: Arc::clone(&config) });
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
     info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");
@@ -84,10 +90,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 failures += 1;
                 if config.max_retries.is_some_and(|max| failures >= max) {
                     error!(err = %error_chain(&err), hint = err.hint(), "giving up");
-                    return Err(AgentError::GaveUp {
-                        attempts: failures,
-                        last: err,
-                    });
+                    return Err(AgentError::GaveUp { attempts: failures, last: err });
                 }
                 if err.needs_attention() {
                     error!(err = %error_chain(&err), hint = err.hint(), retry_in_secs = ATTENTION_RETRY.as_secs(), "connection refused by the gateway");

@@ -27,6 +27,10 @@ struct Args {
     #[arg(long, value_parser = Upstream::parse, value_name = "ADDR")]
     upstream: Upstream,
 
+    /// Extra CA certificates (PEM file) to trust for an https upstream, besides the system roots.
+    #[arg(long, value_name = "PATH")]
+    upstream_ca_file: Option<std::path::PathBuf>,
+
     /// Gateway agent endpoint: ws://HOST:PORT/ws or wss://HOST/ws.
     #[arg(long, env = "GATEWAY_URL", default_value = DEFAULT_GATEWAY, value_parser = GatewayUrl::parse, value_name = "URL")]
     gateway: GatewayUrl,
@@ -51,6 +55,7 @@ fn parse_tunnel_id(text: &str) -> Result<TunnelId, String> {
 impl Args {
     fn into_config(self) -> AgentConfig {
         let mut config = AgentConfig::new(self.tunnel_id, self.upstream, self.gateway);
+        config.upstream_ca = self.upstream_ca_file;
         config.max_retries = self.max_retries;
         config.upstream_timeout = self.upstream_timeout;
         config.drain_timeout = self.drain_timeout;
@@ -62,17 +67,13 @@ impl Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    ferry_agent::run(args.into_config(), shutdown)
-        .await
-        .context("agent stopped")?;
+    ferry_agent::run(args.into_config(), shutdown).await.context("agent stopped")?;
     Ok(())
 }
 
@@ -111,14 +112,8 @@ mod tests {
 
     #[test]
     fn bad_tunnel_id_is_a_clear_error() {
-        let err = Args::try_parse_from([
-            "agent",
-            "--tunnel-id",
-            "web",
-            "--upstream",
-            "127.0.0.1:8000",
-        ])
-        .unwrap_err();
+        let err = Args::try_parse_from(["agent", "--tunnel-id", "web", "--upstream", "127.0.0.1:8000"])
+            .unwrap_err();
         assert!(err.to_string().contains("agent_"), "{err}");
     }
 }

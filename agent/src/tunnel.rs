@@ -43,11 +43,7 @@ pub(crate) async fn serve(
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, TransportError> {
     let counters = Arc::new(IoCounters::default());
-    let (driver, opener) = session(
-        WsIo::new(ws, counters),
-        yamux::Mode::Client,
-        &upstream.config.session,
-    );
+    let (driver, opener) = session(WsIo::new(ws, counters), yamux::Mode::Client, &upstream.config.session);
     let streams = TaskTracker::new();
     let stop_driver = CancellationToken::new();
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -83,10 +79,7 @@ pub(crate) async fn serve(
             streams.close();
             let drained = async {
                 if tokio::time::timeout(grace, streams.wait()).await.is_err() {
-                    warn!(
-                        left = streams.len(),
-                        "drain deadline passed; closing anyway"
-                    );
+                    warn!(left = streams.len(), "drain deadline passed; closing anyway");
                 }
             };
             tokio::select! {
@@ -103,11 +96,7 @@ pub(crate) async fn serve(
 
 /// The control stream: opened first, announces the agent, sends what the session queues, and
 /// reads what the gateway sends.
-async fn control(
-    opener: StreamOpener,
-    mut outbox: mpsc::Receiver<ControlMessage>,
-    stop: CancellationToken,
-) {
+async fn control(opener: StreamOpener, mut outbox: mpsc::Receiver<ControlMessage>, stop: CancellationToken) {
     let stream = match opener.open().await {
         Ok(stream) => stream,
         Err(err) => {
@@ -119,10 +108,7 @@ async fn control(
     let mut inbox = FramedRead::new(read, ferry_codec::ControlCodec);
     let mut buf = BytesMut::new();
     // The first frame announces the stream to the gateway.
-    let hello = ControlMessage::UpstreamHealth {
-        state: HealthState::Unknown,
-        detail: String::new(),
-    };
+    let hello = ControlMessage::UpstreamHealth { state: HealthState::Unknown, detail: String::new() };
     if send(&mut write, &mut buf, &hello).await.is_err() {
         return;
     }

@@ -25,23 +25,42 @@ use crate::error_chain;
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, FrameBody>;
 
 /// Builds the upstream client: `TCP_NODELAY`, connect timeout, idle pool timeout (with the timer
-/// it needs), TLS with the system roots when the upstream is `https`.
-pub(crate) fn client(config: &AgentConfig) -> Result<UpstreamClient, AgentError> {
+/// it needs), and for an `https` upstream TLS trusting the system roots plus `extra_ca` (PEM).
+pub(crate) fn client(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<UpstreamClient, AgentError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_connect_timeout));
     http.enforce_http(false);
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = if config.upstream.scheme == http::uri::Scheme::HTTPS {
-        builder.with_native_roots().map_err(AgentError::Tls)?
-    } else {
-        // Plain HTTP: TLS is never used, so no roots are needed (and none may be installed).
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        builder.with_tls_config(tls)
-    };
-    let connector = builder.https_or_http().enable_http1().wrap_connector(http);
+    let mut roots = rustls::RootCertStore::empty();
+    if config.upstream.scheme == http::uri::Scheme::HTTPS {
+        // Unreadable system certificates are skipped: an extra CA may be all that is needed.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(pem) = extra_ca {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| AgentError::Tls(format!("--upstream-ca-file: {err}")))?;
+            if certs.is_empty() {
+                return Err(AgentError::Tls("--upstream-ca-file holds no certificate".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|err| AgentError::Tls(format!("--upstream-ca-file: {err}")))?;
+            }
+        }
+        if roots.is_empty() {
+            return Err(AgentError::Tls(
+                "no trusted CA certificates: install the system roots or pass --upstream-ca-file".into(),
+            ));
+        }
+    }
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -67,26 +86,13 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
         let head = match reader.next().await {
             Some(Ok(Frame::Head(Head::Request(head)))) => head,
             Some(Ok(other)) => {
-                debug!(
-                    kind = other.kind().name(),
-                    "stream did not start with a request head"
-                );
-                abort(
-                    &mut writer,
-                    AbortCode::ProtocolError,
-                    "expected a request head",
-                )
-                .await;
+                debug!(kind = other.kind().name(), "stream did not start with a request head");
+                abort(&mut writer, AbortCode::ProtocolError, "expected a request head").await;
                 return;
             }
             Some(Err(err)) => {
                 debug!(%err, "unreadable request head");
-                abort(
-                    &mut writer,
-                    AbortCode::ProtocolError,
-                    "unreadable request head",
-                )
-                .await;
+                abort(&mut writer, AbortCode::ProtocolError, "unreadable request head").await;
                 return;
             }
             None => return,
@@ -108,11 +114,7 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
 }
 
 async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
-    if writer
-        .send(&Frame::Abort(Abort::new(code, message)))
-        .await
-        .is_ok()
-    {
+    if writer.send(&Frame::Abort(Abort::new(code, message))).await.is_ok() {
         let _ = writer.finish().await;
     }
 }
@@ -138,10 +140,7 @@ async fn proxy(
         match reader.next().await {
             Some(Ok(Frame::End)) => (FrameBody::empty(), Some(reader)),
             _ => {
-                return Err((
-                    AbortCode::ProtocolError,
-                    "expected the end of an empty body".into(),
-                ));
+                return Err((AbortCode::ProtocolError, "expected the end of an empty body".into()));
             }
         }
     } else {
@@ -154,12 +153,7 @@ async fn proxy(
         .authority(config.upstream.authority.clone())
         .path_and_query(head.target.as_ref())
         .build()
-        .map_err(|_| {
-            (
-                AbortCode::ProtocolError,
-                "invalid request target".to_owned(),
-            )
-        })?;
+        .map_err(|_| (AbortCode::ProtocolError, "invalid request target".to_owned()))?;
     let mut request = Request::new(body);
     *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
         .map_err(|_| (AbortCode::ProtocolError, "invalid method".to_owned()))?;
@@ -167,31 +161,21 @@ async fn proxy(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
 
-    let response =
-        match tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) if err.is_connect() => {
-                debug!(%err, upstream = %config.upstream, "upstream unreachable");
-                return Err((
-                    AbortCode::UpstreamUnreachable,
-                    format!("cannot connect to {}", config.upstream),
-                ));
-            }
-            Ok(Err(err)) => {
-                debug!(err = %error_chain(&err), "upstream request failed");
-                return Err((
-                    AbortCode::UpstreamReset,
-                    "the upstream closed the connection".into(),
-                ));
-            }
-            Err(_) => {
-                return Err((
-                    AbortCode::UpstreamTimeout,
-                    "the upstream did not answer in time".into(),
-                ));
-            }
-        };
+    let response = match tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) if err.is_connect() => {
+            debug!(%err, upstream = %config.upstream, "upstream unreachable");
+            return Err((AbortCode::UpstreamUnreachable, format!("cannot connect to {}", config.upstream)));
+        }
+        Ok(Err(err)) => {
+            debug!(err = %error_chain(&err), "upstream request failed");
+            return Err((AbortCode::UpstreamReset, "the upstream closed the connection".into()));
+        }
+        Err(_) => {
+            return Err((AbortCode::UpstreamTimeout, "the upstream did not answer in time".into()));
+        }
+    };
 
     let status = response.status();
     let (mut parts, body) = response.into_parts();
@@ -205,37 +189,23 @@ async fn proxy(
 
     if switching {
         let Some(reader) = raw_reader.filter(|_| upgrade) else {
-            return Err((
-                AbortCode::ProtocolError,
-                "101 to a request that cannot be upgraded".into(),
-            ));
+            return Err((AbortCode::ProtocolError, "101 to a request that cannot be upgraded".into()));
         };
         let response = http::Response::from_parts(parts, body);
         let upstream_io = match hyper::upgrade::on(response).await {
             Ok(io) => io,
             Err(err) => {
                 debug!(%err, "upstream upgrade failed");
-                return Err((
-                    AbortCode::UpstreamReset,
-                    "the upstream upgrade failed".into(),
-                ));
+                return Err((AbortCode::UpstreamReset, "the upstream upgrade failed".into()));
             }
         };
-        if writer
-            .send(&Frame::Head(Head::Response(head)))
-            .await
-            .is_err()
-        {
+        if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
             return Ok(None);
         }
         return Ok(Some((TokioIo::new(upstream_io), reader)));
     }
 
-    if writer
-        .send(&Frame::Head(Head::Response(head)))
-        .await
-        .is_err()
-    {
+    if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
         return Ok(None);
     }
     match send_body(body, writer, AbortCode::UpstreamReset).await {

@@ -13,9 +13,7 @@ use uuid::Uuid;
 
 fn encoded(frame: &Frame) -> BytesMut {
     let mut buf = BytesMut::new();
-    frame
-        .encode(&mut buf)
-        .expect("bench frames are within limits");
+    frame.encode(&mut buf).expect("bench frames are within limits");
     buf
 }
 
@@ -34,11 +32,7 @@ fn head(c: &mut Criterion) {
     group.bench_function("decode/12-headers", |b| {
         b.iter_batched(
             || wire.clone(),
-            |mut buf| {
-                Frame::decode(&mut buf)
-                    .expect("valid")
-                    .expect("whole frame")
-            },
+            |mut buf| Frame::decode(&mut buf).expect("valid").expect("whole frame"),
             BatchSize::SmallInput,
         );
     });
@@ -46,9 +40,7 @@ fn head(c: &mut Criterion) {
         let mut buf = BytesMut::with_capacity(4096);
         b.iter(|| {
             black_box(&frame).encode(&mut buf).expect("within limits");
-            Frame::decode(&mut buf)
-                .expect("valid")
-                .expect("whole frame")
+            Frame::decode(&mut buf).expect("valid").expect("whole frame")
         });
     });
     group.finish();
@@ -70,11 +62,7 @@ fn data(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("decode", label), &wire, |b, wire| {
             b.iter_batched(
                 || wire.clone(),
-                |mut buf| {
-                    Frame::decode(&mut buf)
-                        .expect("valid")
-                        .expect("whole frame")
-                },
+                |mut buf| Frame::decode(&mut buf).expect("valid").expect("whole frame"),
                 BatchSize::SmallInput,
             );
         });
@@ -84,9 +72,7 @@ fn data(c: &mut Criterion) {
 
 fn mac(c: &mut Criterion) {
     let secret = Secret::new(&b"a 32-byte shared secret for mac!"[..]).expect("not empty");
-    let tunnel: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web"
-        .parse()
-        .expect("valid id");
+    let tunnel: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".parse().expect("valid id");
     let transcript = Transcript::client(
         PROTOCOL_VERSION,
         &Nonce::from_bytes([7; 32]),
@@ -98,11 +84,7 @@ fn mac(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(transcript.as_bytes().len() as u64));
     group.bench_function("sign", |b| b.iter(|| black_box(&transcript).sign(&secret)));
     group.bench_function("verify", |b| {
-        b.iter(|| {
-            black_box(&transcript)
-                .verify(&secret, &tag)
-                .expect("valid tag")
-        });
+        b.iter(|| black_box(&transcript).verify(&secret, &tag).expect("valid tag"));
     });
     group.finish();
 }

@@ -96,11 +96,7 @@ pub fn pattern_byte(i: u64) -> u8 {
 /// `len` bytes of the pattern starting at offset `start`, without allocating.
 pub fn pattern(start: u64, len: usize) -> Bytes {
     static BUF: OnceLock<Bytes> = OnceLock::new();
-    let buf = BUF.get_or_init(|| {
-        (0..CHUNK + PERIOD)
-            .map(|i| pattern_byte(i as u64))
-            .collect()
-    });
+    let buf = BUF.get_or_init(|| (0..CHUNK + PERIOD).map(|i| pattern_byte(i as u64)).collect());
     let offset = (start % PERIOD as u64) as usize;
     buf.slice(offset..offset + len.min(CHUNK))
 }
@@ -124,7 +120,6 @@ fn hex(bytes: &[u8]) -> String {
 /// Serves the sample upstream on `listener` until `shutdown` fires.
 pub async fn serve(listener: TcpListener, stats: Arc<UpstreamStats>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (socket, _) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -137,27 +132,31 @@ pub async fn serve(listener: TcpListener, stats: Arc<UpstreamStats>, shutdown: C
             },
         };
         let _ = socket.set_nodelay(true);
-        let stats = Arc::clone(&stats);
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let service = service_fn(move |request| {
-                let stats = Arc::clone(&stats);
-                async move { Ok::<_, Infallible>(handle(request, stats).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
-        });
+        tracker.spawn(serve_connection(socket, Arc::clone(&stats), shutdown.clone()));
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Serves the sample upstream on one accepted connection (plain TCP, or TLS the caller set up).
+pub async fn serve_connection<I>(io: I, stats: Arc<UpstreamStats>, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let stats = Arc::clone(&stats);
+        async move { Ok::<_, Infallible>(handle(request, stats).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
 }
 
 fn query(request: &Request<Incoming>) -> HashMap<String, String> {
@@ -172,22 +171,13 @@ fn query(request: &Request<Incoming>) -> HashMap<String, String> {
 }
 
 fn number(params: &HashMap<String, String>, key: &str, default: u64) -> u64 {
-    params
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    params.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(body.into())
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut response = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -215,42 +205,31 @@ async fn handle(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Respon
             Err(_) => full(StatusCode::BAD_REQUEST, "text/plain", "bad length"),
         },
         (Method::POST | Method::PUT, ["echo"]) => echo(request, stats),
-        (Method::POST | Method::PUT, ["sink"]) => {
-            sink(request, number(&params, "delay_ms", 0), stats).await
-        }
+        (Method::POST | Method::PUT, ["sink"]) => sink(request, number(&params, "delay_ms", 0), stats).await,
         (Method::GET, ["sse"]) => {
             let gated = params.get("gated").is_some_and(|v| v == "1");
-            sse(
-                number(&params, "n", 5),
-                number(&params, "interval_ms", 100),
-                gated.then_some(stats),
-            )
+            sse(number(&params, "n", 5), number(&params, "interval_ms", 100), gated.then_some(stats))
         }
         (Method::GET, ["slow"]) => slow(number(&params, "ms", 1000), &stats).await,
         (Method::GET, ["hold"]) => hold(&stats).await,
         (_, ["headers"]) => headers(&request),
-        (Method::GET, ["status", code]) => match code
-            .parse::<u16>()
-            .ok()
-            .and_then(|c| StatusCode::from_u16(c).ok())
-        {
-            Some(status) => {
-                let mut response =
-                    Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
-                *response.status_mut() = status;
-                response
+        (Method::GET, ["status", code]) => {
+            match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+                Some(status) => {
+                    let mut response =
+                        Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+                    *response.status_mut() = status;
+                    response
+                }
+                None => full(StatusCode::BAD_REQUEST, "text/plain", "bad status"),
             }
-            None => full(StatusCode::BAD_REQUEST, "text/plain", "bad status"),
-        },
+        }
         (Method::GET, ["cookies"]) => {
             let mut response = full(StatusCode::CREATED, "text/plain", "cookies");
             let headers = response.headers_mut();
             headers.append(header::SET_COOKIE, HeaderValue::from_static("a=1; Path=/"));
             headers.append("x-first", HeaderValue::from_static("1"));
-            headers.append(
-                header::SET_COOKIE,
-                HeaderValue::from_static("b=2; HttpOnly"),
-            );
+            headers.append(header::SET_COOKIE, HeaderValue::from_static("b=2; HttpOnly"));
             headers.append("x-multi", HeaderValue::from_static("one"));
             headers.append("x-multi", HeaderValue::from_static("two"));
             response
@@ -265,9 +244,7 @@ async fn handle(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Respon
                 })),
             ];
             let mut response = Response::new(StreamBody::new(stream::iter(frames)).boxed_unsync());
-            response
-                .headers_mut()
-                .insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+            response.headers_mut().insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
             response
         }
         (Method::GET, ["reset"]) => {
@@ -288,22 +265,15 @@ fn download(n: u64, chunk: usize, with_length: bool, stats: Arc<UpstreamStats>) 
                 return None;
             }
             let data = pattern(offset, (n - offset).min(chunk as u64) as usize);
-            stats
-                .produced
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            stats.produced.fetch_add(data.len() as u64, Ordering::Relaxed);
             let next = offset + data.len() as u64;
             Some((Ok::<_, BoxError>(Frame::data(data)), next))
         }
     });
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     if with_length {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     response
 }
@@ -315,9 +285,7 @@ fn echo(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Response<Body>
         .into_body()
         .map_frame(move |frame| {
             if let Some(data) = frame.data_ref() {
-                stats
-                    .consumed
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                stats.consumed.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             frame
         })
@@ -325,18 +293,12 @@ fn echo(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Response<Body>
         .boxed_unsync();
     let mut response = Response::new(body);
     if let Some(length) = length {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, length);
+        response.headers_mut().insert(header::CONTENT_LENGTH, length);
     }
     response
 }
 
-async fn sink(
-    request: Request<Incoming>,
-    delay_ms: u64,
-    stats: Arc<UpstreamStats>,
-) -> Response<Body> {
+async fn sink(request: Request<Incoming>, delay_ms: u64, stats: Arc<UpstreamStats>) -> Response<Body> {
     let mut body = request.into_body();
     let mut hasher = Sha256::new();
     let mut total = 0u64;
@@ -346,20 +308,14 @@ async fn sink(
                 if let Some(data) = frame.data_ref() {
                     hasher.update(data);
                     total += data.len() as u64;
-                    stats
-                        .consumed
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    stats.consumed.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if delay_ms > 0 {
                         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                     }
                 }
             }
             Err(err) => {
-                return full(
-                    StatusCode::BAD_REQUEST,
-                    "text/plain",
-                    format!("body failed: {err}"),
-                );
+                return full(StatusCode::BAD_REQUEST, "text/plain", format!("body failed: {err}"));
             }
         }
     }
@@ -386,13 +342,8 @@ fn sse(n: u64, interval_ms: u64, gated: Option<Arc<UpstreamStats>>) -> Response<
         }
     });
     let mut response = Response::new(StreamBody::new(events).boxed_unsync());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
@@ -422,12 +373,7 @@ fn headers(request: &Request<Incoming>) -> Response<Body> {
     let headers: Vec<(String, String)> = request
         .headers()
         .iter()
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
         .collect();
     let json = serde_json::json!({
         "method": request.method().as_str(),
@@ -447,16 +393,13 @@ fn reset(declared: Option<u64>, after: u64, stats: Arc<UpstreamStats>) -> Respon
             match step {
                 0 => {
                     let data = pattern(0, after.min(CHUNK as u64) as usize);
-                    stats
-                        .produced
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    stats.produced.fetch_add(data.len() as u64, Ordering::Relaxed);
                     Some((Ok::<_, BoxError>(Frame::data(data)), 1))
                 }
                 1 => {
                     // Let the head and the first bytes leave before the "crash".
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let crash =
-                        io::Error::new(io::ErrorKind::ConnectionReset, "simulated upstream crash");
+                    let crash = io::Error::new(io::ErrorKind::ConnectionReset, "simulated upstream crash");
                     Some((Err(BoxError::from(crash)), 2))
                 }
                 _ => None,
@@ -465,9 +408,7 @@ fn reset(declared: Option<u64>, after: u64, stats: Arc<UpstreamStats>) -> Respon
     });
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
     if let Some(declared) = declared {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(declared));
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(declared));
     }
     response
 }
@@ -475,19 +416,14 @@ fn reset(declared: Option<u64>, after: u64, stats: Arc<UpstreamStats>) -> Respon
 /// WebSocket echo: text and binary messages come back as they are.
 fn websocket(mut request: Request<Incoming>) -> Response<Body> {
     let Some(key) = request.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return full(
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            "not a websocket request",
-        );
+        return full(StatusCode::BAD_REQUEST, "text/plain", "not a websocket request");
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(message)) = ws.next().await {
             if message.is_text() || message.is_binary() {
                 if ws.send(message).await.is_err() {

@@ -15,41 +15,27 @@ use crate::frame::{Frame, MAX_DATA_LEN};
 use crate::handshake::{
     AuthAccepted, AuthErrorCode, AuthRejected, AuthResult, ClientAuth, ServerHello, SessionLimits,
 };
-use crate::head::{
-    Abort, AbortCode, Head, Header, HttpVersion, RequestHead, ResponseHead, Trailers,
-};
+use crate::head::{Abort, AbortCode, Head, Header, HttpVersion, RequestHead, ResponseHead, Trailers};
 use crate::id::{InstanceId, MAX_PURPOSE_LEN, SessionId, TunnelId};
 
 /// Characters allowed in an HTTP token.
-const TCHARS: &[u8] =
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+const TCHARS: &[u8] = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
 /// Characters allowed in a tunnel purpose.
 const PURPOSE_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789-";
 /// Characters allowed in a request id.
-const REQUEST_ID_CHARS: &[u8] =
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:";
+const REQUEST_ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:";
 
 /// `min..=max` characters drawn from `alphabet`.
 fn text_from(u: &mut Unstructured<'_>, alphabet: &[u8], min: usize, max: usize) -> Result<String> {
     let len = u.int_in_range(min..=max)?;
-    (0..len)
-        .map(|_| u.choose(alphabet).map(|&b| char::from(b)))
-        .collect()
+    (0..len).map(|_| u.choose(alphabet).map(|&b| char::from(b))).collect()
 }
 
 /// Up to `max` bytes mapped into `keep` by replacing the others with `fill`.
-fn bytes_where(
-    u: &mut Unstructured<'_>,
-    max: usize,
-    keep: fn(u8) -> bool,
-    fill: u8,
-) -> Result<Bytes> {
+fn bytes_where(u: &mut Unstructured<'_>, max: usize, keep: fn(u8) -> bool, fill: u8) -> Result<Bytes> {
     let len = u.int_in_range(0..=max)?;
     let raw = u.bytes(len.min(u.len()))?;
-    Ok(raw
-        .iter()
-        .map(|&b| if keep(b) { b } else { fill })
-        .collect())
+    Ok(raw.iter().map(|&b| if keep(b) { b } else { fill }).collect())
 }
 
 fn headers(u: &mut Unstructured<'_>) -> Result<Vec<Header>> {
@@ -95,21 +81,13 @@ impl<'a> Arbitrary<'a> for RequestHead {
 
 impl<'a> Arbitrary<'a> for ResponseHead {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
-        Ok(Self {
-            status: u.int_in_range(100..=999)?,
-            version: u.arbitrary()?,
-            headers: headers(u)?,
-        })
+        Ok(Self { status: u.int_in_range(100..=999)?, version: u.arbitrary()?, headers: headers(u)? })
     }
 }
 
 impl<'a> Arbitrary<'a> for Head {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
-        Ok(if u.arbitrary()? {
-            Self::Request(u.arbitrary()?)
-        } else {
-            Self::Response(u.arbitrary()?)
-        })
+        Ok(if u.arbitrary()? { Self::Request(u.arbitrary()?) } else { Self::Response(u.arbitrary()?) })
     }
 }
 
@@ -137,16 +115,11 @@ impl<'a> Arbitrary<'a> for Frame {
                 let len = u.int_in_range(0..=MAX_DATA_LEN)?.min(u.len());
                 Self::Data(Bytes::copy_from_slice(u.bytes(len)?))
             }
-            2 => Self::Trailers(Trailers {
-                headers: headers(u)?,
-            }),
+            2 => Self::Trailers(Trailers { headers: headers(u)? }),
             3 => Self::End,
             _ => {
                 let message = text_from(u, REQUEST_ID_CHARS, 0, 100)?;
-                Self::Abort(Abort {
-                    code: u.arbitrary()?,
-                    message,
-                })
+                Self::Abort(Abort { code: u.arbitrary()?, message })
             }
         })
     }
@@ -159,23 +132,13 @@ fn duration_ms(u: &mut Unstructured<'_>) -> Result<Duration> {
 impl<'a> Arbitrary<'a> for ControlMessage {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
         Ok(match u.int_in_range(0..=5)? {
-            0 => Self::Ping {
-                nonce: u.arbitrary()?,
-            },
-            1 => Self::Pong {
-                nonce: u.arbitrary()?,
-            },
+            0 => Self::Ping { nonce: u.arbitrary()? },
+            1 => Self::Pong { nonce: u.arbitrary()? },
             2 => Self::UpstreamHealth {
-                state: *u.choose(&[
-                    HealthState::Unknown,
-                    HealthState::Healthy,
-                    HealthState::Unhealthy,
-                ])?,
+                state: *u.choose(&[HealthState::Unknown, HealthState::Healthy, HealthState::Unhealthy])?,
                 detail: String::arbitrary(u)?.chars().take(200).collect(),
             },
-            3 => Self::Drain {
-                grace: duration_ms(u)?,
-            },
+            3 => Self::Drain { grace: duration_ms(u)? },
             4 => Self::GoAway {
                 reason: *u.choose(&[
                     GoAwayReason::Shutdown,
@@ -200,14 +163,9 @@ impl<'a> Arbitrary<'a> for TunnelId {
         let first = text_from(u, &PURPOSE_CHARS[..36], 1, 1)?;
         let middle = text_from(u, PURPOSE_CHARS, 0, MAX_PURPOSE_LEN - 2)?;
         // A purpose may not end with `-`: close a non-empty middle with a letter or digit.
-        let last = if middle.is_empty() {
-            String::new()
-        } else {
-            text_from(u, &PURPOSE_CHARS[..36], 1, 1)?
-        };
+        let last = if middle.is_empty() { String::new() } else { text_from(u, &PURPOSE_CHARS[..36], 1, 1)? };
         let uuid = Uuid::from_bytes(u.arbitrary()?);
-        Ok(Self::new(uuid, &format!("{first}{middle}{last}"))
-            .expect("alphabets match the purpose grammar"))
+        Ok(Self::new(uuid, &format!("{first}{middle}{last}")).expect("alphabets match the purpose grammar"))
     }
 }
 
@@ -264,9 +222,7 @@ impl<'a> Arbitrary<'a> for AuthResult {
                 max_data_frame_len: u.int_in_range(1..=u32::MAX)?,
             },
             public_urls: (0..u.int_in_range(0..=2)?)
-                .map(|_| {
-                    text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}"))
-                })
+                .map(|_| text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}")))
                 .collect::<Result<_>>()?,
         }))
     }

@@ -51,6 +51,12 @@ impl Secret {
         Ok(Self(bytes.into_boxed_slice()))
     }
 
+    /// The secret bytes, for callers that must derive something from them (a fingerprint).
+    /// Never log or send them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
     fn hmac(&self) -> HmacSha256 {
         HmacSha256::new_from_slice(&self.0).expect("HMAC accepts keys of any length")
     }
@@ -120,13 +126,7 @@ impl fmt::Display for Hex<'_> {
 pub struct Transcript(Vec<u8>);
 
 impl Transcript {
-    fn start(
-        label: &[u8],
-        version: u32,
-        nonce: &Nonce,
-        tunnel_id: &TunnelId,
-        instance: &InstanceId,
-    ) -> Self {
+    fn start(label: &[u8], version: u32, nonce: &Nonce, tunnel_id: &TunnelId, instance: &InstanceId) -> Self {
         let mut transcript = Self(Vec::with_capacity(192));
         transcript.field(label);
         transcript.field(&version.to_be_bytes());
@@ -137,12 +137,7 @@ impl Transcript {
     }
 
     /// What the agent MACs in `ClientAuth`.
-    pub fn client(
-        version: u32,
-        nonce: &Nonce,
-        tunnel_id: &TunnelId,
-        instance: &InstanceId,
-    ) -> Self {
+    pub fn client(version: u32, nonce: &Nonce, tunnel_id: &TunnelId, instance: &InstanceId) -> Self {
         Self::start(CLIENT_LABEL, version, nonce, tunnel_id, instance)
     }
 
@@ -184,8 +179,7 @@ impl Transcript {
     pub fn verify(&self, secret: &Secret, mac: &Mac) -> Result<(), CodecError> {
         let mut hmac = secret.hmac();
         hmac.update(&self.0);
-        hmac.verify_slice(mac.as_bytes())
-            .map_err(|_| CodecError::BadMac)
+        hmac.verify_slice(mac.as_bytes()).map_err(|_| CodecError::BadMac)
     }
 }
 

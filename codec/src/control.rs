@@ -123,20 +123,14 @@ impl ControlMessage {
             return Err(too_large(len));
         }
         match take_payload(src, CONTROL_HEADER_LEN, len) {
-            Some(payload) => {
-                decode_message::<pb::ControlMessage, _>(payload, "ControlMessage").map(Some)
-            }
+            Some(payload) => decode_message::<pb::ControlMessage, _>(payload, "ControlMessage").map(Some),
             None => Ok(None),
         }
     }
 }
 
 fn too_large(len: usize) -> CodecError {
-    CodecError::TooLarge {
-        what: "ControlMessage",
-        len,
-        limit: MAX_CONTROL_LEN,
-    }
+    CodecError::TooLarge { what: "ControlMessage", len, limit: MAX_CONTROL_LEN }
 }
 
 fn millis(duration: Duration) -> u32 {
@@ -155,14 +149,9 @@ impl From<&ControlMessage> for pb::ControlMessage {
                     HealthState::Healthy => pb::HealthState::Healthy,
                     HealthState::Unhealthy => pb::HealthState::Unhealthy,
                 };
-                Kind::UpstreamHealth(pb::UpstreamHealth {
-                    state: state.into(),
-                    detail: detail.clone(),
-                })
+                Kind::UpstreamHealth(pb::UpstreamHealth { state: state.into(), detail: detail.clone() })
             }
-            ControlMessage::Drain { grace } => Kind::Drain(pb::Drain {
-                grace_ms: millis(*grace),
-            }),
+            ControlMessage::Drain { grace } => Kind::Drain(pb::Drain { grace_ms: millis(*grace) }),
             ControlMessage::GoAway { reason, grace } => {
                 let reason = match reason {
                     GoAwayReason::Shutdown => pb::GoAwayReason::Shutdown,
@@ -170,10 +159,7 @@ impl From<&ControlMessage> for pb::ControlMessage {
                     GoAwayReason::Replaced => pb::GoAwayReason::Replaced,
                     GoAwayReason::CredentialsRevoked => pb::GoAwayReason::CredentialsRevoked,
                 };
-                Kind::GoAway(pb::GoAway {
-                    reason: reason.into(),
-                    grace_ms: millis(*grace),
-                })
+                Kind::GoAway(pb::GoAway { reason: reason.into(), grace_ms: millis(*grace) })
             }
             ControlMessage::Stats(stats) => Kind::Stats(pb::Stats {
                 streams_in_flight: stats.streams_in_flight,
@@ -191,62 +177,47 @@ impl TryFrom<pb::ControlMessage> for ControlMessage {
 
     fn try_from(msg: pb::ControlMessage) -> Result<Self, CodecError> {
         use pb::control_message::Kind;
-        Ok(
-            match msg
-                .kind
-                .ok_or(CodecError::MissingField("ControlMessage.kind"))?
-            {
-                Kind::Ping(ping) => Self::Ping { nonce: ping.nonce },
-                Kind::Pong(pong) => Self::Pong { nonce: pong.nonce },
-                Kind::UpstreamHealth(health) => {
-                    const FIELD: &str = "UpstreamHealth.state";
-                    let state = match pb::HealthState::try_from(health.state) {
-                        Ok(pb::HealthState::Unknown) => HealthState::Unknown,
-                        Ok(pb::HealthState::Healthy) => HealthState::Healthy,
-                        Ok(pb::HealthState::Unhealthy) => HealthState::Unhealthy,
-                        Ok(pb::HealthState::Unspecified) => {
-                            return Err(CodecError::MissingField(FIELD));
-                        }
-                        Err(_) => return Err(CodecError::invalid(FIELD, "unknown health state")),
-                    };
-                    if health.detail.len() > MAX_HEALTH_DETAIL_LEN {
-                        return Err(CodecError::invalid("UpstreamHealth.detail", "too long"));
+        Ok(match msg.kind.ok_or(CodecError::MissingField("ControlMessage.kind"))? {
+            Kind::Ping(ping) => Self::Ping { nonce: ping.nonce },
+            Kind::Pong(pong) => Self::Pong { nonce: pong.nonce },
+            Kind::UpstreamHealth(health) => {
+                const FIELD: &str = "UpstreamHealth.state";
+                let state = match pb::HealthState::try_from(health.state) {
+                    Ok(pb::HealthState::Unknown) => HealthState::Unknown,
+                    Ok(pb::HealthState::Healthy) => HealthState::Healthy,
+                    Ok(pb::HealthState::Unhealthy) => HealthState::Unhealthy,
+                    Ok(pb::HealthState::Unspecified) => {
+                        return Err(CodecError::MissingField(FIELD));
                     }
-                    Self::UpstreamHealth {
-                        state,
-                        detail: health.detail,
-                    }
+                    Err(_) => return Err(CodecError::invalid(FIELD, "unknown health state")),
+                };
+                if health.detail.len() > MAX_HEALTH_DETAIL_LEN {
+                    return Err(CodecError::invalid("UpstreamHealth.detail", "too long"));
                 }
-                Kind::Drain(drain) => Self::Drain {
-                    grace: Duration::from_millis(drain.grace_ms.into()),
-                },
-                Kind::GoAway(go_away) => {
-                    const FIELD: &str = "GoAway.reason";
-                    let reason = match pb::GoAwayReason::try_from(go_away.reason) {
-                        Ok(pb::GoAwayReason::Shutdown) => GoAwayReason::Shutdown,
-                        Ok(pb::GoAwayReason::AdminDrain) => GoAwayReason::AdminDrain,
-                        Ok(pb::GoAwayReason::Replaced) => GoAwayReason::Replaced,
-                        Ok(pb::GoAwayReason::CredentialsRevoked) => {
-                            GoAwayReason::CredentialsRevoked
-                        }
-                        Ok(pb::GoAwayReason::Unspecified) => {
-                            return Err(CodecError::MissingField(FIELD));
-                        }
-                        Err(_) => return Err(CodecError::invalid(FIELD, "unknown reason")),
-                    };
-                    Self::GoAway {
-                        reason,
-                        grace: Duration::from_millis(go_away.grace_ms.into()),
+                Self::UpstreamHealth { state, detail: health.detail }
+            }
+            Kind::Drain(drain) => Self::Drain { grace: Duration::from_millis(drain.grace_ms.into()) },
+            Kind::GoAway(go_away) => {
+                const FIELD: &str = "GoAway.reason";
+                let reason = match pb::GoAwayReason::try_from(go_away.reason) {
+                    Ok(pb::GoAwayReason::Shutdown) => GoAwayReason::Shutdown,
+                    Ok(pb::GoAwayReason::AdminDrain) => GoAwayReason::AdminDrain,
+                    Ok(pb::GoAwayReason::Replaced) => GoAwayReason::Replaced,
+                    Ok(pb::GoAwayReason::CredentialsRevoked) => GoAwayReason::CredentialsRevoked,
+                    Ok(pb::GoAwayReason::Unspecified) => {
+                        return Err(CodecError::MissingField(FIELD));
                     }
-                }
-                Kind::Stats(stats) => Self::Stats(Stats {
-                    streams_in_flight: stats.streams_in_flight,
-                    streams_total: stats.streams_total,
-                    bytes_to_upstream: stats.bytes_to_upstream,
-                    bytes_from_upstream: stats.bytes_from_upstream,
-                }),
-            },
-        )
+                    Err(_) => return Err(CodecError::invalid(FIELD, "unknown reason")),
+                };
+                Self::GoAway { reason, grace: Duration::from_millis(go_away.grace_ms.into()) }
+            }
+            Kind::Stats(stats) => Self::Stats(Stats {
+                streams_in_flight: stats.streams_in_flight,
+                streams_total: stats.streams_total,
+                bytes_to_upstream: stats.bytes_to_upstream,
+                bytes_from_upstream: stats.bytes_from_upstream,
+            }),
+        })
     }
 }
 

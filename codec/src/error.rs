@@ -71,10 +71,6 @@ impl CodecError {
     }
 
     pub(crate) fn too_large(kind: FrameKind, len: usize) -> Self {
-        Self::TooLarge {
-            what: kind.name(),
-            len,
-            limit: kind.max_len(),
-        }
+        Self::TooLarge { what: kind.name(), len, limit: kind.max_len() }
     }
 }

@@ -161,9 +161,7 @@ impl Frame {
             FrameKind::Data => Self::Data(payload.freeze()),
             FrameKind::End => Self::End,
             FrameKind::Head => Self::Head(decode_message::<pb::Head, _>(payload, "Head")?),
-            FrameKind::Trailers => {
-                Self::Trailers(decode_message::<pb::Trailers, _>(payload, "Trailers")?)
-            }
+            FrameKind::Trailers => Self::Trailers(decode_message::<pb::Trailers, _>(payload, "Trailers")?),
             FrameKind::Abort => Self::Abort(decode_message::<pb::Abort, _>(payload, "Abort")?),
         }))
     }
@@ -187,11 +185,7 @@ fn put_header(kind: FrameKind, len: usize, dst: &mut BytesMut) {
     dst.put_u8(kind as u8);
 }
 
-fn encode_message(
-    kind: FrameKind,
-    msg: &impl Message,
-    dst: &mut BytesMut,
-) -> Result<(), CodecError> {
+fn encode_message(kind: FrameKind, msg: &impl Message, dst: &mut BytesMut) -> Result<(), CodecError> {
     let len = msg.encoded_len();
     if len > kind.max_len() {
         return Err(CodecError::too_large(kind, len));
@@ -216,16 +210,12 @@ pub(crate) fn take_payload(src: &mut BytesMut, header_len: usize, len: usize) ->
 }
 
 /// Decodes protobuf `P` from a payload and converts it to the domain type `T`.
-pub(crate) fn decode_message<P, T>(
-    payload: impl Into<Bytes>,
-    what: &'static str,
-) -> Result<T, CodecError>
+pub(crate) fn decode_message<P, T>(payload: impl Into<Bytes>, what: &'static str) -> Result<T, CodecError>
 where
     P: Message + Default,
     T: TryFrom<P, Error = CodecError>,
 {
-    let message =
-        P::decode(payload.into()).map_err(|source| CodecError::Protobuf { what, source })?;
+    let message = P::decode(payload.into()).map_err(|source| CodecError::Protobuf { what, source })?;
     T::try_from(message)
 }
 
@@ -256,10 +246,7 @@ pub(crate) fn truncated(src: &BytesMut, header_len: usize) -> CodecError {
         Some(&[l0, l1, l2, l3]) => header_len + u32::from_be_bytes([l0, l1, l2, l3]) as usize,
         _ => header_len,
     };
-    CodecError::Truncated {
-        have: src.len(),
-        need,
-    }
+    CodecError::Truncated { have: src.len(), need }
 }
 
 impl tokio_util::codec::Encoder<Frame> for FrameCodec {

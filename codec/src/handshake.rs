@@ -26,11 +26,7 @@ pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
 /// # Errors
 /// [`CodecError::UnsupportedVersion`] for any other version.
 pub fn check_version(version: u32) -> Result<(), CodecError> {
-    if version == PROTOCOL_VERSION {
-        Ok(())
-    } else {
-        Err(CodecError::UnsupportedVersion(version))
-    }
+    if version == PROTOCOL_VERSION { Ok(()) } else { Err(CodecError::UnsupportedVersion(version)) }
 }
 
 /// Gateway → agent, first message.
@@ -140,10 +136,7 @@ impl AuthErrorCode {
     /// Whether retrying soon could help (network and load problems) or a person must change
     /// something first (credentials, tunnel id, version).
     pub fn is_transient(self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited | Self::Overloaded | Self::HandshakeTimeout
-        )
+        matches!(self, Self::RateLimited | Self::Overloaded | Self::HandshakeTimeout)
     }
 }
 
@@ -158,10 +151,7 @@ pub struct AuthRejected {
 
 impl From<AuthErrorCode> for AuthRejected {
     fn from(code: AuthErrorCode) -> Self {
-        Self {
-            code,
-            message: code.message().to_owned(),
-        }
+        Self { code, message: code.message().to_owned() }
     }
 }
 
@@ -209,26 +199,20 @@ handshake_message!(AuthResult, pb::AuthResult, "AuthResult");
 fn check_software_version(text: &str, field: &'static str) -> Result<(), CodecError> {
     let printable = text.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
     if text.len() > MAX_SOFTWARE_VERSION_LEN || !printable {
-        return Err(CodecError::invalid(
-            field,
-            "must be at most 64 printable ASCII characters",
-        ));
+        return Err(CodecError::invalid(field, "must be at most 64 printable ASCII characters"));
     }
     Ok(())
 }
 
 fn mac_to_wire(mac: Option<&Mac>) -> Bytes {
-    mac.map(|mac| Bytes::copy_from_slice(mac.as_bytes()))
-        .unwrap_or_default()
+    mac.map(|mac| Bytes::copy_from_slice(mac.as_bytes())).unwrap_or_default()
 }
 
 fn mac_from_wire(bytes: &[u8], field: &'static str) -> Result<Option<Mac>, CodecError> {
     if bytes.is_empty() {
         return Ok(None);
     }
-    let bytes: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| CodecError::invalid(field, "must be 32 bytes"))?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| CodecError::invalid(field, "must be 32 bytes"))?;
     Ok(Some(Mac::from_bytes(bytes)))
 }
 
@@ -335,8 +319,7 @@ impl From<&AuthResult> for pb::AuthResult {
             AuthResult::Accepted(ok) => Outcome::Accepted(pb::AuthAccepted {
                 session_id: Bytes::copy_from_slice(ok.session_id.as_bytes()),
                 server_mac: mac_to_wire(ok.server_mac.as_ref()),
-                heartbeat_interval_ms: u32::try_from(ok.heartbeat_interval.as_millis())
-                    .unwrap_or(u32::MAX),
+                heartbeat_interval_ms: u32::try_from(ok.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
                 limits: Some(pb::SessionLimits {
                     max_streams: ok.limits.max_streams,
                     max_data_frame_len: ok.limits.max_data_frame_len,
@@ -348,9 +331,7 @@ impl From<&AuthResult> for pb::AuthResult {
                 message: err.message.clone(),
             }),
         };
-        Self {
-            outcome: Some(outcome),
-        }
+        Self { outcome: Some(outcome) }
     }
 }
 
@@ -359,31 +340,17 @@ impl TryFrom<pb::AuthResult> for AuthResult {
 
     fn try_from(result: pb::AuthResult) -> Result<Self, CodecError> {
         use pb::auth_result::Outcome;
-        match result
-            .outcome
-            .ok_or(CodecError::MissingField("AuthResult.outcome"))?
-        {
+        match result.outcome.ok_or(CodecError::MissingField("AuthResult.outcome"))? {
             Outcome::Accepted(ok) => {
                 if ok.heartbeat_interval_ms == 0 {
-                    return Err(CodecError::MissingField(
-                        "AuthAccepted.heartbeat_interval_ms",
-                    ));
+                    return Err(CodecError::MissingField("AuthAccepted.heartbeat_interval_ms"));
                 }
-                let limits = ok
-                    .limits
-                    .ok_or(CodecError::MissingField("AuthAccepted.limits"))?;
-                if ok
-                    .public_urls
-                    .iter()
-                    .any(|url| !url.bytes().all(|b| b.is_ascii_graphic()))
-                {
+                let limits = ok.limits.ok_or(CodecError::MissingField("AuthAccepted.limits"))?;
+                if ok.public_urls.iter().any(|url| !url.bytes().all(|b| b.is_ascii_graphic())) {
                     return Err(CodecError::invalid("AuthAccepted.public_urls", "not a URL"));
                 }
                 if limits.max_streams == 0 || limits.max_data_frame_len == 0 {
-                    return Err(CodecError::invalid(
-                        "AuthAccepted.limits",
-                        "limits must be positive",
-                    ));
+                    return Err(CodecError::invalid("AuthAccepted.limits", "limits must be positive"));
                 }
                 Ok(Self::Accepted(AuthAccepted {
                     session_id: SessionId::from_wire(&ok.session_id)?,
@@ -397,10 +364,9 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                 }))
             }
             // The message length is bounded by MAX_HANDSHAKE_LEN, checked before decoding.
-            Outcome::Rejected(err) => Ok(Self::Rejected(AuthRejected {
-                code: err.code.try_into()?,
-                message: err.message,
-            })),
+            Outcome::Rejected(err) => {
+                Ok(Self::Rejected(AuthRejected { code: err.code.try_into()?, message: err.message }))
+            }
         }
     }
 }

@@ -40,10 +40,7 @@ impl Header {
             return Err(CodecError::invalid("Header.name", "not an HTTP token"));
         }
         if !is_value(&value) {
-            return Err(CodecError::invalid(
-                "Header.value",
-                "contains a control character",
-            ));
+            return Err(CodecError::invalid("Header.value", "contains a control character"));
         }
         Ok(Self { name, value })
     }
@@ -71,10 +68,7 @@ const TCHAR: [bool; 256] = {
     while b < 256 {
         let c = b as u8;
         table[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.'
-            )
+            || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.')
             || matches!(c, b'^' | b'_' | b'`' | b'|' | b'~');
         b += 1;
     }
@@ -190,10 +184,7 @@ pub struct Abort {
 impl Abort {
     /// An abort with a message.
     pub fn new(code: AbortCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 }
 
@@ -222,26 +213,14 @@ fn version_from_wire(raw: i32, field: &'static str) -> Result<HttpVersion, Codec
 }
 
 pub(crate) fn headers_to_wire(headers: &[Header]) -> Vec<pb::Header> {
-    headers
-        .iter()
-        .map(|h| pb::Header {
-            name: h.name.clone(),
-            value: h.value.clone(),
-        })
-        .collect()
+    headers.iter().map(|h| pb::Header { name: h.name.clone(), value: h.value.clone() }).collect()
 }
 
 pub(crate) fn headers_from_wire(headers: Vec<pb::Header>) -> Result<Vec<Header>, CodecError> {
     if headers.len() > MAX_HEADERS {
-        return Err(CodecError::invalid(
-            "headers",
-            "more than MAX_HEADERS fields",
-        ));
+        return Err(CodecError::invalid("headers", "more than MAX_HEADERS fields"));
     }
-    headers
-        .into_iter()
-        .map(|h| Header::new(h.name, h.value))
-        .collect()
+    headers.into_iter().map(|h| Header::new(h.name, h.value)).collect()
 }
 
 fn addr_to_wire(addr: SocketAddr) -> pb::SocketAddress {
@@ -249,10 +228,7 @@ fn addr_to_wire(addr: SocketAddr) -> pb::SocketAddress {
         IpAddr::V4(v4) => Bytes::copy_from_slice(&v4.octets()),
         IpAddr::V6(v6) => Bytes::copy_from_slice(&v6.octets()),
     };
-    pb::SocketAddress {
-        ip,
-        port: u32::from(addr.port()),
-    }
+    pb::SocketAddress { ip, port: u32::from(addr.port()) }
 }
 
 fn addr_from_wire(addr: pb::SocketAddress) -> Result<SocketAddr, CodecError> {
@@ -276,9 +252,7 @@ fn is_valid_target(target: &[u8]) -> bool {
 fn is_valid_request_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_REQUEST_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 impl From<&RequestHead> for pb::RequestHead {
@@ -303,16 +277,10 @@ impl TryFrom<pb::RequestHead> for RequestHead {
             return Err(CodecError::MissingField("RequestHead.method"));
         }
         if head.method.len() > MAX_METHOD_LEN || !is_token(head.method.as_bytes()) {
-            return Err(CodecError::invalid(
-                "RequestHead.method",
-                "not an HTTP token",
-            ));
+            return Err(CodecError::invalid("RequestHead.method", "not an HTTP token"));
         }
         if !is_valid_target(&head.target) {
-            return Err(CodecError::invalid(
-                "RequestHead.target",
-                "not origin-form or `*`",
-            ));
+            return Err(CodecError::invalid("RequestHead.target", "not origin-form or `*`"));
         }
         if !is_valid_request_id(&head.request_id) {
             return Err(CodecError::invalid(
@@ -349,10 +317,7 @@ impl TryFrom<pb::ResponseHead> for ResponseHead {
         let status = u16::try_from(head.status)
             .ok()
             .filter(|s| (100..=999).contains(s))
-            .ok_or(CodecError::invalid(
-                "ResponseHead.status",
-                "must be 100..=999",
-            ))?;
+            .ok_or(CodecError::invalid("ResponseHead.status", "must be 100..=999"))?;
         Ok(Self {
             status,
             version: version_from_wire(head.version, "ResponseHead.version")?,
@@ -384,9 +349,7 @@ impl TryFrom<pb::Head> for Head {
 
 impl From<&Trailers> for pb::Trailers {
     fn from(trailers: &Trailers) -> Self {
-        Self {
-            headers: headers_to_wire(&trailers.headers),
-        }
+        Self { headers: headers_to_wire(&trailers.headers) }
     }
 }
 
@@ -394,9 +357,7 @@ impl TryFrom<pb::Trailers> for Trailers {
     type Error = CodecError;
 
     fn try_from(trailers: pb::Trailers) -> Result<Self, CodecError> {
-        Ok(Self {
-            headers: headers_from_wire(trailers.headers)?,
-        })
+        Ok(Self { headers: headers_from_wire(trailers.headers)? })
     }
 }
 
@@ -439,10 +400,7 @@ impl TryFrom<i32> for AbortCode {
 
 impl From<&Abort> for pb::Abort {
     fn from(abort: &Abort) -> Self {
-        Self {
-            code: pb::AbortCode::from(abort.code).into(),
-            message: abort.message.clone(),
-        }
+        Self { code: pb::AbortCode::from(abort.code).into(), message: abort.message.clone() }
     }
 }
 
@@ -451,15 +409,9 @@ impl TryFrom<pb::Abort> for Abort {
 
     fn try_from(abort: pb::Abort) -> Result<Self, CodecError> {
         if abort.message.len() > MAX_ABORT_MESSAGE_LEN {
-            return Err(CodecError::invalid(
-                "Abort.message",
-                "longer than MAX_ABORT_MESSAGE_LEN",
-            ));
+            return Err(CodecError::invalid("Abort.message", "longer than MAX_ABORT_MESSAGE_LEN"));
         }
-        Ok(Self {
-            code: abort.code.try_into()?,
-            message: abort.message,
-        })
+        Ok(Self { code: abort.code.try_into()?, message: abort.message })
     }
 }
 
@@ -481,11 +433,7 @@ mod tests {
     #[test]
     fn status_out_of_range_is_rejected() {
         for status in [0, 99, 1000, 70_000] {
-            let head = pb::ResponseHead {
-                status,
-                version: 2,
-                headers: vec![],
-            };
+            let head = pb::ResponseHead { status, version: 2, headers: vec![] };
             assert!(ResponseHead::try_from(head).is_err(), "{status}");
         }
     }
@@ -510,15 +458,9 @@ mod tests {
 
     #[test]
     fn client_addr_must_be_4_or_16_bytes() {
-        let addr = pb::SocketAddress {
-            ip: Bytes::from_static(&[1, 2, 3]),
-            port: 80,
-        };
+        let addr = pb::SocketAddress { ip: Bytes::from_static(&[1, 2, 3]), port: 80 };
         assert!(addr_from_wire(addr).is_err());
-        let addr = pb::SocketAddress {
-            ip: Bytes::from_static(&[127, 0, 0, 1]),
-            port: 70_000,
-        };
+        let addr = pb::SocketAddress { ip: Bytes::from_static(&[127, 0, 0, 1]), port: 70_000 };
         assert!(addr_from_wire(addr).is_err());
     }
 }

@@ -70,9 +70,7 @@ impl TunnelId {
     /// The purpose does not follow the grammar.
     pub fn new(uuid: Uuid, purpose: &str) -> Result<Self, TunnelIdError> {
         check_purpose(purpose)?;
-        Ok(Self {
-            repr: format!("{ID_PREFIX}{}_{purpose}", uuid.hyphenated()).into(),
-        })
+        Ok(Self { repr: format!("{ID_PREFIX}{}_{purpose}", uuid.hyphenated()).into() })
     }
 
     /// The canonical text form, `agent_{uuid}_{purpose}`.
@@ -117,9 +115,7 @@ fn parse(text: &str, prefix: &str, sep: u8) -> Result<TunnelId, TunnelIdError> {
     if !text.is_ascii() {
         return Err(TunnelIdError::NotAscii);
     }
-    let rest = text
-        .strip_prefix(prefix)
-        .ok_or(TunnelIdError::MissingPrefix)?;
+    let rest = text.strip_prefix(prefix).ok_or(TunnelIdError::MissingPrefix)?;
     // ASCII was checked above, so byte offsets are char boundaries.
     if rest.len() < UUID_LEN {
         return Err(TunnelIdError::InvalidUuid);
@@ -290,35 +286,20 @@ mod tests {
             (format!("agent_{UUID}"), TunnelIdError::MissingPurpose),
             (format!("agent_{UUID}_"), TunnelIdError::MissingPurpose),
             (format!("agent_{UUID}-web"), TunnelIdError::InvalidUuid),
-            (
-                "agent_0b6f4c1e8a514c3e9d2a51f0e6a7b9c4_web".into(),
-                TunnelIdError::InvalidUuid,
-            ),
-            (
-                "agent_{0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c}_web".into(),
-                TunnelIdError::InvalidUuid,
-            ),
-            (
-                "agent_zb6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".into(),
-                TunnelIdError::InvalidUuid,
-            ),
+            ("agent_0b6f4c1e8a514c3e9d2a51f0e6a7b9c4_web".into(), TunnelIdError::InvalidUuid),
+            ("agent_{0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c}_web".into(), TunnelIdError::InvalidUuid),
+            ("agent_zb6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".into(), TunnelIdError::InvalidUuid),
             (format!("agent_{UUID}_Web"), TunnelIdError::InvalidPurpose),
             (format!("agent_{UUID}_-web"), TunnelIdError::InvalidPurpose),
             (format!("agent_{UUID}_web-"), TunnelIdError::InvalidPurpose),
             (format!("agent_{UUID}_we_b"), TunnelIdError::InvalidPurpose),
-            (
-                format!("agent_{UUID}_{}", "a".repeat(21)),
-                TunnelIdError::TooLong,
-            ),
+            (format!("agent_{UUID}_{}", "a".repeat(21)), TunnelIdError::TooLong),
             (format!("agent_{UUID}_wéb"), TunnelIdError::NotAscii),
         ];
         for (text, want) in cases {
             assert_eq!(id(&text), Err(want), "{text:?}");
         }
-        assert_eq!(
-            TunnelId::new(Uuid::nil(), &"a".repeat(21)),
-            Err(TunnelIdError::PurposeTooLong)
-        );
+        assert_eq!(TunnelId::new(Uuid::nil(), &"a".repeat(21)), Err(TunnelIdError::PurposeTooLong));
     }
 
     #[test]
@@ -326,25 +307,13 @@ mod tests {
         // 35 ASCII bytes then a two-byte character straddling the uuid boundary.
         let text = format!("agent_{}é_web", &UUID[..35]);
         assert_eq!(id(&text), Err(TunnelIdError::NotAscii));
-        assert_eq!(
-            TunnelId::from_label("agent-é"),
-            Err(TunnelIdError::NotAscii)
-        );
+        assert_eq!(TunnelId::from_label("agent-é"), Err(TunnelIdError::NotAscii));
     }
 
     #[test]
     fn rejects_bad_labels() {
-        assert_eq!(
-            TunnelId::from_label(&format!("agent_{UUID}_web")),
-            Err(TunnelIdError::MissingPrefix)
-        );
-        assert_eq!(
-            TunnelId::from_label("www"),
-            Err(TunnelIdError::MissingPrefix)
-        );
-        assert_eq!(
-            TunnelId::from_label(&"x".repeat(64)),
-            Err(TunnelIdError::TooLong)
-        );
+        assert_eq!(TunnelId::from_label(&format!("agent_{UUID}_web")), Err(TunnelIdError::MissingPrefix));
+        assert_eq!(TunnelId::from_label("www"), Err(TunnelIdError::MissingPrefix));
+        assert_eq!(TunnelId::from_label(&"x".repeat(64)), Err(TunnelIdError::TooLong));
     }
 }

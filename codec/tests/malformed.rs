@@ -5,8 +5,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ferry_codec::frame::{HEADER_LEN, MAX_DATA_LEN, MAX_HEAD_LEN};
 use ferry_codec::handshake::{MAX_HANDSHAKE_LEN, check_version};
 use ferry_codec::{
-    Abort, AbortCode, ClientAuth, CodecError, ControlCodec, ControlMessage, Frame, FrameCodec,
-    InstanceId, Nonce, PROTOCOL_VERSION, ServerHello, TunnelIdError,
+    Abort, AbortCode, ClientAuth, CodecError, ControlCodec, ControlMessage, Frame, FrameCodec, InstanceId,
+    Nonce, PROTOCOL_VERSION, ServerHello, TunnelIdError,
 };
 use tokio_util::codec::Decoder;
 use uuid::Uuid;
@@ -41,9 +41,7 @@ fn truncated_header_needs_more_bytes() {
 #[test]
 fn truncated_payload_needs_more_bytes_then_fails_at_eof() {
     let mut buf = BytesMut::new();
-    Frame::Data(Bytes::from_static(b"hello world"))
-        .encode(&mut buf)
-        .unwrap();
+    Frame::Data(Bytes::from_static(b"hello world")).encode(&mut buf).unwrap();
     buf.truncate(buf.len() - 3);
     let mut codec = FrameCodec;
     assert!(codec.decode(&mut buf).unwrap().is_none());
@@ -63,11 +61,7 @@ fn oversized_data_frame_is_refused_from_its_header_alone() {
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert_eq!(
-        buf.capacity(),
-        capacity,
-        "nothing reserved for a refused frame"
-    );
+    assert_eq!(buf.capacity(), capacity, "nothing reserved for a refused frame");
 }
 
 #[test]
@@ -76,18 +70,12 @@ fn oversized_head_and_max_length_are_refused() {
         Frame::decode(&mut frame_bytes(MAX_HEAD_LEN as u32 + 1, 1, b"")),
         Err(CodecError::TooLarge { .. })
     ));
-    assert!(matches!(
-        Frame::decode(&mut frame_bytes(u32::MAX, 3, b"")),
-        Err(CodecError::TooLarge { .. })
-    ));
+    assert!(matches!(Frame::decode(&mut frame_bytes(u32::MAX, 3, b"")), Err(CodecError::TooLarge { .. })));
 }
 
 #[test]
 fn end_frame_with_payload_is_refused() {
-    assert!(matches!(
-        Frame::decode(&mut frame_bytes(1, 4, b"x")),
-        Err(CodecError::TooLarge { .. })
-    ));
+    assert!(matches!(Frame::decode(&mut frame_bytes(1, 4, b"x")), Err(CodecError::TooLarge { .. })));
 }
 
 #[test]
@@ -105,19 +93,13 @@ fn garbage_protobuf_in_head_is_refused() {
     // Field 1, wire type 2, announcing 100 bytes that are not there.
     let garbage = [0x0a, 100, 1, 2];
     let mut buf = frame_bytes(garbage.len() as u32, 1, &garbage);
-    assert!(matches!(
-        Frame::decode(&mut buf),
-        Err(CodecError::Protobuf { what: "Head", .. })
-    ));
+    assert!(matches!(Frame::decode(&mut buf), Err(CodecError::Protobuf { what: "Head", .. })));
 }
 
 #[test]
 fn head_without_kind_is_refused() {
     let mut buf = frame_bytes(0, 1, b"");
-    assert!(matches!(
-        Frame::decode(&mut buf),
-        Err(CodecError::MissingField("Head.kind"))
-    ));
+    assert!(matches!(Frame::decode(&mut buf), Err(CodecError::MissingField("Head.kind"))));
 }
 
 #[test]
@@ -125,23 +107,12 @@ fn head_with_injected_header_value_is_refused() {
     // Head { request: RequestHead { method: "GET", target: "/", version: 2,
     //        headers: [Header { name: "x", value: "a\r\nb" }], request_id: "r" } }
     let header = [pb_field(1, b"x"), pb_field(2, b"a\r\nb")].concat();
-    let request = [
-        pb_field(1, b"GET"),
-        pb_field(2, b"/"),
-        vec![3 << 3, 2],
-        pb_field(4, &header),
-        pb_field(6, b"r"),
-    ]
-    .concat();
+    let request =
+        [pb_field(1, b"GET"), pb_field(2, b"/"), vec![3 << 3, 2], pb_field(4, &header), pb_field(6, b"r")]
+            .concat();
     let head = pb_field(1, &request);
     let mut buf = frame_bytes(head.len() as u32, 1, &head);
-    assert!(matches!(
-        Frame::decode(&mut buf),
-        Err(CodecError::InvalidField {
-            field: "Header.value",
-            ..
-        })
-    ));
+    assert!(matches!(Frame::decode(&mut buf), Err(CodecError::InvalidField { field: "Header.value", .. })));
 }
 
 #[test]
@@ -149,61 +120,35 @@ fn unknown_abort_code_is_refused() {
     // Abort { code: 99 }
     let abort = [1 << 3, 99];
     let mut buf = frame_bytes(abort.len() as u32, 5, &abort);
-    assert!(matches!(
-        Frame::decode(&mut buf),
-        Err(CodecError::InvalidField {
-            field: "Abort.code",
-            ..
-        })
-    ));
+    assert!(matches!(Frame::decode(&mut buf), Err(CodecError::InvalidField { field: "Abort.code", .. })));
 }
 
 #[test]
 fn encoder_refuses_frames_the_peer_would_refuse() {
     let big = Frame::Data(Bytes::from(vec![0; MAX_DATA_LEN + 1]));
-    assert!(matches!(
-        big.encode(&mut BytesMut::new()),
-        Err(CodecError::TooLarge { .. })
-    ));
+    assert!(matches!(big.encode(&mut BytesMut::new()), Err(CodecError::TooLarge { .. })));
     let long = Frame::Abort(Abort::new(AbortCode::Internal, "x".repeat(2000)));
-    assert!(matches!(
-        long.encode(&mut BytesMut::new()),
-        Err(CodecError::TooLarge { .. })
-    ));
+    assert!(matches!(long.encode(&mut BytesMut::new()), Err(CodecError::TooLarge { .. })));
 }
 
 #[test]
 fn oversized_and_garbage_control_messages_are_refused() {
     let mut buf = BytesMut::new();
     buf.put_u32(1 << 20);
-    assert!(matches!(
-        ControlCodec.decode(&mut buf),
-        Err(CodecError::TooLarge { .. })
-    ));
+    assert!(matches!(ControlCodec.decode(&mut buf), Err(CodecError::TooLarge { .. })));
 
     let mut buf = BytesMut::new();
     buf.put_u32(2);
     buf.put_slice(&[0xff, 0xff]);
-    assert!(matches!(
-        ControlMessage::decode(&mut buf),
-        Err(CodecError::Protobuf { .. })
-    ));
+    assert!(matches!(ControlMessage::decode(&mut buf), Err(CodecError::Protobuf { .. })));
 
     let mut buf = BytesMut::new();
     buf.put_u32(0);
-    assert!(matches!(
-        ControlMessage::decode(&mut buf),
-        Err(CodecError::MissingField(_))
-    ));
+    assert!(matches!(ControlMessage::decode(&mut buf), Err(CodecError::MissingField(_))));
 }
 
 fn client_auth(tunnel_id: &str) -> Vec<u8> {
-    [
-        vec![1 << 3, PROTOCOL_VERSION as u8],
-        pb_field(2, tunnel_id.as_bytes()),
-        pb_field(3, &[7; 16]),
-    ]
-    .concat()
+    [vec![1 << 3, PROTOCOL_VERSION as u8], pb_field(2, tunnel_id.as_bytes()), pb_field(3, &[7; 16])].concat()
 }
 
 #[test]
@@ -229,14 +174,8 @@ fn client_auth_with_short_instance_id_is_refused() {
 #[test]
 fn oversized_handshake_is_refused_before_decoding() {
     let big = vec![0u8; MAX_HANDSHAKE_LEN + 1];
-    assert!(matches!(
-        ClientAuth::decode(big.clone()),
-        Err(CodecError::TooLarge { .. })
-    ));
-    assert!(matches!(
-        ServerHello::decode(big),
-        Err(CodecError::TooLarge { .. })
-    ));
+    assert!(matches!(ClientAuth::decode(big.clone()), Err(CodecError::TooLarge { .. })));
+    assert!(matches!(ServerHello::decode(big), Err(CodecError::TooLarge { .. })));
 }
 
 #[test]
@@ -244,20 +183,14 @@ fn server_hello_with_short_nonce_is_refused() {
     let hello = [vec![1 << 3, 1], pb_field(2, &[1; 31])].concat();
     assert!(matches!(
         ServerHello::decode(hello),
-        Err(CodecError::InvalidField {
-            field: "ServerHello.server_nonce",
-            ..
-        })
+        Err(CodecError::InvalidField { field: "ServerHello.server_nonce", .. })
     ));
 }
 
 #[test]
 fn other_protocol_versions_are_refused() {
     assert!(check_version(PROTOCOL_VERSION).is_ok());
-    assert!(matches!(
-        check_version(2),
-        Err(CodecError::UnsupportedVersion(2))
-    ));
+    assert!(matches!(check_version(2), Err(CodecError::UnsupportedVersion(2))));
     let hello = ServerHello {
         version: 9,
         nonce: Nonce::from_bytes([0; 32]),

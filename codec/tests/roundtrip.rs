@@ -13,9 +13,8 @@ use tokio_util::codec::Decoder;
 
 /// A proptest strategy drawing `T` from random bytes through its `Arbitrary` impl.
 fn arb<T: for<'a> Arbitrary<'a> + std::fmt::Debug>(max_bytes: usize) -> impl Strategy<Value = T> {
-    vec(any::<u8>(), 0..max_bytes).prop_filter_map("not enough bytes", |bytes| {
-        T::arbitrary_take_rest(Unstructured::new(&bytes)).ok()
-    })
+    vec(any::<u8>(), 0..max_bytes)
+        .prop_filter_map("not enough bytes", |bytes| T::arbitrary_take_rest(Unstructured::new(&bytes)).ok())
 }
 
 /// Feeds `wire` to `decoder` in pieces cut at `cuts` and collects everything it yields.
@@ -34,12 +33,7 @@ where
             out.push(item);
         }
     }
-    assert!(
-        decoder
-            .decode_eof(&mut buf)
-            .expect("no trailing bytes")
-            .is_none()
-    );
+    assert!(decoder.decode_eof(&mut buf).expect("no trailing bytes").is_none());
     out
 }
 

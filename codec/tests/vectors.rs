@@ -16,10 +16,7 @@ const SERVER_MAC: &str = "f43fd2e8e0caafa00b63a649e1c8c29511fa3c9d175d36236bf344
 
 fn hex(text: &str) -> Vec<u8> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    digits
-        .chunks(2)
-        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
-        .collect()
+    digits.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap()).collect()
 }
 
 fn mac(text: &str) -> Mac {
@@ -40,9 +37,7 @@ fn fixture() -> Fixture {
     Fixture {
         secret: Secret::new(&b"ferry test secret"[..]).unwrap(),
         nonce: Nonce::from_bytes(nonce),
-        tunnel: "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web"
-            .parse()
-            .unwrap(),
+        tunnel: "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".parse().unwrap(),
         instance: InstanceId(Uuid::from_u128(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff)),
         session: SessionId(Uuid::from_u128(0xffee_ddcc_bbaa_9988_7766_5544_3322_1100)),
     }
@@ -54,13 +49,7 @@ impl Fixture {
     }
 
     fn server(&self) -> Transcript {
-        Transcript::server(
-            PROTOCOL_VERSION,
-            &self.nonce,
-            &self.tunnel,
-            &self.instance,
-            &self.session,
-        )
+        Transcript::server(PROTOCOL_VERSION, &self.nonce, &self.tunnel, &self.instance, &self.session)
     }
 }
 
@@ -84,15 +73,9 @@ fn wrong_mac_is_refused() {
     let f = fixture();
     let mut bytes = hex(CLIENT_MAC);
     bytes[31] ^= 1;
-    assert!(matches!(
-        f.client().verify(&f.secret, &mac_of(bytes)),
-        Err(CodecError::BadMac)
-    ));
+    assert!(matches!(f.client().verify(&f.secret, &mac_of(bytes)), Err(CodecError::BadMac)));
     let other = Secret::new(&b"another secret"[..]).unwrap();
-    assert!(matches!(
-        f.client().verify(&other, &mac(CLIENT_MAC)),
-        Err(CodecError::BadMac)
-    ));
+    assert!(matches!(f.client().verify(&other, &mac(CLIENT_MAC)), Err(CodecError::BadMac)));
 }
 
 fn mac_of(bytes: Vec<u8>) -> Mac {
@@ -104,16 +87,8 @@ fn mac_for_another_nonce_is_refused() {
     // A MAC recorded on one connection does not verify against the next connection's nonce.
     let f = fixture();
     let recorded = f.client().sign(&f.secret);
-    let fresh = Transcript::client(
-        PROTOCOL_VERSION,
-        &Nonce::from_bytes([9; 32]),
-        &f.tunnel,
-        &f.instance,
-    );
-    assert!(matches!(
-        fresh.verify(&f.secret, &recorded),
-        Err(CodecError::BadMac)
-    ));
+    let fresh = Transcript::client(PROTOCOL_VERSION, &Nonce::from_bytes([9; 32]), &f.tunnel, &f.instance);
+    assert!(matches!(fresh.verify(&f.secret, &recorded), Err(CodecError::BadMac)));
 }
 
 #[test]
@@ -127,17 +102,10 @@ fn client_mac_cannot_be_reflected_as_server_mac() {
 fn mac_binds_tunnel_and_instance() {
     let f = fixture();
     let signed = f.client().sign(&f.secret);
-    let other_tunnel: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api"
-        .parse()
-        .unwrap();
+    let other_tunnel: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api".parse().unwrap();
     let t = Transcript::client(PROTOCOL_VERSION, &f.nonce, &other_tunnel, &f.instance);
     assert!(t.verify(&f.secret, &signed).is_err());
-    let t = Transcript::client(
-        PROTOCOL_VERSION,
-        &f.nonce,
-        &f.tunnel,
-        &InstanceId(Uuid::nil()),
-    );
+    let t = Transcript::client(PROTOCOL_VERSION, &f.nonce, &f.tunnel, &InstanceId(Uuid::nil()));
     assert!(t.verify(&f.secret, &signed).is_err());
 }
 

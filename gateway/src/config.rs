@@ -87,9 +87,7 @@ pub fn parse_domain(text: &str) -> Result<String, String> {
     for label in domain.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -108,10 +106,7 @@ mod tests {
 
     #[test]
     fn domains_are_normalised_and_checked() {
-        assert_eq!(
-            parse_domain("Tunnel.Example.COM.").unwrap(),
-            "tunnel.example.com"
-        );
+        assert_eq!(parse_domain("Tunnel.Example.COM.").unwrap(), "tunnel.example.com");
         assert!(parse_domain("").is_err());
         assert!(parse_domain("http://x.com").is_err());
         assert!(parse_domain("x.com:443").is_err());

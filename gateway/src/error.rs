@@ -79,9 +79,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::AgentUnresponsive | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::SessionLost | Self::UpstreamUnreachable(_) | Self::AgentError => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::SessionLost | Self::UpstreamUnreachable(_) | Self::AgentError => StatusCode::BAD_GATEWAY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
         }
@@ -120,9 +118,7 @@ impl ProxyError {
     /// The error for an `Abort` the agent sent before any response head.
     pub fn from_abort(code: AbortCode, message: String) -> Self {
         match code {
-            AbortCode::UpstreamUnreachable | AbortCode::UpstreamReset => {
-                Self::UpstreamUnreachable(message)
-            }
+            AbortCode::UpstreamUnreachable | AbortCode::UpstreamReset => Self::UpstreamUnreachable(message),
             AbortCode::UpstreamTimeout => Self::UpstreamTimeout,
             AbortCode::Refused => Self::AgentRefused(message),
             AbortCode::TooLarge => Self::PayloadTooLarge,
@@ -139,9 +135,7 @@ impl ProxyError {
         });
         let mut response = json_response(self.status(), &body);
         if let Some(seconds) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -151,12 +145,7 @@ impl ProxyError {
 pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

@@ -80,10 +80,7 @@ impl Gateway {
     ///
     /// # Errors
     /// The configuration is invalid.
-    pub fn new(
-        config: GatewayConfig,
-        shutdown: CancellationToken,
-    ) -> Result<Arc<Self>, GatewayError> {
+    pub fn new(config: GatewayConfig, shutdown: CancellationToken) -> Result<Arc<Self>, GatewayError> {
         config.session.validate().map_err(GatewayError::Config)?;
         let mut random = [0u8; 4];
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
@@ -112,10 +109,7 @@ impl Gateway {
         server::accept_loop(Arc::clone(self), listener).await;
         info!("shutting down: draining requests in flight");
         self.tracker.close();
-        if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
             warn!("drain deadline passed with requests still in flight");
         }
         // Requests are done: now the agents can go.
@@ -138,10 +132,10 @@ impl Gateway {
 
     /// Whether `Via` shows this request already passed through this gateway.
     fn seen_before(&self, headers: &HeaderMap) -> bool {
-        headers.get_all(header::VIA).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.contains(self.via_token.as_str()))
-        })
+        headers
+            .get_all(header::VIA)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains(self.via_token.as_str())))
     }
 
     /// The URLs a tunnel is reachable at, given the Host the agent dialled.
@@ -154,9 +148,7 @@ impl Gateway {
         if let Some(domain) = &self.config.domain {
             let port = host
                 .rsplit_once(':')
-                .filter(|(_, port)| {
-                    port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(']')
-                })
+                .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(']'))
                 .map(|(_, port)| format!(":{port}"))
                 .unwrap_or_default();
             urls.push(format!("{scheme}://{}.{domain}{port}/", id.to_label()));
@@ -178,11 +170,7 @@ impl Gateway {
             .or_else(|| request.uri().authority().map(|a| a.as_str()))
             .map(normalize_host);
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        let route = route(
-            self.config.domain.as_deref(),
-            host.as_deref(),
-            path_and_query,
-        );
+        let route = route(self.config.domain.as_deref(), host.as_deref(), path_and_query);
         let request_id = self.next_request_id();
         let is_read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
         let result = match route {
@@ -205,9 +193,7 @@ impl Gateway {
             Route::InvalidTunnelId(text) => Err(ProxyError::InvalidTunnelId(text)),
             Route::NotFound => Err(ProxyError::NotFound),
         };
-        result
-            .unwrap_or_else(|err| err.to_response(&request_id))
-            .map(Either::Left)
+        result.unwrap_or_else(|err| err.to_response(&request_id)).map(Either::Left)
     }
 }
 

@@ -43,9 +43,7 @@ struct Args {
 /// Parses `:PORT`, `HOST:PORT`, `IP:PORT` and `[IPv6]:PORT`.
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     if let Some(port) = text.strip_prefix(':') {
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{port:?} is not a port number"))?;
+        let port: u16 = port.parse().map_err(|_| format!("{port:?} is not a port number"))?;
         return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
     }
     if let Ok(addr) = text.parse() {
@@ -59,19 +57,11 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 
 impl Args {
     fn into_config(self) -> anyhow::Result<GatewayConfig> {
-        let mut config = GatewayConfig {
-            domain: self.domain,
-            ..GatewayConfig::default()
-        };
+        let mut config = GatewayConfig { domain: self.domain, ..GatewayConfig::default() };
         config.session.max_streams = self.max_streams;
-        config.session.max_connection_window = self
-            .max_streams
-            .saturating_mul(ferry_transport::session::STREAM_WINDOW);
-        config
-            .session
-            .validate()
-            .map_err(anyhow::Error::msg)
-            .context("--max-streams")?;
+        config.session.max_connection_window =
+            self.max_streams.saturating_mul(ferry_transport::session::STREAM_WINDOW);
+        config.session.validate().map_err(anyhow::Error::msg).context("--max-streams")?;
         config.response_timeout = self.response_timeout;
         config.drain_timeout = self.drain_timeout;
         Ok(config)
@@ -82,17 +72,14 @@ impl Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let listen = args.listen;
     let config = args.into_config()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     ferry_gateway::run(config, listener, shutdown).await?;
@@ -129,18 +116,9 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(
-            parse_listen(":3000").unwrap(),
-            "0.0.0.0:3000".parse().unwrap()
-        );
-        assert_eq!(
-            parse_listen("127.0.0.1:80").unwrap(),
-            "127.0.0.1:80".parse().unwrap()
-        );
-        assert_eq!(
-            parse_listen("[::]:3000").unwrap(),
-            "[::]:3000".parse().unwrap()
-        );
+        assert_eq!(parse_listen(":3000").unwrap(), "0.0.0.0:3000".parse().unwrap());
+        assert_eq!(parse_listen("127.0.0.1:80").unwrap(), "127.0.0.1:80".parse().unwrap());
+        assert_eq!(parse_listen("[::]:3000").unwrap(), "[::]:3000".parse().unwrap());
         assert!(parse_listen(":http").is_err());
         assert!(parse_listen("3000").is_err());
     }

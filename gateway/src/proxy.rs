@@ -48,47 +48,32 @@ pub(crate) async fn forward(
     if gateway.seen_before(request.headers()) {
         return Err(ProxyError::LoopDetected);
     }
-    let session = gateway
-        .registry
-        .pick(id)
-        .ok_or(ProxyError::TunnelNotFound)?;
+    let session = gateway.registry.pick(id).ok_or(ProxyError::TunnelNotFound)?;
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
-    let body_len = if body.is_end_stream() {
-        Some(0)
-    } else {
-        body.size_hint().exact()
-    };
+    let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
     let head = request_head(gateway, parts, peer, target, request_id, upgrade, body_len);
 
     let in_flight = session.begin_request();
-    let stream =
-        match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(TransportError::Yamux(yamux::ConnectionError::TooManyStreams))) => {
-                return Err(ProxyError::AtCapacity);
-            }
-            Ok(Err(err)) => {
-                debug!(%err, "opening a stream failed");
-                return Err(ProxyError::SessionLost);
-            }
-            Err(_) => return Err(ProxyError::AgentUnresponsive),
-        };
+    let stream = match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(TransportError::Yamux(yamux::ConnectionError::TooManyStreams))) => {
+            return Err(ProxyError::AtCapacity);
+        }
+        Ok(Err(err)) => {
+            debug!(%err, "opening a stream failed");
+            return Err(ProxyError::SessionLost);
+        }
+        Err(_) => return Err(ProxyError::AgentUnresponsive),
+    };
     let (mut reader, mut writer) = split(stream);
-    writer
-        .send(&Frame::Head(Head::Request(head)))
-        .await
-        .map_err(|_| ProxyError::SessionLost)?;
+    writer.send(&Frame::Head(Head::Request(head))).await.map_err(|_| ProxyError::SessionLost)?;
 
     // The request body goes up while the response comes down: an echo answers before the
     // upload ends. A known-empty body is just `End`, without a task.
     let upload = if body_len == Some(0) {
-        writer
-            .send(&Frame::End)
-            .await
-            .map_err(|_| ProxyError::SessionLost)?;
+        writer.send(&Frame::End).await.map_err(|_| ProxyError::SessionLost)?;
         Upload::Done(writer)
     } else {
         gateway.tracker.spawn(
@@ -110,10 +95,7 @@ pub(crate) async fn forward(
             return Err(ProxyError::from_abort(abort.code, abort.message));
         }
         Ok(Some(Ok(other))) => {
-            debug!(
-                kind = other.kind().name(),
-                "agent answered without a response head"
-            );
+            debug!(kind = other.kind().name(), "agent answered without a response head");
             return Err(ProxyError::AgentError);
         }
         Ok(Some(Err(err))) => {
@@ -133,19 +115,10 @@ pub(crate) async fn forward(
             debug!("101 without an upgrade request (or with a request body)");
             return Err(ProxyError::AgentError);
         };
-        gateway
-            .tracker
-            .spawn(pipe(on_upgrade, reader, writer, in_flight).in_current_span());
-        return Ok(build_response(
-            status,
-            headers,
-            Either::Left(Full::new(Bytes::new())),
-        ));
+        gateway.tracker.spawn(pipe(on_upgrade, reader, writer, in_flight).in_current_span());
+        return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
     }
-    let body = TunnelBody {
-        inner: FrameBody::new(reader, None),
-        _in_flight: in_flight,
-    };
+    let body = TunnelBody { inner: FrameBody::new(reader, None), _in_flight: in_flight };
     Ok(build_response(status, headers, Either::Right(body)))
 }
 
@@ -157,11 +130,7 @@ enum Upload {
     Running,
 }
 
-fn build_response(
-    status: StatusCode,
-    headers: HeaderMap,
-    body: ResponseBody,
-) -> Response<ResponseBody> {
+fn build_response(status: StatusCode, headers: HeaderMap, body: ResponseBody) -> Response<ResponseBody> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -181,10 +150,7 @@ fn request_head(
     let mut headers = parts.headers;
     // HTTP/2 clients send the host as `:authority`; the upstream (HTTP/1.1) needs `Host`.
     let host = headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+        parts.uri.authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
     });
     strip_hop_by_hop(&mut headers, upgrade);
     let client_ip = match peer.ip() {
@@ -199,12 +165,7 @@ fn request_head(
         IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
     };
     if let Some(host) = host {
-        if let Some(text) = host
-            .to_str()
-            .ok()
-            .map(str::trim)
-            .filter(|t| !t.contains(['"', '\\']))
-        {
+        if let Some(text) = host.to_str().ok().map(str::trim).filter(|t| !t.contains(['"', '\\'])) {
             forwarded.push_str(&format!(";host=\"{text}\""));
         }
         headers.insert(X_FORWARDED_HOST, host.clone());
@@ -216,11 +177,7 @@ fn request_head(
         Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    append_list(
-        &mut headers,
-        header::VIA,
-        &format!("{received} {}", gateway.via_token),
-    );
+    append_list(&mut headers, header::VIA, &format!("{received} {}", gateway.via_token));
 
     RequestHead {
         method: parts.method.as_str().to_owned(),
@@ -245,12 +202,7 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 }
 
 /// After `101`: bytes both ways between the public client and the stream, until both close.
-async fn pipe(
-    on_upgrade: OnUpgrade,
-    reader: FrameReader,
-    writer: FrameWriter,
-    _in_flight: InFlight,
-) {
+async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _in_flight: InFlight) {
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => {

@@ -20,10 +20,7 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Self {
-            tunnels: RwLock::default(),
-            changes: watch::Sender::new(0),
-        }
+        Self { tunnels: RwLock::default(), changes: watch::Sender::new(0) }
     }
 }
 
@@ -31,10 +28,7 @@ impl Registry {
     /// Adds a session that finished its handshake.
     pub fn insert(&self, session: Arc<Session>) {
         let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
-        tunnels
-            .entry(session.tunnel_id.clone())
-            .or_default()
-            .push(session);
+        tunnels.entry(session.tunnel_id.clone()).or_default().push(session);
         drop(tunnels);
         self.changes.send_modify(|n| *n += 1);
     }
@@ -68,12 +62,7 @@ impl Registry {
     /// The session with the fewest requests in flight among those taking new requests.
     pub fn pick(&self, tunnel_id: &TunnelId) -> Option<Arc<Session>> {
         let tunnels = self.tunnels.read().unwrap_or_else(|e| e.into_inner());
-        tunnels
-            .get(tunnel_id)?
-            .iter()
-            .filter(|s| s.accepts_requests())
-            .min_by_key(|s| s.in_flight())
-            .cloned()
+        tunnels.get(tunnel_id)?.iter().filter(|s| s.accepts_requests()).min_by_key(|s| s.in_flight()).cloned()
     }
 
     /// Every session, for listings.

@@ -33,8 +33,7 @@ pub(crate) fn normalize_host(raw: &str) -> String {
     let raw = raw.trim();
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: keep the brackets, drop the port.
-        rest.split_once(']')
-            .map_or(raw, |(ip, _)| &raw[..ip.len() + 2])
+        rest.split_once(']').map_or(raw, |(ip, _)| &raw[..ip.len() + 2])
     } else {
         match raw.rsplit_once(':') {
             Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
@@ -48,9 +47,7 @@ pub(crate) fn normalize_host(raw: &str) -> String {
 /// origin form.
 pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &str) -> Route {
     let label = match (domain, host) {
-        (Some(domain), Some(host)) => host
-            .strip_suffix(domain)
-            .and_then(|rest| rest.strip_suffix('.')),
+        (Some(domain), Some(host)) => host.strip_suffix(domain).and_then(|rest| rest.strip_suffix('.')),
         _ => None,
     };
     if let Some(label) = label {
@@ -58,10 +55,7 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
             return Route::NotFound;
         }
         return match TunnelId::from_label(label) {
-            Ok(id) => Route::Tunnel {
-                id,
-                target: path_and_query.to_owned(),
-            },
+            Ok(id) => Route::Tunnel { id, target: path_and_query.to_owned() },
             Err(_) => Route::InvalidTunnelId(label.to_owned()),
         };
     }
@@ -89,10 +83,7 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
         "/" => Route::Health,
         "/ws" => Route::AgentConnect,
         "/connections" => Route::Connections,
-        _ => match path
-            .strip_prefix("/connections/")
-            .map(str::parse::<TunnelId>)
-        {
+        _ => match path.strip_prefix("/connections/").map(str::parse::<TunnelId>) {
             Some(Ok(id)) => Route::TunnelConnections(id),
             Some(Err(_)) => Route::NotFound,
             None => Route::NotFound,
@@ -108,72 +99,34 @@ mod tests {
     const LABEL: &str = "agent-0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4-web";
 
     fn tunnel(target: &str) -> Route {
-        Route::Tunnel {
-            id: ID.parse().unwrap(),
-            target: target.into(),
-        }
+        Route::Tunnel { id: ID.parse().unwrap(), target: target.into() }
     }
 
     #[test]
     fn path_routing_rewrites_and_keeps_query() {
-        assert_eq!(
-            route(None, None, &format!("/t/{ID}/api/x?y=1&z")),
-            tunnel("/api/x?y=1&z")
-        );
+        assert_eq!(route(None, None, &format!("/t/{ID}/api/x?y=1&z")), tunnel("/api/x?y=1&z"));
         assert_eq!(route(None, None, &format!("/t/{ID}")), tunnel("/"));
         assert_eq!(route(None, None, &format!("/t/{ID}?q=1")), tunnel("/?q=1"));
         assert_eq!(route(None, None, &format!("/t/{ID}/")), tunnel("/"));
-        assert_eq!(
-            route(None, None, "/t/nope/x"),
-            Route::InvalidTunnelId("nope".into())
-        );
+        assert_eq!(route(None, None, "/t/nope/x"), Route::InvalidTunnelId("nope".into()));
     }
 
     #[test]
     fn host_routing_by_label() {
-        let host = normalize_host(&format!(
-            "{}.Tunnel.Example.com.:8443",
-            LABEL.to_uppercase()
-        ));
-        assert_eq!(
-            route(Some("tunnel.example.com"), Some(&host), "/a?b"),
-            tunnel("/a?b")
-        );
+        let host = normalize_host(&format!("{}.Tunnel.Example.com.:8443", LABEL.to_uppercase()));
+        assert_eq!(route(Some("tunnel.example.com"), Some(&host), "/a?b"), tunnel("/a?b"));
         // The bare domain and other hosts fall back to the gateway's own routes.
+        assert_eq!(route(Some("tunnel.example.com"), Some("tunnel.example.com"), "/"), Route::Health);
+        assert_eq!(route(Some("tunnel.example.com"), Some("other.org"), "/ws"), Route::AgentConnect);
         assert_eq!(
-            route(Some("tunnel.example.com"), Some("tunnel.example.com"), "/"),
-            Route::Health
-        );
-        assert_eq!(
-            route(Some("tunnel.example.com"), Some("other.org"), "/ws"),
-            Route::AgentConnect
-        );
-        assert_eq!(
-            route(
-                Some("tunnel.example.com"),
-                Some("www.tunnel.example.com"),
-                "/"
-            ),
+            route(Some("tunnel.example.com"), Some("www.tunnel.example.com"), "/"),
             Route::InvalidTunnelId("www".into())
         );
-        assert_eq!(
-            route(
-                Some("tunnel.example.com"),
-                Some("a.b.tunnel.example.com"),
-                "/"
-            ),
-            Route::NotFound
-        );
+        assert_eq!(route(Some("tunnel.example.com"), Some("a.b.tunnel.example.com"), "/"), Route::NotFound);
         // A host that merely ends with the domain's text is not a subdomain.
-        assert_eq!(
-            route(Some("example.com"), Some("badexample.com"), "/"),
-            Route::Health
-        );
+        assert_eq!(route(Some("example.com"), Some("badexample.com"), "/"), Route::Health);
         // Without --domain, Host is ignored.
-        assert_eq!(
-            route(None, Some(&format!("{LABEL}.x.com")), "/"),
-            Route::Health
-        );
+        assert_eq!(route(None, Some(&format!("{LABEL}.x.com")), "/"), Route::Health);
     }
 
     #[test]

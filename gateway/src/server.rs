@@ -60,8 +60,7 @@ pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
         };
         let conn_gateway = Arc::clone(&gateway);
         gateway.tracker.spawn(
-            serve_connection(conn_gateway, socket, peer, permit)
-                .instrument(info_span!("conn", %peer)),
+            serve_connection(conn_gateway, socket, peer, permit).instrument(info_span!("conn", %peer)),
         );
     }
 }
@@ -80,9 +79,7 @@ async fn serve_connection(
         let gateway = Arc::clone(&service_gateway);
         async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
     });
-    let conn = gateway
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(socket), service);
+    let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(socket), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,

@@ -71,9 +71,7 @@ impl Session {
 
     /// Whether new requests may go to this session.
     pub fn accepts_requests(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
-            && !self.cancel.is_cancelled()
-            && !self.opener.is_closed()
+        !self.draining.load(Ordering::Relaxed) && !self.cancel.is_cancelled() && !self.opener.is_closed()
     }
 
     /// Stops routing new requests here (the agent asked to drain).
@@ -104,9 +102,7 @@ impl Session {
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.streams_total.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            session: Arc::clone(self),
-        }
+        InFlight { session: Arc::clone(self) }
     }
 
     /// Opens a stream to the agent.
@@ -122,11 +118,7 @@ impl Session {
 
     /// The `/connections` entry.
     pub fn to_json(&self) -> serde_json::Value {
-        let since = self
-            .connected_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let since = self.connected_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         serde_json::json!({
             "tunnel_id": self.tunnel_id.as_str(),
             "session_id": self.id.to_string(),
@@ -172,12 +164,7 @@ pub(crate) fn rfc3339(unix_secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ferry_codec::handshake::{AuthAccepted, AuthRejected, SessionLimits, check_version};
 use ferry_codec::{
-    AuthErrorCode, AuthResult, ClientAuth, CodecError, ControlMessage, Nonce, PROTOCOL_VERSION,
-    ServerHello, SessionId,
+    AuthErrorCode, AuthResult, ClientAuth, CodecError, ControlMessage, Nonce, PROTOCOL_VERSION, ServerHello,
+    SessionId,
 };
 use ferry_transport::session::session;
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
@@ -46,21 +46,12 @@ pub(crate) fn accept(
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && ferry_transport::heads::wants_upgrade(headers)
-        && headers
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        && headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     if !is_upgrade {
-        return Err(ProxyError::BadRequest(
-            "the agent endpoint expects a WebSocket upgrade",
-        ));
+        return Err(ProxyError::BadRequest("the agent endpoint expects a WebSocket upgrade"));
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v != "13")
-    {
-        return Err(ProxyError::BadRequest(
-            "unsupported WebSocket version (expected 13)",
-        ));
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return Err(ProxyError::BadRequest("unsupported WebSocket version (expected 13)"));
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return Err(ProxyError::BadRequest("missing Sec-WebSocket-Key"));
@@ -72,9 +63,7 @@ pub(crate) fn accept(
         .flat_map(|v| v.split(','))
         .any(|p| p.trim() == SUBPROTOCOL);
     if !offers_ferry {
-        return Err(ProxyError::BadRequest(
-            "the agent must offer the ferry.v1 WebSocket subprotocol",
-        ));
+        return Err(ProxyError::BadRequest("the agent must offer the ferry.v1 WebSocket subprotocol"));
     }
     let accept_key = derive_accept_key(key.as_bytes());
     let host = request
@@ -86,11 +75,7 @@ pub(crate) fn accept(
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     let gw = Arc::clone(gateway);
-    let span = info_span!(
-        "tunnel",
-        tunnel_id = tracing::field::Empty,
-        session_id = tracing::field::Empty
-    );
+    let span = info_span!("tunnel", tunnel_id = tracing::field::Empty, session_id = tracing::field::Empty);
     gateway.session_tracker.spawn(
         async move {
             let upgraded = match on_upgrade.await {
@@ -101,12 +86,8 @@ pub(crate) fn accept(
                 }
             };
             let config = websocket_config().max_message_size(Some(MAX_HANDSHAKE_MESSAGE));
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
             serve(gw, ws, peer, host).await;
         }
         .instrument(span),
@@ -117,10 +98,7 @@ pub(crate) fn accept(
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(SUBPROTOCOL),
-    );
+    headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     headers.insert(
         header::SEC_WEBSOCKET_ACCEPT,
         HeaderValue::from_str(&accept_key).expect("base64 is a valid header value"),
@@ -132,10 +110,8 @@ type AgentWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Handshake, then the session until it ends.
 async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: Option<String>) {
-    let handshake = tokio::time::timeout(
-        gateway.config.handshake_timeout,
-        handshake(&gateway, &mut ws, host.as_deref()),
-    );
+    let handshake =
+        tokio::time::timeout(gateway.config.handshake_timeout, handshake(&gateway, &mut ws, host.as_deref()));
     let (auth, accepted) = match handshake.await {
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
@@ -155,15 +131,10 @@ async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: O
 
     // Past the handshake the peer is a known agent: lift the message cap to the session's. The
     // agent sends nothing between ClientAuth and our AuthResult, so nothing is buffered here.
-    let ws =
-        WebSocketStream::from_raw_socket(ws.into_inner(), Role::Server, Some(websocket_config()))
-            .await;
+    let ws = WebSocketStream::from_raw_socket(ws.into_inner(), Role::Server, Some(websocket_config())).await;
     let counters = Arc::new(IoCounters::default());
-    let (driver, opener) = session(
-        WsIo::new(ws, Arc::clone(&counters)),
-        yamux::Mode::Server,
-        &gateway.config.session,
-    );
+    let (driver, opener) =
+        session(WsIo::new(ws, Arc::clone(&counters)), yamux::Mode::Server, &gateway.config.session);
     let cancel = gateway.sessions.child_token();
     let session = Arc::new(Session::new(
         accepted.session_id,
@@ -208,10 +179,7 @@ struct HandshakeFailure {
 
 impl HandshakeFailure {
     fn new(code: AuthErrorCode, detail: impl std::fmt::Display) -> Self {
-        Self {
-            code,
-            detail: detail.to_string(),
-        }
+        Self { code, detail: detail.to_string() }
     }
 }
 
@@ -227,8 +195,7 @@ async fn handshake(
     host: Option<&str>,
 ) -> Result<(ClientAuth, AuthAccepted), HandshakeFailure> {
     let mut nonce = [0u8; 32];
-    getrandom::fill(&mut nonce)
-        .map_err(|err| HandshakeFailure::new(AuthErrorCode::Overloaded, err))?;
+    getrandom::fill(&mut nonce).map_err(|err| HandshakeFailure::new(AuthErrorCode::Overloaded, err))?;
     let hello = ServerHello {
         version: PROTOCOL_VERSION,
         nonce: Nonce::from_bytes(nonce),
@@ -263,16 +230,12 @@ async fn handshake(
 async fn reject(mut ws: AgentWs, code: AuthErrorCode) {
     let result = AuthResult::Rejected(AuthRejected::from(code)).encode();
     let _ = ws.send(Message::Binary(result)).await;
-    let close = CloseFrame {
-        code: CloseCode::Policy,
-        reason: code.as_str().into(),
-    };
+    let close = CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() };
     let _ = ws.close(Some(close)).await;
     // Drain until the agent acknowledges the close (bounded by the caller's task lifetime).
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        while ws.next().await.is_some() {}
-    })
-    .await;
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(1), async { while ws.next().await.is_some() {} })
+            .await;
 }
 
 /// The control stream: answers heartbeats, records what the agent reports.
@@ -291,10 +254,7 @@ async fn control(session: Arc<Session>, stream: yamux::Stream) {
                 if (ControlMessage::Pong { nonce }).encode(&mut buf).is_err() {
                     return;
                 }
-                if tokio::io::AsyncWriteExt::write_all(&mut write, &buf)
-                    .await
-                    .is_err()
-                {
+                if tokio::io::AsyncWriteExt::write_all(&mut write, &buf).await.is_err() {
                     return;
                 }
             }

@@ -18,9 +18,7 @@ async fn a_thousand_requests_are_in_flight_at_once() {
             .map(|_| {
                 let client = client.clone();
                 let url = env.url("/hold");
-                tokio::spawn(async move {
-                    fetch(&client, Request::get(url).body(empty()).unwrap()).await
-                })
+                tokio::spawn(async move { fetch(&client, Request::get(url).body(empty()).unwrap()).await })
             })
             .collect();
         // Every request must reach the upstream while none has been answered: if the tunnel
@@ -46,13 +44,8 @@ async fn one_slow_stream_never_blocks_another() {
         let env = TestEnv::start().await;
         let client = client();
         // A huge download nobody reads, and an upload the upstream reads very slowly.
-        let stalled_download = send(
-            &client,
-            Request::get(env.url("/bytes/10000000000"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+        let stalled_download =
+            send(&client, Request::get(env.url("/bytes/10000000000")).body(empty()).unwrap()).await;
         assert_eq!(stalled_download.status(), StatusCode::OK);
         let produced_before = env.stats.produced.load(Ordering::Relaxed);
         // Other requests on the same session are unaffected.
@@ -61,9 +54,7 @@ async fn one_slow_stream_never_blocks_another() {
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(body.len(), 1000 + i);
         }
-        let request = Request::post(env.url("/echo"))
-            .body(full("still flowing"))
-            .unwrap();
+        let request = Request::post(env.url("/echo")).body(full("still flowing")).unwrap();
         let (_, body) = fetch(&client, request).await;
         assert_eq!(body, "still flowing");
         assert!(produced_before < 10_000_000_000);

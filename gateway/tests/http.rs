@@ -34,11 +34,7 @@ async fn methods_match_the_upstream_reached_directly() {
         ];
         for (method, path, body) in cases {
             let request = |url: String| {
-                Request::builder()
-                    .method(method.clone())
-                    .uri(url)
-                    .body(full(body.to_owned()))
-                    .unwrap()
+                Request::builder().method(method.clone()).uri(url).body(full(body.to_owned())).unwrap()
             };
             let (direct, direct_body) = fetch(&client, request(env.direct_url(path))).await;
             let (tunnel, tunnel_body) = fetch(&client, request(env.url(path))).await;
@@ -63,11 +59,7 @@ async fn repeated_headers_order_and_status_are_preserved() {
         let env = TestEnv::start().await;
         let (response, _) = get(&env.url("/cookies")).await;
         assert_eq!(response.status(), StatusCode::CREATED);
-        let cookies: Vec<_> = response
-            .headers()
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .collect();
+        let cookies: Vec<_> = response.headers().get_all(header::SET_COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; Path=/", "b=2; HttpOnly"]);
         let multi: Vec<_> = response.headers().get_all("x-multi").iter().collect();
         assert_eq!(multi, ["one", "two"]);
@@ -94,18 +86,9 @@ async fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {
         let (response, body) = fetch(&client(), request).await;
         assert_eq!(response.status(), StatusCode::OK);
         let seen = json(&body);
-        assert_eq!(
-            seen["target"], "/headers?x=1",
-            "path routing strips /t/{{id}}"
-        );
-        let headers: Vec<(String, String)> =
-            serde_json::from_value(seen["headers"].clone()).unwrap();
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        };
+        assert_eq!(seen["target"], "/headers?x=1", "path routing strips /t/{{id}}");
+        let headers: Vec<(String, String)> = serde_json::from_value(seen["headers"].clone()).unwrap();
+        let get = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
         for hop in ["x-hop", "keep-alive", "proxy-authorization"] {
             assert_eq!(get(hop), None, "{hop} must not be forwarded");
         }
@@ -116,11 +99,7 @@ async fn hop_by_hop_headers_are_dropped_and_forwarding_headers_added() {
         let gateway_host = env.gateway_addr.to_string();
         assert_eq!(get("x-forwarded-host"), Some(gateway_host.as_str()));
         assert_eq!(get("host"), Some(gateway_host.as_str()));
-        assert!(
-            get("forwarded")
-                .unwrap()
-                .contains("for=127.0.0.1;proto=http")
-        );
+        assert!(get("forwarded").unwrap().contains("for=127.0.0.1;proto=http"));
         assert!(get("via").unwrap().starts_with("1.1 ferry-"));
     })
     .await;
@@ -134,18 +113,11 @@ async fn chunked_responses_and_trailers_pass_through() {
         assert_eq!(response.status(), StatusCode::OK);
         assert!(response.headers().get(header::CONTENT_LENGTH).is_none());
         assert_eq!(body.len(), 300_000);
-        assert!(
-            body.iter()
-                .enumerate()
-                .all(|(i, b)| *b == ferry_benches::upstream::pattern_byte(i as u64))
-        );
+        assert!(body.iter().enumerate().all(|(i, b)| *b == ferry_benches::upstream::pattern_byte(i as u64)));
 
         // Trailers reach an HTTP/1.1 client that says it accepts them, and an HTTP/2 client.
         for client in [client(), h2c_client()] {
-            let request = Request::get(env.url("/trailers"))
-                .header("te", "trailers")
-                .body(empty())
-                .unwrap();
+            let request = Request::get(env.url("/trailers")).header("te", "trailers").body(empty()).unwrap();
             let response = send(&client, request).await;
             let collected = response.into_body().collect().await.unwrap();
             let trailers = collected.trailers().cloned().expect("trailers arrive");
@@ -161,33 +133,19 @@ async fn http2_clients_work() {
     bounded(async {
         let env = TestEnv::start().await;
         let client = h2c_client();
-        let (response, body) = fetch(
-            &client,
-            Request::get(env.url("/bytes/70000")).body(empty()).unwrap(),
-        )
-        .await;
+        let (response, body) =
+            fetch(&client, Request::get(env.url("/bytes/70000")).body(empty()).unwrap()).await;
         assert_eq!(response.version(), http::Version::HTTP_2);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body.len(), 70_000);
-        let request = Request::post(env.url("/echo"))
-            .body(full("over h2"))
-            .unwrap();
+        let request = Request::post(env.url("/echo")).body(full("over h2")).unwrap();
         let (response, body) = fetch(&client, request).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body, "over h2");
         // h2 has no Host header: the upstream still gets one, from :authority.
-        let (_, body) = fetch(
-            &client,
-            Request::get(env.url("/headers")).body(empty()).unwrap(),
-        )
-        .await;
-        let headers: Vec<(String, String)> =
-            serde_json::from_value(json(&body)["headers"].clone()).unwrap();
-        assert!(
-            headers
-                .iter()
-                .any(|(n, v)| n == "host" && *v == env.gateway_addr.to_string())
-        );
+        let (_, body) = fetch(&client, Request::get(env.url("/headers")).body(empty()).unwrap()).await;
+        let headers: Vec<(String, String)> = serde_json::from_value(json(&body)["headers"].clone()).unwrap();
+        assert!(headers.iter().any(|(n, v)| n == "host" && *v == env.gateway_addr.to_string()));
     })
     .await;
 }
@@ -195,16 +153,10 @@ async fn http2_clients_work() {
 #[tokio::test]
 async fn host_routing_by_dns_label() {
     bounded(async {
-        let config = GatewayConfig {
-            domain: Some("tunnel.test".into()),
-            ..GatewayConfig::default()
-        };
+        let config = GatewayConfig { domain: Some("tunnel.test".into()), ..GatewayConfig::default() };
         let env = TestEnv::start_with(config, |_| {}).await;
-        let host = format!(
-            "{}.Tunnel.Test:{}",
-            env.tunnel_id.to_label().to_uppercase(),
-            env.gateway_addr.port()
-        );
+        let host =
+            format!("{}.Tunnel.Test:{}", env.tunnel_id.to_label().to_uppercase(), env.gateway_addr.port());
         let request = Request::get(format!("http://{}/headers?q=2", env.gateway_addr))
             .header(header::HOST, host.as_str())
             .body(empty())
@@ -212,16 +164,10 @@ async fn host_routing_by_dns_label() {
         let (response, body) = fetch(&client(), request).await;
         assert_eq!(response.status(), StatusCode::OK);
         let seen = json(&body);
-        assert_eq!(
-            seen["target"], "/headers?q=2",
-            "Host routing keeps the path"
-        );
+        assert_eq!(seen["target"], "/headers?q=2", "Host routing keeps the path");
 
         let request = Request::get(format!("http://{}/", env.gateway_addr))
-            .header(
-                header::HOST,
-                "agent-00000000-0000-0000-0000-000000000000-none.tunnel.test",
-            )
+            .header(header::HOST, "agent-00000000-0000-0000-0000-000000000000-none.tunnel.test")
             .body(empty())
             .unwrap();
         let (response, body) = fetch(&client(), request).await;
@@ -235,10 +181,7 @@ async fn host_routing_by_dns_label() {
 async fn unknown_tunnel_and_bad_ids_get_json_errors() {
     bounded(async {
         let env = TestEnv::start().await;
-        let other = format!(
-            "http://{}/t/agent_11111111-2222-3333-4444-555555555555_api/x",
-            env.gateway_addr
-        );
+        let other = format!("http://{}/t/agent_11111111-2222-3333-4444-555555555555_api/x", env.gateway_addr);
         let (response, body) = get(&other).await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
@@ -271,11 +214,7 @@ async fn upstream_down_is_a_fast_502() {
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(json(&body)["error"]["code"], "upstream_unreachable");
         // Not a timeout: a refused connection is reported at once (the timeouts are 55-60 s).
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     })
     .await;
 }
@@ -300,11 +239,7 @@ async fn gateway_pages_answer() {
         assert!(session["bytes_to_agent"].as_u64().unwrap() > 0);
         assert!(session["bytes_from_agent"].as_u64().unwrap() > 0);
 
-        let (_, body) = get(&format!(
-            "http://{}/connections/{}",
-            env.gateway_addr, env.tunnel_id
-        ))
-        .await;
+        let (_, body) = get(&format!("http://{}/connections/{}", env.gateway_addr, env.tunnel_id)).await;
         assert_eq!(json(&body)["sessions"].as_array().unwrap().len(), 1);
     })
     .await;
@@ -314,14 +249,9 @@ async fn gateway_pages_answer() {
 async fn oversized_request_headers_get_431() {
     bounded(async {
         let env = TestEnv::start().await;
-        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr)
-            .await
-            .unwrap();
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
         let big = "x".repeat(100 * 1024);
-        let request = format!(
-            "GET /t/{}/ HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n",
-            env.tunnel_id
-        );
+        let request = format!("GET /t/{}/ HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n", env.tunnel_id);
         // The gateway may answer (and close) before it has read everything we send.
         let _ = socket.write_all(request.as_bytes()).await;
         let mut answer = Vec::new();
@@ -330,14 +260,9 @@ async fn oversized_request_headers_get_431() {
         assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 
         // Too many header fields, each small.
-        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr)
-            .await
-            .unwrap();
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
         let fields: String = (0..500).map(|i| format!("X-F{i}: v\r\n")).collect();
-        let request = format!(
-            "GET /t/{}/ HTTP/1.1\r\nHost: a\r\n{fields}\r\n",
-            env.tunnel_id
-        );
+        let request = format!("GET /t/{}/ HTTP/1.1\r\nHost: a\r\n{fields}\r\n", env.tunnel_id);
         let _ = socket.write_all(request.as_bytes()).await;
         let mut answer = Vec::new();
         let _ = socket.read_to_end(&mut answer).await;

@@ -50,14 +50,9 @@ async fn stalled_client_and_slow_upstream_keep_memory_bounded() {
         let baseline = rss();
 
         // 1. A client asks for 100 GiB and reads nothing past the head.
-        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr)
-            .await
-            .unwrap();
-        let request = format!(
-            "GET /t/{}/bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n",
-            env.tunnel_id,
-            100 * 1024 * MIB
-        );
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
+        let request =
+            format!("GET /t/{}/bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n", env.tunnel_id, 100 * 1024 * MIB);
         socket.write_all(request.as_bytes()).await.unwrap();
         let mut head = [0u8; 512];
         let n = socket.read(&mut head).await.unwrap();
@@ -65,16 +60,8 @@ async fn stalled_client_and_slow_upstream_keep_memory_bounded() {
         let already = env.stats.produced.load(Ordering::Relaxed);
         let produced = plateau(|| env.stats.produced.load(Ordering::Relaxed)).await - already;
         let growth = rss().saturating_sub(baseline);
-        println!(
-            "stalled download: upstream produced {} MiB, RSS grew {} MiB",
-            produced / MIB,
-            growth / MIB
-        );
-        assert!(
-            produced < BOUND,
-            "the upstream kept producing: {} MiB",
-            produced / MIB
-        );
+        println!("stalled download: upstream produced {} MiB, RSS grew {} MiB", produced / MIB, growth / MIB);
+        assert!(produced < BOUND, "the upstream kept producing: {} MiB", produced / MIB);
         assert!(growth < BOUND, "memory grew by {} MiB", growth / MIB);
         drop(socket);
 

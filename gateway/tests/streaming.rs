@@ -30,18 +30,10 @@ async fn one_gib_download_arrives_intact() {
     bounded(async {
         let env = TestEnv::start().await;
         let expected = tokio::task::spawn_blocking(|| pattern_sha256(GIB));
-        let response = send(
-            &client(),
-            Request::get(env.url(&format!("/bytes/{GIB}")))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+        let response =
+            send(&client(), Request::get(env.url(&format!("/bytes/{GIB}"))).body(empty()).unwrap()).await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            response.headers()[header::CONTENT_LENGTH],
-            GIB.to_string().as_str()
-        );
+        assert_eq!(response.headers()[header::CONTENT_LENGTH], GIB.to_string().as_str());
         let mut body = response.into_body();
         let (mut hasher, mut total) = (Sha256::new(), 0u64);
         while let Some(frame) = body.frame().await {
@@ -92,12 +84,9 @@ async fn one_gib_upload_arrives_intact() {
 async fn upload_of_unknown_length_is_streamed_chunked() {
     bounded(async {
         let env = TestEnv::start().await;
-        let chunks = stream::iter(
-            (0..50u64).map(|i| Ok::<_, BoxError>(Frame::data(pattern(i * 1000, 1000)))),
-        );
-        let request = Request::post(env.url("/sink"))
-            .body(StreamBody::new(chunks).boxed_unsync())
-            .unwrap();
+        let chunks =
+            stream::iter((0..50u64).map(|i| Ok::<_, BoxError>(Frame::data(pattern(i * 1000, 1000)))));
+        let request = Request::post(env.url("/sink")).body(StreamBody::new(chunks).boxed_unsync()).unwrap();
         let (response, body) = fetch(&client(), request).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(json(&body)["bytes"], 50_000);
@@ -112,18 +101,10 @@ async fn server_sent_events_arrive_one_by_one() {
         let env = TestEnv::start().await;
         // The upstream sends each event after the first only when the test lets it: if anything on
         // the path waited for more data (or for the end), the next event would never be allowed.
-        let response = send(
-            &client(),
-            Request::get(env.url("/sse?n=4&gated=1"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await;
+        let response =
+            send(&client(), Request::get(env.url("/sse?n=4&gated=1")).body(empty()).unwrap()).await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            response.headers()[header::CONTENT_TYPE],
-            "text/event-stream"
-        );
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/event-stream");
         let mut body = response.into_body();
         let mut text = String::new();
         for i in 0..4 {
@@ -138,11 +119,7 @@ async fn server_sent_events_arrive_one_by_one() {
                     text.push_str(std::str::from_utf8(&data).unwrap());
                 }
             }
-            assert!(
-                !text.contains(&format!("event {}", i + 1)),
-                "event {} arrived early",
-                i + 1
-            );
+            assert!(!text.contains(&format!("event {}", i + 1)), "event {} arrived early", i + 1);
             env.stats.gate.add_permits(1);
         }
         assert!(body.frame().await.is_none());
@@ -156,22 +133,15 @@ async fn echo_is_full_duplex() {
         let env = TestEnv::start().await;
         let (tx, rx) = mpsc::channel::<Bytes>(1);
         let chunks = stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|data| (Ok::<_, BoxError>(Frame::data(data)), rx))
+            rx.recv().await.map(|data| (Ok::<_, BoxError>(Frame::data(data)), rx))
         });
-        let request = Request::post(env.url("/echo"))
-            .body(StreamBody::new(chunks).boxed_unsync())
-            .unwrap();
+        let request = Request::post(env.url("/echo")).body(StreamBody::new(chunks).boxed_unsync()).unwrap();
         let client = client();
         let pending = tokio::spawn(async move { client.request(request).await });
         tx.send(Bytes::from_static(b"ping 0;")).await.unwrap();
         // The response head and each echoed chunk come back while the upload is still open.
-        let response = tokio::time::timeout(STEP, pending)
-            .await
-            .expect("head before upload end")
-            .unwrap()
-            .unwrap();
+        let response =
+            tokio::time::timeout(STEP, pending).await.expect("head before upload end").unwrap().unwrap();
         let mut body = response.into_body();
         for i in 0..5 {
             let want = format!("ping {i};");
@@ -186,16 +156,11 @@ async fn echo_is_full_duplex() {
             }
             assert_eq!(got, want);
             if i < 4 {
-                tx.send(Bytes::from(format!("ping {};", i + 1)))
-                    .await
-                    .unwrap();
+                tx.send(Bytes::from(format!("ping {};", i + 1))).await.unwrap();
             }
         }
         drop(tx);
-        assert!(
-            body.frame().await.is_none(),
-            "the echo ends when the upload does"
-        );
+        assert!(body.frame().await.is_none(), "the echo ends when the upload does");
     })
     .await;
 }
@@ -206,8 +171,7 @@ async fn upstream_dying_mid_body_gives_a_broken_response() {
         let env = TestEnv::start().await;
         for client in [client(), h2c_client()] {
             for path in ["/reset?declared=1048576&after=1000", "/reset?after=1000"] {
-                let response =
-                    send(&client, Request::get(env.url(path)).body(empty()).unwrap()).await;
+                let response = send(&client, Request::get(env.url(path)).body(empty()).unwrap()).await;
                 assert_eq!(response.status(), StatusCode::OK);
                 let result = response.into_body().collect().await;
                 assert!(result.is_err(), "{path}: a cut body must not look complete");

@@ -14,11 +14,7 @@ pub struct Backoff {
 impl Backoff {
     /// Delays start at `initial` and double up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max: max.max(initial),
-            attempt: 0,
-        }
+        Self { initial, max: max.max(initial), attempt: 0 }
     }
 
     /// The ceiling for the next delay, before jitter.
@@ -68,13 +64,7 @@ mod tests {
     fn jitter_spreads_delays() {
         let mut backoff = Backoff::new(Duration::from_secs(30), Duration::from_secs(30));
         let delays: Vec<Duration> = (0..32).map(|_| backoff.next_delay()).collect();
-        let distinct = delays
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        assert!(
-            distinct > 16,
-            "full jitter should rarely repeat: {delays:?}"
-        );
+        let distinct = delays.iter().collect::<std::collections::HashSet<_>>().len();
+        assert!(distinct > 16, "full jitter should rarely repeat: {delays:?}");
     }
 }

@@ -50,18 +50,12 @@ pub struct FrameBody {
 impl FrameBody {
     /// A body read from `reader`, of `len` bytes when known.
     pub fn new(reader: FrameReader, len: Option<u64>) -> Self {
-        Self {
-            reader: Some(reader),
-            remaining: len,
-        }
+        Self { reader: Some(reader), remaining: len }
     }
 
     /// A body that is already complete.
     pub fn empty() -> Self {
-        Self {
-            reader: None,
-            remaining: Some(0),
-        }
+        Self { reader: None, remaining: Some(0) }
     }
 }
 
@@ -101,9 +95,9 @@ impl Body for FrameBody {
                 }
                 return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
             }
-            Frame::Trailers(trailers) => Some(Ok(http_body::Frame::trailers(headers_from_wire(
-                trailers.headers,
-            )))),
+            Frame::Trailers(trailers) => {
+                Some(Ok(http_body::Frame::trailers(headers_from_wire(trailers.headers))))
+            }
             Frame::End if this.remaining.is_some_and(|r| r > 0) => Some(Err(BodyError::Truncated)),
             Frame::End => None,
             Frame::Abort(abort) => Some(Err(BodyError::Aborted(abort))),
@@ -179,11 +173,7 @@ where
         }
     }
     if let Some(map) = trailers {
-        writer
-            .send(&Frame::Trailers(Trailers {
-                headers: headers_to_wire(&map),
-            }))
-            .await?;
+        writer.send(&Frame::Trailers(Trailers { headers: headers_to_wire(&map) })).await?;
     }
     writer.send(&Frame::End).await?;
     Ok(sent)

@@ -36,10 +36,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(name);
     }
     let te_trailers = headers.get_all(header::TE).iter().any(|value| {
-        value.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
+        value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
     });
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -60,10 +57,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|value| {
-            value.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
         })
 }
 
@@ -72,10 +66,7 @@ pub fn headers_to_wire(map: &HeaderMap) -> Vec<Header> {
     let mut out = Vec::with_capacity(map.len());
     for (name, value) in map {
         // `http` enforces the same grammar as the codec; a field it let through always passes.
-        match Header::new(
-            bytes::Bytes::copy_from_slice(name.as_str().as_bytes()),
-            value_bytes(value),
-        ) {
+        match Header::new(bytes::Bytes::copy_from_slice(name.as_str().as_bytes()), value_bytes(value)) {
             Ok(header) => out.push(header),
             Err(err) => debug!(%err, header = %name, "dropping a header the wire cannot carry"),
         }
@@ -93,10 +84,7 @@ pub fn headers_from_wire(headers: Vec<Header>) -> HeaderMap {
     for header in headers {
         let (name, value) = header.into_parts();
         // The codec validated both; `from_bytes` only lowercases the name.
-        match (
-            HeaderName::from_bytes(&name),
-            HeaderValue::from_maybe_shared(value),
-        ) {
+        match (HeaderName::from_bytes(&name), HeaderValue::from_maybe_shared(value)) {
             (Ok(name), Ok(value)) => {
                 map.append(name, value);
             }
@@ -145,18 +133,8 @@ mod tests {
             ("set-cookie", "b=2"),
         ]);
         strip_hop_by_hop(&mut headers, false);
-        let left: Vec<_> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
-            .collect();
-        assert_eq!(
-            left,
-            [
-                ("te", "trailers"),
-                ("set-cookie", "a=1"),
-                ("set-cookie", "b=2")
-            ]
-        );
+        let left: Vec<_> = headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
+        assert_eq!(left, [("te", "trailers"), ("set-cookie", "a=1"), ("set-cookie", "b=2")]);
     }
 
     #[test]

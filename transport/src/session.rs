@@ -72,9 +72,8 @@ impl SessionConfig {
     fn yamux(&self) -> yamux::Config {
         let mut config = yamux::Config::default();
         // Order matters: each setter asserts window ≥ streams × 256 KiB against the other value.
-        config.set_max_connection_receive_window(Some(
-            self.max_connection_window.max(yamux_default_window()),
-        ));
+        config
+            .set_max_connection_receive_window(Some(self.max_connection_window.max(yamux_default_window())));
         config.set_max_num_streams(self.max_streams);
         config.set_max_connection_receive_window(Some(self.max_connection_window));
         config.set_split_send_size(self.split_send_size);
@@ -108,10 +107,7 @@ impl StreamOpener {
     /// Cancel safe: a stream opened for a cancelled call is dropped (and reset) by the driver.
     pub async fn open(&self) -> Result<yamux::Stream, TransportError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(reply)
-            .await
-            .map_err(|_| TransportError::SessionClosed)?;
+        self.tx.send(reply).await.map_err(|_| TransportError::SessionClosed)?;
         rx.await.map_err(|_| TransportError::SessionClosed)?
     }
 
@@ -138,24 +134,13 @@ impl<T> std::fmt::Debug for SessionDriver<T> {
 ///
 /// `mode` is `Client` on the agent (it dialled) and `Server` on the gateway. The caller must have
 /// validated `config` ([`SessionConfig::validate`]).
-pub fn session<T>(
-    io: T,
-    mode: yamux::Mode,
-    config: &SessionConfig,
-) -> (SessionDriver<T>, StreamOpener)
+pub fn session<T>(io: T, mode: yamux::Mode, config: &SessionConfig) -> (SessionDriver<T>, StreamOpener)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (tx, open_rx) = mpsc::channel(OPEN_QUEUE);
     let conn = yamux::Connection::new(io, config.yamux(), mode);
-    (
-        SessionDriver {
-            conn,
-            open_rx,
-            pending_open: None,
-        },
-        StreamOpener { tx },
-    )
+    (SessionDriver { conn, open_rx, pending_open: None }, StreamOpener { tx })
 }
 
 impl<T> SessionDriver<T>

@@ -29,22 +29,15 @@ const READ_CAPACITY: usize = 64 * 1024;
 /// # Errors
 /// The stream is already closed or reset.
 pub async fn acknowledge(stream: &mut yamux::Stream) -> std::io::Result<()> {
-    futures_util::io::AsyncWriteExt::write(stream, &[])
-        .await
-        .map(drop)
+    futures_util::io::AsyncWriteExt::write(stream, &[]).await.map(drop)
 }
 
 /// Splits a yamux stream into its frame reader and writer.
 pub fn split(stream: yamux::Stream) -> (FrameReader, FrameWriter) {
     let (read, write) = tokio::io::split(stream.compat());
     (
-        FrameReader {
-            inner: FramedRead::with_capacity(read, FrameCodec, READ_CAPACITY),
-        },
-        FrameWriter {
-            io: write,
-            buf: BytesMut::with_capacity(HEADER_LEN + DEFAULT_DATA_CHUNK),
-        },
+        FrameReader { inner: FramedRead::with_capacity(read, FrameCodec, READ_CAPACITY) },
+        FrameWriter { io: write, buf: BytesMut::with_capacity(HEADER_LEN + DEFAULT_DATA_CHUNK) },
     )
 }
 
@@ -64,20 +57,12 @@ impl FrameReader {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn next(&mut self) -> Option<Result<Frame, TransportError>> {
-        self.inner
-            .next()
-            .await
-            .map(|r| r.map_err(TransportError::from))
+        self.inner.next().await.map(|r| r.map_err(TransportError::from))
     }
 
     /// Polls for the next frame; see [`FrameReader::next`].
-    pub fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame, TransportError>>> {
-        self.inner
-            .poll_next_unpin(cx)
-            .map(|r| r.map(|r| r.map_err(TransportError::from)))
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, TransportError>>> {
+        self.inner.poll_next_unpin(cx).map(|r| r.map(|r| r.map_err(TransportError::from)))
     }
 
     /// Gives back the raw half and the bytes already read past the last frame (the start of a raw
@@ -149,11 +134,7 @@ impl FrameWriter {
 ///
 /// # Errors
 /// Either side failed.
-pub async fn pipe<T>(
-    reader: FrameReader,
-    writer: FrameWriter,
-    mut other: T,
-) -> std::io::Result<(u64, u64)>
+pub async fn pipe<T>(reader: FrameReader, writer: FrameWriter, mut other: T) -> std::io::Result<(u64, u64)>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {

@@ -72,13 +72,7 @@ where
 {
     /// Wraps a WebSocket whose handshake (and ferry handshake) is done.
     pub fn new(ws: WebSocketStream<S>, counters: Arc<IoCounters>) -> Self {
-        Self {
-            ws,
-            read_buf: Bytes::new(),
-            write_buf: BytesMut::new(),
-            read_closed: false,
-            counters,
-        }
+        Self { ws, read_buf: Bytes::new(), write_buf: BytesMut::new(), read_closed: false, counters }
     }
 
     /// Sends what is buffered as one binary message (without flushing the socket).
@@ -88,12 +82,8 @@ where
         }
         ready!(self.ws.poll_ready_unpin(cx)).map_err(ws_to_io)?;
         let message = self.write_buf.split().freeze();
-        self.counters
-            .tx
-            .fetch_add(message.len() as u64, Ordering::Relaxed);
-        self.ws
-            .start_send_unpin(Message::Binary(message))
-            .map_err(ws_to_io)?;
+        self.counters.tx.fetch_add(message.len() as u64, Ordering::Relaxed);
+        self.ws.start_send_unpin(Message::Binary(message)).map_err(ws_to_io)?;
         Poll::Ready(Ok(()))
     }
 }
@@ -110,11 +100,7 @@ impl<S> futures_util::io::AsyncRead for WsIo<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         loop {
             if !this.read_buf.is_empty() {
@@ -128,9 +114,7 @@ where
             }
             match ready!(this.ws.poll_next_unpin(cx)) {
                 Some(Ok(Message::Binary(data))) => {
-                    this.counters
-                        .rx
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    this.counters.rx.fetch_add(data.len() as u64, Ordering::Relaxed);
                     this.read_buf = data;
                 }
                 // tungstenite queues the pong itself; pongs and raw frames carry nothing for us.
@@ -142,9 +126,7 @@ where
                     )));
                 }
                 Some(Ok(Message::Close(_))) | None => this.read_closed = true,
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
-                    this.read_closed = true
-                }
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => this.read_closed = true,
                 Some(Err(err)) => return Poll::Ready(Err(ws_to_io(err))),
             }
         }
@@ -155,11 +137,7 @@ impl<S> futures_util::io::AsyncWrite for WsIo<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.write_buf.len() >= MAX_PENDING_WRITE {
             ready!(self.poll_send_buffered(cx))?;
         }
@@ -185,10 +163,7 @@ where
 ///
 /// # Errors
 /// The WebSocket failed.
-pub async fn send_message<S>(
-    ws: &mut WebSocketStream<S>,
-    payload: Bytes,
-) -> Result<(), TransportError>
+pub async fn send_message<S>(ws: &mut WebSocketStream<S>, payload: Bytes) -> Result<(), TransportError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -20,11 +20,7 @@ use tokio_util::sync::CancellationToken;
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A "gateway" session (server mode) and the inbound streams of an "agent" session (client mode).
-async fn pair() -> (
-    StreamOpener,
-    mpsc::Receiver<yamux::Stream>,
-    CancellationToken,
-) {
+async fn pair() -> (StreamOpener, mpsc::Receiver<yamux::Stream>, CancellationToken) {
     let (a, b) = tokio::io::duplex(256 * 1024);
     let cfg = Some(websocket_config());
     let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, cfg).await;
@@ -32,22 +28,15 @@ async fn pair() -> (
     let config = SessionConfig::default();
     let shutdown = CancellationToken::new();
 
-    let (server, opener) = session(
-        WsIo::new(server_ws, Arc::new(IoCounters::default())),
-        yamux::Mode::Server,
-        &config,
-    );
-    let (client, _client_opener) = session(
-        WsIo::new(client_ws, Arc::new(IoCounters::default())),
-        yamux::Mode::Client,
-        &config,
-    );
+    let (server, opener) =
+        session(WsIo::new(server_ws, Arc::new(IoCounters::default())), yamux::Mode::Server, &config);
+    let (client, _client_opener) =
+        session(WsIo::new(client_ws, Arc::new(IoCounters::default())), yamux::Mode::Client, &config);
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(server.run(|_| {}, shutdown.clone()));
-    tokio::spawn(client.run(
-        move |stream| tx.try_send(stream).expect("test channel has room"),
-        shutdown.clone(),
-    ));
+    tokio::spawn(
+        client.run(move |stream| tx.try_send(stream).expect("test channel has room"), shutdown.clone()),
+    );
     (opener, rx, shutdown)
 }
 
@@ -60,13 +49,9 @@ async fn frames_and_a_large_body_cross_both_ways() {
             while let Some(stream) = inbound.recv().await {
                 tokio::spawn(async move {
                     let (reader, mut writer) = split(stream);
-                    send_body(
-                        FrameBody::new(reader, None),
-                        &mut writer,
-                        AbortCode::UpstreamReset,
-                    )
-                    .await
-                    .unwrap();
+                    send_body(FrameBody::new(reader, None), &mut writer, AbortCode::UpstreamReset)
+                        .await
+                        .unwrap();
                     writer.finish().await.unwrap();
                 });
             }
@@ -80,17 +65,11 @@ async fn frames_and_a_large_body_cross_both_ways() {
             let payload = payload.clone();
             async move {
                 let body = http_body_util::Full::new(payload);
-                send_body(body, &mut writer, AbortCode::ClientGone)
-                    .await
-                    .unwrap();
+                send_body(body, &mut writer, AbortCode::ClientGone).await.unwrap();
                 writer.finish().await.unwrap();
             }
         });
-        let echoed = FrameBody::new(reader, None)
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
+        let echoed = FrameBody::new(reader, None).collect().await.unwrap().to_bytes();
         upload.await.unwrap();
         assert_eq!(echoed.len(), payload.len());
         assert!(echoed == payload);
@@ -122,10 +101,7 @@ async fn many_concurrent_streams_are_independent() {
         // One stream never finishes; the others must not wait for it.
         let stalled = opener.open().await.unwrap();
         let (_stalled_reader, mut stalled_writer) = split(stalled);
-        stalled_writer
-            .send(&Frame::Data(Bytes::from_static(b"hello")))
-            .await
-            .unwrap();
+        stalled_writer.send(&Frame::Data(Bytes::from_static(b"hello"))).await.unwrap();
 
         let mut tasks = Vec::new();
         for i in 0..500u32 {
@@ -155,10 +131,7 @@ async fn a_stream_cut_before_end_is_an_error_not_a_short_body() {
         tokio::spawn(async move {
             let stream = inbound.recv().await.unwrap();
             let (_reader, mut writer) = split(stream);
-            writer
-                .send(&Frame::Data(Bytes::from_static(b"partial")))
-                .await
-                .unwrap();
+            writer.send(&Frame::Data(Bytes::from_static(b"partial"))).await.unwrap();
             // Dropping the stream without `End` resets it.
         });
         let (reader, mut writer) = split(opener.open().await.unwrap());
@@ -167,10 +140,7 @@ async fn a_stream_cut_before_end_is_an_error_not_a_short_body() {
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "partial");
         let err = body.frame().await.unwrap().unwrap_err();
-        assert!(
-            matches!(err, BodyError::Truncated | BodyError::Transport(_)),
-            "{err:?}"
-        );
+        assert!(matches!(err, BodyError::Truncated | BodyError::Transport(_)), "{err:?}");
     })
     .await
     .expect("test timed out");

@@ -25,10 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!(
-        "sample upstream listening on http://{}",
-        listener.local_addr()?
-    );
+    eprintln!("sample upstream listening on http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

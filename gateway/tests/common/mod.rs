@@ -32,9 +32,7 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Runs a test body under [`TEST_TIMEOUT`].
 pub async fn bounded<T>(test: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out")
+    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test timed out")
 }
 
 pub fn init_tracing() {
@@ -64,20 +62,13 @@ impl TestEnv {
     }
 
     /// Starts everything; `tweak` adjusts the agent's configuration before it runs.
-    pub async fn start_with(
-        gateway_config: GatewayConfig,
-        tweak: impl FnOnce(&mut AgentConfig),
-    ) -> Self {
+    pub async fn start_with(gateway_config: GatewayConfig, tweak: impl FnOnce(&mut AgentConfig)) -> Self {
         init_tracing();
         let shutdown = CancellationToken::new();
         let stats = Arc::new(UpstreamStats::default());
         let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream_addr = upstream_listener.local_addr().unwrap();
-        tokio::spawn(serve(
-            upstream_listener,
-            Arc::clone(&stats),
-            shutdown.clone(),
-        ));
+        tokio::spawn(serve(upstream_listener, Arc::clone(&stats), shutdown.clone()));
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway_addr = listener.local_addr().unwrap();
@@ -125,10 +116,7 @@ impl TestEnv {
     /// Waits until the tunnel has exactly `n` sessions at the gateway.
     pub async fn wait_for_sessions(&self, n: usize) {
         let id = self.tunnel_id.clone();
-        self.gateway
-            .registry
-            .wait_until(|registry| registry.of(&id).len() == n)
-            .await;
+        self.gateway.registry.wait_until(|registry| registry.of(&id).len() == n).await;
     }
 
     /// `http://gateway/t/{tunnel}{path}`.
@@ -155,9 +143,7 @@ pub fn client() -> Client<HttpConnector, Body> {
 
 /// An HTTP/2 prior-knowledge (h2c) client.
 pub fn h2c_client() -> Client<HttpConnector, Body> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
 }
 
 pub fn empty() -> Body {
@@ -165,16 +151,11 @@ pub fn empty() -> Body {
 }
 
 pub fn full(data: impl Into<Bytes>) -> Body {
-    Full::new(data.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 /// Sends a request and collects the response.
-pub async fn fetch(
-    client: &Client<HttpConnector, Body>,
-    request: Request<Body>,
-) -> (Response<()>, Bytes) {
+pub async fn fetch(client: &Client<HttpConnector, Body>, request: Request<Body>) -> (Response<()>, Bytes) {
     let response = client.request(request).await.unwrap();
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
@@ -186,10 +167,7 @@ pub async fn get(url: &str) -> (Response<()>, Bytes) {
 }
 
 /// Sends a request; returns the response with its body unread.
-pub async fn send(
-    client: &Client<HttpConnector, Body>,
-    request: Request<Body>,
-) -> Response<Incoming> {
+pub async fn send(client: &Client<HttpConnector, Body>, request: Request<Body>) -> Response<Incoming> {
     client.request(request).await.unwrap()
 }
 
