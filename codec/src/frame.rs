@@ -24,8 +24,9 @@ pub const MAX_TRAILERS_LEN: usize = 64 * 1024;
 /// Largest `Abort` payload: a code and a short message.
 pub const MAX_ABORT_LEN: usize = 1024;
 /// Size of the body chunks ferry's own writers put in one `Data` frame: large enough that the
-/// 5-byte header is noise, small enough to keep a stream's first bytes flowing early.
-pub const DEFAULT_DATA_CHUNK: usize = 64 * 1024;
+/// 5-byte header is noise, and header plus payload fill exactly one 64 KiB yamux frame (the
+/// transport's split size), so a frame rarely straddles two yamux frames.
+pub const DEFAULT_DATA_CHUNK: usize = 64 * 1024 - HEADER_LEN;
 
 /// The kind byte of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

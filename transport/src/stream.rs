@@ -1,23 +1,36 @@
-//! Ferry frames on one yamux stream: [`FrameReader`] and [`FrameWriter`], the two halves of a
-//! [`TunnelStream`], and the way back to raw bytes after `101 Switching Protocols`.
+//! Ferry frames on one yamux stream: [`FrameReader`] and [`FrameWriter`], its two halves, and the
+//! way back to raw bytes after `101 Switching Protocols`.
+//!
+//! The reader takes yamux's received chunks as they are (one per yamux data frame) and appends them
+//! to its buffer: one copy of exactly the bytes received, and no zero-filled read buffer per read
+//! (reading through `AsyncRead` zeroes its whole spare capacity on every call). `Data` payloads are
+//! then split off that buffer without another copy.
 
-use std::task::{Context, Poll};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use ferry_codec::frame::{DEFAULT_DATA_CHUNK, HEADER_LEN, data_header};
-use ferry_codec::{Frame, FrameCodec};
-use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio_util::codec::FramedRead;
+use ferry_codec::{CodecError, Frame};
+use futures_util::Stream;
+use futures_util::io::AsyncWrite as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::TransportError;
 
-/// A yamux stream with tokio's I/O traits.
+/// A whole yamux stream with tokio's I/O traits (for raw byte pipes).
 pub type TunnelStream = Compat<yamux::Stream>;
 
-/// Read buffer of a [`FrameReader`]: one large read takes several `Data` frames at once.
-const READ_CAPACITY: usize = 64 * 1024;
+/// The two halves share the stream; the lock is held only inside one `poll_*` call, never across
+/// an `.await`, and the halves rarely contend (one reads, one writes).
+type Shared = Arc<Mutex<yamux::Stream>>;
+
+fn lock(stream: &Shared) -> MutexGuard<'_, yamux::Stream> {
+    stream.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Acknowledges an inbound stream at once, before anything else is written on it.
 ///
@@ -34,17 +47,20 @@ pub async fn acknowledge(stream: &mut yamux::Stream) -> std::io::Result<()> {
 
 /// Splits a yamux stream into its frame reader and writer.
 pub fn split(stream: yamux::Stream) -> (FrameReader, FrameWriter) {
-    let (read, write) = tokio::io::split(stream.compat());
+    let shared = Arc::new(Mutex::new(stream));
     (
-        FrameReader { inner: FramedRead::with_capacity(read, FrameCodec, READ_CAPACITY) },
-        FrameWriter { io: write, buf: BytesMut::with_capacity(HEADER_LEN + DEFAULT_DATA_CHUNK) },
+        FrameReader { stream: Arc::clone(&shared), buf: BytesMut::new(), eof: false },
+        FrameWriter { stream: shared, buf: BytesMut::with_capacity(HEADER_LEN + DEFAULT_DATA_CHUNK) },
     )
 }
 
 /// Reads frames from one stream.
 #[derive(Debug)]
 pub struct FrameReader {
-    inner: FramedRead<ReadHalf<TunnelStream>, FrameCodec>,
+    stream: Shared,
+    /// Received bytes not yet decoded.
+    buf: BytesMut,
+    eof: bool,
 }
 
 impl FrameReader {
@@ -52,31 +68,51 @@ impl FrameReader {
     /// an abort).
     ///
     /// # Errors
-    /// Undecodable bytes, or the stream failed (reset by the peer, session lost).
+    /// Undecodable bytes, input that ends inside a frame, or a failed stream (reset by the peer,
+    /// session lost).
     ///
     /// # Cancel safety
     /// Cancel safe.
     pub async fn next(&mut self) -> Option<Result<Frame, TransportError>> {
-        self.inner.next().await.map(|r| r.map_err(TransportError::from))
+        poll_fn(|cx| self.poll_next(cx)).await
     }
 
     /// Polls for the next frame; see [`FrameReader::next`].
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, TransportError>>> {
-        self.inner.poll_next_unpin(cx).map(|r| r.map(|r| r.map_err(TransportError::from)))
+        loop {
+            match Frame::decode(&mut self.buf) {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(err) => return Poll::Ready(Some(Err(err.into()))),
+            }
+            if self.eof {
+                if self.buf.is_empty() {
+                    return Poll::Ready(None);
+                }
+                let err = CodecError::Truncated { have: self.buf.len(), need: self.buf.len() + 1 };
+                self.buf.clear();
+                return Poll::Ready(Some(Err(err.into())));
+            }
+            let chunk = ready!(Pin::new(&mut *lock(&self.stream)).poll_next(cx));
+            match chunk {
+                Some(Ok(packet)) => self.buf.extend_from_slice(packet.as_ref()),
+                Some(Err(err)) => return Poll::Ready(Some(Err(err.into()))),
+                None => self.eof = true,
+            }
+        }
     }
 
-    /// Gives back the raw half and the bytes already read past the last frame (the start of a raw
-    /// byte pipe after an upgrade).
-    pub fn into_raw(self) -> (ReadHalf<TunnelStream>, BytesMut) {
-        let parts = self.inner.into_parts();
-        (parts.io, parts.read_buf)
+    /// Gives back the shared stream and the bytes already received past the last frame (the
+    /// start of a raw byte pipe after an upgrade).
+    fn into_raw(self) -> (Shared, BytesMut) {
+        (self.stream, self.buf)
     }
 }
 
 /// Writes frames to one stream.
 #[derive(Debug)]
 pub struct FrameWriter {
-    io: WriteHalf<TunnelStream>,
+    stream: Shared,
     buf: BytesMut,
 }
 
@@ -91,8 +127,7 @@ impl FrameWriter {
         }
         self.buf.clear();
         frame.encode(&mut self.buf)?;
-        self.io.write_all(&self.buf).await?;
-        Ok(())
+        self.write_buf().await
     }
 
     /// Writes body bytes as `Data` frames of at most [`DEFAULT_DATA_CHUNK`] bytes each. Waits for
@@ -107,8 +142,21 @@ impl FrameWriter {
             self.buf.clear();
             self.buf.extend_from_slice(&data_header(n)?);
             self.buf.extend_from_slice(&data[..n]);
-            self.io.write_all(&self.buf).await?;
+            self.write_buf().await?;
             data = &data[n..];
+        }
+        Ok(())
+    }
+
+    async fn write_buf(&mut self) -> Result<(), TransportError> {
+        let mut written = 0;
+        while written < self.buf.len() {
+            let n =
+                poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_write(cx, &self.buf[written..])).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            written += n;
         }
         Ok(())
     }
@@ -118,19 +166,14 @@ impl FrameWriter {
     /// # Errors
     /// The stream failed.
     pub async fn finish(&mut self) -> Result<(), TransportError> {
-        self.io.shutdown().await?;
+        poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_close(cx)).await?;
         Ok(())
-    }
-
-    /// Gives back the raw half, for a byte pipe after an upgrade.
-    pub fn into_raw(self) -> WriteHalf<TunnelStream> {
-        self.io
     }
 }
 
 /// After `101 Switching Protocols`: copies bytes both ways between the stream and `other` until
 /// both directions are closed (half-close preserved), starting with any bytes the reader had
-/// already buffered past the last frame. Returns the bytes moved (to `other`, from `other`).
+/// already received past the last frame. Returns the bytes moved (to `other`, from `other`).
 ///
 /// # Errors
 /// Either side failed.
@@ -138,9 +181,14 @@ pub async fn pipe<T>(reader: FrameReader, writer: FrameWriter, mut other: T) -> 
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let (read, leftover) = reader.into_raw();
+    let (shared, leftover) = reader.into_raw();
+    drop(writer);
+    let stream = Arc::try_unwrap(shared)
+        .map_err(|_| std::io::Error::other("stream halves still shared"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
     other.write_all(&leftover).await?;
-    let mut stream = read.unsplit(writer.into_raw());
+    let mut stream = stream.compat();
     let (from_stream, to_stream) = tokio::io::copy_bidirectional(&mut stream, &mut other).await?;
     Ok((from_stream + leftover.len() as u64, to_stream))
 }

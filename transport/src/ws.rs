@@ -62,6 +62,8 @@ pub struct WsIo<S> {
     read_buf: Bytes,
     /// Bytes written since the last message was sent.
     write_buf: BytesMut,
+    /// Whether something was written since the last `poll_flush` (see `poll_flush`).
+    dirty: bool,
     read_closed: bool,
     counters: Arc<IoCounters>,
 }
@@ -72,7 +74,14 @@ where
 {
     /// Wraps a WebSocket whose handshake (and ferry handshake) is done.
     pub fn new(ws: WebSocketStream<S>, counters: Arc<IoCounters>) -> Self {
-        Self { ws, read_buf: Bytes::new(), write_buf: BytesMut::new(), read_closed: false, counters }
+        Self {
+            ws,
+            read_buf: Bytes::new(),
+            write_buf: BytesMut::new(),
+            dirty: false,
+            read_closed: false,
+            counters,
+        }
     }
 
     /// Sends what is buffered as one binary message (without flushing the socket).
@@ -142,10 +151,21 @@ where
             ready!(self.poll_send_buffered(cx))?;
         }
         self.write_buf.extend_from_slice(buf);
+        self.dirty = true;
         Poll::Ready(Ok(buf.len()))
     }
 
+    /// yamux flushes after every frame it writes, then looks for more frames. Sending a message
+    /// and a syscall per frame would cost more than the frames themselves, so a flush that comes
+    /// right after new writes is deferred: this task is woken to run again at once, and the
+    /// bytes go out (as one message) at the first flush with nothing new written before it —
+    /// when yamux has no more frames ready — or as soon as [`MAX_PENDING_WRITE`] bytes wait.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.dirty && self.write_buf.len() < MAX_PENDING_WRITE {
+            self.dirty = false;
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(()));
+        }
         ready!(self.poll_send_buffered(cx))?;
         self.ws.poll_flush_unpin(cx).map_err(ws_to_io)
     }
