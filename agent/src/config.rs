@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_codec::{InstanceId, TunnelId};
+use ferry_codec::{InstanceId, Secret, TunnelId};
 use ferry_transport::SessionConfig;
 use http::Uri;
 use http::uri::{Authority, Scheme};
@@ -136,6 +136,8 @@ pub struct AgentConfig {
     pub upstream_ca: Option<PathBuf>,
     /// The gateway's agent endpoint.
     pub gateway: GatewayUrl,
+    /// The tunnel's secret; `None` for a gateway that runs without authentication.
+    pub secret: Option<Secret>,
     /// This process; stays the same across reconnects.
     pub instance_id: InstanceId,
     /// yamux limits (the agent's side of them).
@@ -164,6 +166,7 @@ impl AgentConfig {
             upstream,
             upstream_ca: None,
             gateway,
+            secret: None,
             instance_id: InstanceId(uuid::Uuid::new_v4()),
             session: SessionConfig::default(),
             connect_timeout: CONNECT_TIMEOUT,

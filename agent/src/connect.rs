@@ -2,7 +2,7 @@
 //! ferry handshake. Reconnect policy (backoff) lives in [`crate::run`].
 
 use ferry_codec::handshake::{AuthAccepted, check_version};
-use ferry_codec::{AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello};
+use ferry_codec::{AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello, Transcript};
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
 use http::HeaderValue;
 use tokio::net::TcpStream;
@@ -43,16 +43,39 @@ async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted)
 
     let hello = ServerHello::decode(recv_message(&mut ws).await?)?;
     check_version(hello.version)?;
+    if hello.auth_required && config.secret.is_none() {
+        return Err(ConnectError::SecretRequired);
+    }
+    let mac = config.secret.as_ref().map(|secret| {
+        Transcript::client(PROTOCOL_VERSION, &hello.nonce, &config.tunnel_id, &config.instance_id)
+            .sign(secret)
+    });
     let auth = ClientAuth {
         version: PROTOCOL_VERSION,
         tunnel_id: config.tunnel_id.clone(),
         instance_id: config.instance_id,
         agent_version: concat!("ferry-agent ", env!("CARGO_PKG_VERSION")).into(),
-        mac: None,
+        mac,
     };
     send_message(&mut ws, auth.encode()).await?;
     match AuthResult::decode(recv_message(&mut ws).await?)? {
-        AuthResult::Accepted(accepted) => Ok((ws, accepted)),
+        AuthResult::Accepted(accepted) => {
+            // Mutual: with a secret, only a gateway that proves it holds the same one is served.
+            if let Some(secret) = &config.secret {
+                let transcript = Transcript::server(
+                    PROTOCOL_VERSION,
+                    &hello.nonce,
+                    &config.tunnel_id,
+                    &config.instance_id,
+                    &accepted.session_id,
+                );
+                let proven = accepted.server_mac.is_some_and(|mac| transcript.verify(secret, &mac).is_ok());
+                if !proven {
+                    return Err(ConnectError::GatewayNotAuthenticated);
+                }
+            }
+            Ok((ws, accepted))
+        }
         AuthResult::Rejected(rejected) => {
             Err(ConnectError::Rejected { code: rejected.code, message: rejected.message })
         }

@@ -49,6 +49,12 @@ pub enum ConnectError {
     /// The gateway sent something we cannot accept.
     #[error("the gateway sent an invalid handshake message")]
     Protocol(#[from] CodecError),
+    /// The gateway requires a secret and the agent has none.
+    #[error("the gateway requires a secret and none is configured")]
+    SecretRequired,
+    /// The gateway could not prove it knows the tunnel's secret.
+    #[error("the gateway did not prove it knows the tunnel's secret")]
+    GatewayNotAuthenticated,
     /// The gateway refused us.
     #[error("the gateway refused the tunnel: {} ({message})", code.as_str())]
     Rejected {
@@ -68,6 +74,10 @@ impl ConnectError {
             }
             Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
             Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
+            Self::SecretRequired => "set FERRY_SECRET or --secret-file to the tunnel's secret",
+            Self::GatewayNotAuthenticated => {
+                "the gateway has no (or another) secret for this tunnel: check --gateway and the gateway's secrets; the agent will not serve an unauthenticated gateway"
+            }
             Self::Rejected { code, .. } => match code {
                 AuthErrorCode::BadCredentials => {
                     "check FERRY_SECRET / --secret-file against the gateway's secret for this tunnel"
@@ -84,6 +94,10 @@ impl ConnectError {
 
     /// Whether a person has to change something before a retry can succeed.
     pub fn needs_attention(&self) -> bool {
-        matches!(self, Self::Rejected { code, .. } if !code.is_transient())
+        match self {
+            Self::Rejected { code, .. } => !code.is_transient(),
+            Self::SecretRequired | Self::GatewayNotAuthenticated => true,
+            _ => false,
+        }
     }
 }

@@ -29,6 +29,7 @@ mod upstream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_codec::control::GoAwayReason;
 use ferry_transport::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -76,15 +77,30 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     info!(%url, "public URL");
                 }
                 let started = Instant::now();
-                match tunnel::serve(&upstream, ws, &accepted, &shutdown).await {
-                    Ok(SessionEnd::Shutdown) => return Ok(()),
-                    Ok(SessionEnd::Lost) => warn!("the gateway closed the session; reconnecting"),
-                    Err(err) => warn!(%err, "connection to the gateway lost; reconnecting"),
-                }
+                let end = tunnel::serve(&upstream, ws, &accepted, &shutdown).await;
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff.reset();
                 }
-                backoff.next_delay()
+                match end {
+                    Ok(SessionEnd::Shutdown) => return Ok(()),
+                    // An operator asked for a fresh session: come back at once.
+                    Ok(SessionEnd::GoAway(GoAwayReason::AdminDrain)) => {
+                        info!("session drained on the gateway's request; reconnecting");
+                        Duration::ZERO
+                    }
+                    Ok(SessionEnd::GoAway(reason)) => {
+                        info!(?reason, "session closed on the gateway's request; reconnecting");
+                        backoff.next_delay()
+                    }
+                    Ok(SessionEnd::Lost) => {
+                        warn!("the gateway closed the session; reconnecting");
+                        backoff.next_delay()
+                    }
+                    Err(err) => {
+                        warn!(%err, "connection to the gateway lost; reconnecting");
+                        backoff.next_delay()
+                    }
+                }
             }
             Err(err) => {
                 failures += 1;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_agent::AgentConfig;
 use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Upstream};
-use ferry_codec::TunnelId;
+use ferry_codec::{Secret, TunnelId};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -35,6 +35,11 @@ struct Args {
     #[arg(long, env = "GATEWAY_URL", default_value = DEFAULT_GATEWAY, value_parser = GatewayUrl::parse, value_name = "URL")]
     gateway: GatewayUrl,
 
+    /// File holding the tunnel's secret (or set FERRY_SECRET). Secrets are never taken from the
+    /// command line, where other users could read them.
+    #[arg(long, value_name = "PATH")]
+    secret_file: Option<std::path::PathBuf>,
+
     /// Give up after N failed connection attempts in a row (default: retry forever).
     #[arg(long, value_name = "N")]
     max_retries: Option<u32>,
@@ -52,14 +57,29 @@ fn parse_tunnel_id(text: &str) -> Result<TunnelId, String> {
     text.parse().map_err(|err| format!("{err}"))
 }
 
+/// The secret from `--secret-file` or `FERRY_SECRET` (not both).
+fn load_secret(file: Option<&std::path::Path>) -> anyhow::Result<Option<Secret>> {
+    let from_env = std::env::var("FERRY_SECRET").ok();
+    let text = match (file, from_env) {
+        (Some(_), Some(_)) => anyhow::bail!("give the secret once: FERRY_SECRET or --secret-file, not both"),
+        (Some(path), None) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the secret file {}", path.display()))?,
+        (None, Some(text)) => text,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Secret::from_text(&text).context("the secret is empty")?))
+}
+
 impl Args {
-    fn into_config(self) -> AgentConfig {
+    fn into_config(self) -> anyhow::Result<AgentConfig> {
+        let secret = load_secret(self.secret_file.as_deref())?;
         let mut config = AgentConfig::new(self.tunnel_id, self.upstream, self.gateway);
+        config.secret = secret;
         config.upstream_ca = self.upstream_ca_file;
         config.max_retries = self.max_retries;
         config.upstream_timeout = self.upstream_timeout;
         config.drain_timeout = self.drain_timeout;
-        config
+        Ok(config)
     }
 }
 
@@ -73,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    ferry_agent::run(args.into_config(), shutdown).await.context("agent stopped")?;
+    ferry_agent::run(args.into_config()?, shutdown).await.context("agent stopped")?;
     Ok(())
 }
 

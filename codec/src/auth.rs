@@ -51,6 +51,15 @@ impl Secret {
         Ok(Self(bytes.into_boxed_slice()))
     }
 
+    /// A secret as written in a file or an environment variable: surrounding whitespace (the
+    /// newline editors add) is not part of it.
+    ///
+    /// # Errors
+    /// Nothing is left after trimming.
+    pub fn from_text(text: &str) -> Result<Self, CodecError> {
+        Self::new(text.trim().as_bytes())
+    }
+
     /// The secret bytes, for callers that must derive something from them (a fingerprint).
     /// Never log or send them.
     pub fn expose(&self) -> &[u8] {

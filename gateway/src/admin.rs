@@ -1,12 +1,25 @@
-//! The gateway's own pages: `GET /` (health) and `GET /connections` (live sessions).
+//! The gateway's own pages: `GET /` (health, public) and the admin endpoints — `/connections`,
+//! `/connections/{tunnel_id}` (list, `DELETE` to close), `POST …/ping`, `POST …/drain`,
+//! `/metrics` — which answer loopback clients (unless turned off) or a matching bearer token.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_codec::TunnelId;
-use http::{Response, StatusCode};
+use ferry_codec::control::GoAwayReason;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tracing::info;
 
 use crate::Gateway;
-use crate::error::json_response;
+use crate::error::{ProxyError, json_response};
+use crate::routes::Action;
+
+/// How long an admin ping waits for the pong.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `GET /`: the gateway is up; how many agent sessions it has.
 pub(crate) fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
@@ -18,6 +31,35 @@ pub(crate) fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &body)
 }
 
+/// Whether the request may use the admin endpoints.
+///
+/// # Errors
+/// [`ProxyError::Unauthorized`].
+pub(crate) fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr) -> Result<(), ProxyError> {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+        }
+        v4 => v4,
+    };
+    if gateway.config.admin_loopback && ip.is_loopback() {
+        return Ok(());
+    }
+    let Some(token) = &gateway.config.admin_token else {
+        return Err(ProxyError::Unauthorized);
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    // Compare digests in constant time: neither the token's bytes nor its length leak.
+    let presented = Sha256::digest(presented.as_bytes());
+    let expected = Sha256::digest(token.expose());
+    if bool::from(presented.ct_eq(&expected)) { Ok(()) } else { Err(ProxyError::Unauthorized) }
+}
+
 /// `GET /connections` (every session) or `GET /connections/{tunnel_id}` (one tunnel's).
 pub(crate) fn connections(gateway: &Gateway, tunnel: Option<&TunnelId>) -> Response<Full<Bytes>> {
     let mut sessions = match tunnel {
@@ -27,4 +69,62 @@ pub(crate) fn connections(gateway: &Gateway, tunnel: Option<&TunnelId>) -> Respo
     sessions.sort_by(|a, b| (&a.tunnel_id, a.connected_at).cmp(&(&b.tunnel_id, b.connected_at)));
     let list: Vec<serde_json::Value> = sessions.iter().map(|s| s.to_json()).collect();
     json_response(StatusCode::OK, &serde_json::json!({ "sessions": list }))
+}
+
+/// `DELETE /connections/{tunnel_id}`: closes every session of the tunnel now.
+pub(crate) fn close(gateway: &Gateway, tunnel: &TunnelId) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let sessions = gateway.registry.of(tunnel);
+    if sessions.is_empty() {
+        return Err(ProxyError::TunnelNotFound);
+    }
+    for session in &sessions {
+        info!(tunnel_id = %tunnel, session_id = %session.id, "closing session on admin request");
+        session.cancel.cancel();
+    }
+    Ok(json_response(StatusCode::OK, &serde_json::json!({ "closed": sessions.len() })))
+}
+
+/// `POST /connections/{tunnel_id}/ping` or `/drain`.
+pub(crate) async fn act(
+    gateway: &Gateway,
+    tunnel: &TunnelId,
+    action: Action,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let sessions = gateway.registry.of(tunnel);
+    if sessions.is_empty() {
+        return Err(ProxyError::TunnelNotFound);
+    }
+    let mut results = Vec::with_capacity(sessions.len());
+    for session in &sessions {
+        let result = match action {
+            Action::Ping => match tokio::time::timeout(PING_TIMEOUT, session.control.ping()).await {
+                Ok(Ok(rtt)) => {
+                    serde_json::json!({ "session_id": session.id.to_string(), "rtt_ms": rtt.as_secs_f64() * 1000.0 })
+                }
+                Ok(Err(_)) => {
+                    serde_json::json!({ "session_id": session.id.to_string(), "error": "session closed" })
+                }
+                Err(_) => {
+                    serde_json::json!({ "session_id": session.id.to_string(), "error": "no pong within 5 s" })
+                }
+            },
+            Action::Drain => {
+                info!(tunnel_id = %tunnel, session_id = %session.id, "draining session on admin request");
+                session.go_away(GoAwayReason::AdminDrain, gateway.config.drain_timeout).await;
+                serde_json::json!({ "session_id": session.id.to_string(), "draining": true })
+            }
+        };
+        results.push(result);
+    }
+    let status = if action == Action::Drain { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok(json_response(status, &serde_json::json!({ "sessions": results })))
+}
+
+/// `GET /metrics`.
+pub(crate) fn metrics(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(gateway.metrics.render(&gateway.registry))));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
 }

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
+use ferry_codec::Secret;
 use ferry_transport::SessionConfig;
+
+use crate::auth::AuthSource;
 
 /// How long an agent has to complete the ferry handshake after its WebSocket is up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -14,8 +17,14 @@ pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client may take to send its request head (slowloris protection).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Heartbeat period announced to agents.
+/// Heartbeat period announced to agents (both sides ping this often on the control stream).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+/// Heartbeats a peer may miss before it is declared dead (so 60 s by default).
+pub const HEARTBEAT_MISSES: u32 = 3;
+/// How long a request for a tunnel whose agent is reconnecting waits before 503 `tunnel_offline`.
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most requests waiting at once for one offline tunnel; beyond this they get 503 at once.
+pub const MAX_PENDING: usize = 1024;
 /// Most bytes of request head hyper buffers before answering 431. Larger than any sane browser
 /// request (Cloudflare allows 32 KiB), well under the codec's head limit.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -44,6 +53,19 @@ pub struct GatewayConfig {
     pub header_read_timeout: Duration,
     /// See [`HEARTBEAT_INTERVAL`].
     pub heartbeat_interval: Duration,
+    /// See [`HEARTBEAT_MISSES`].
+    pub heartbeat_misses: u32,
+    /// See [`PENDING_TIMEOUT`].
+    pub pending_timeout: Duration,
+    /// See [`MAX_PENDING`].
+    pub max_pending: usize,
+    /// Where agent secrets come from.
+    pub auth: AuthSource,
+    /// Bearer token for the admin endpoints (`None`: loopback clients only, if allowed).
+    pub admin_token: Option<Secret>,
+    /// Whether loopback clients may use the admin endpoints without the token. Turn it off when
+    /// a reverse proxy on the same host forwards public traffic (every client looks local then).
+    pub admin_loopback: bool,
     /// See [`MAX_HEADER_BYTES`].
     pub max_header_bytes: usize,
     /// See [`MAX_HEADERS`].
@@ -64,6 +86,12 @@ impl Default for GatewayConfig {
             response_timeout: RESPONSE_TIMEOUT,
             header_read_timeout: HEADER_READ_TIMEOUT,
             heartbeat_interval: HEARTBEAT_INTERVAL,
+            heartbeat_misses: HEARTBEAT_MISSES,
+            pending_timeout: PENDING_TIMEOUT,
+            max_pending: MAX_PENDING,
+            auth: AuthSource::Open,
+            admin_token: None,
+            admin_loopback: true,
             max_header_bytes: MAX_HEADER_BYTES,
             max_headers: MAX_HEADERS,
             max_connections: MAX_CONNECTIONS,

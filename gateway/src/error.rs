@@ -15,6 +15,9 @@ pub enum GatewayError {
     /// An I/O error on the listener.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The auth file could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthFileError),
 }
 
 /// Why the gateway answered a public request itself. Each maps to a status and a stable code.
@@ -66,6 +69,15 @@ pub enum ProxyError {
     /// The request already went through this gateway.
     #[error("request loop detected")]
     LoopDetected,
+    /// The tunnel had an agent recently, but none came back in time.
+    #[error("the tunnel's agent is offline; retry later")]
+    TunnelOffline,
+    /// Too many failed attempts from this address; retry after the given seconds.
+    #[error("too many failed attempts; retry later")]
+    RateLimited(u64),
+    /// An admin endpoint without valid credentials.
+    #[error("admin endpoints need a loopback client or the admin bearer token")]
+    Unauthorized,
 }
 
 impl ProxyError {
@@ -82,6 +94,9 @@ impl ProxyError {
             Self::SessionLost | Self::UpstreamUnreachable(_) | Self::AgentError => StatusCode::BAD_GATEWAY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
+            Self::TunnelOffline => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -103,14 +118,18 @@ impl ProxyError {
             Self::AgentShuttingDown => "agent_shutting_down",
             Self::AgentError => "agent_error",
             Self::LoopDetected => "loop_detected",
+            Self::TunnelOffline => "tunnel_offline",
+            Self::RateLimited(_) => "rate_limited",
+            Self::Unauthorized => "unauthorized",
         }
     }
 
     /// Seconds after which a retry may succeed, for `Retry-After`.
-    fn retry_after(&self) -> Option<u32> {
+    fn retry_after(&self) -> Option<u64> {
         match self {
             Self::AtCapacity | Self::AgentShuttingDown => Some(1),
-            Self::AgentRefused(_) => Some(5),
+            Self::AgentRefused(_) | Self::TunnelOffline => Some(5),
+            Self::RateLimited(seconds) => Some(*seconds),
             _ => None,
         }
     }
@@ -136,6 +155,11 @@ impl ProxyError {
         let mut response = json_response(self.status(), &body);
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"ferry admin\""));
         }
         response
     }

@@ -18,14 +18,18 @@
 //! - `tunnel` — the agent endpoint, the handshake and the session lifecycle.
 //! - [`registry`] — live sessions by tunnel id.
 //! - [`session`] — one session as the rest of the gateway sees it.
-//! - `admin` — `GET /` and `GET /connections`.
+//! - [`auth`] — agent secrets, MAC checks, the failed-attempt limiter.
+//! - `admin` — `GET /`, the admin endpoints (`/connections`, actions, `/metrics`).
+//! - [`metrics`] — counters and their Prometheus rendering.
 //! - [`error`] — [`GatewayError`] and [`ProxyError`] (the JSON errors clients see).
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
 mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 mod proxy;
 pub mod registry;
 mod routes;
@@ -34,11 +38,11 @@ pub mod session;
 mod tunnel;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use ferry_codec::TunnelId;
-use http::{HeaderMap, Request, Response, header};
+use http::{HeaderMap, Method, Request, Response, header};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
@@ -46,10 +50,13 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use auth::{AuthFileError, FailureLimiter, Secrets};
 pub use config::GatewayConfig;
 pub use error::{GatewayError, ProxyError};
+use ferry_codec::control::GoAwayReason;
+use metrics::Metrics;
 use proxy::ResponseBody;
 pub use registry::Registry;
 use routes::{Route, normalize_host, route};
@@ -73,6 +80,12 @@ pub struct Gateway {
     via_token: String,
     request_prefix: u32,
     request_counter: AtomicU64,
+    /// The agent secrets in force; replaced whole on reload.
+    secrets: RwLock<Arc<Secrets>>,
+    /// Failed handshakes per address.
+    failures: FailureLimiter,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
 }
 
 impl Gateway {
@@ -82,6 +95,10 @@ impl Gateway {
     /// The configuration is invalid.
     pub fn new(config: GatewayConfig, shutdown: CancellationToken) -> Result<Arc<Self>, GatewayError> {
         config.session.validate().map_err(GatewayError::Config)?;
+        if config.heartbeat_interval.is_zero() || config.heartbeat_misses == 0 {
+            return Err(GatewayError::Config("the heartbeat interval and misses must be positive".into()));
+        }
+        let secrets = Secrets::load(&config.auth)?;
         let mut random = [0u8; 4];
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
         let instance = u32::from_be_bytes(random);
@@ -96,7 +113,34 @@ impl Gateway {
             via_token: format!("ferry-{instance:08x}"),
             request_prefix: instance,
             request_counter: AtomicU64::new(0),
+            secrets: RwLock::new(Arc::new(secrets)),
+            failures: FailureLimiter::default(),
+            metrics: Metrics::default(),
         }))
+    }
+
+    /// The secrets in force now.
+    fn secrets(&self) -> Arc<Secrets> {
+        Arc::clone(&self.secrets.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reloads the auth file (on SIGHUP). Sessions that authenticated with a secret that is no
+    /// longer listed are told why and closed. On error the old secrets stay in force.
+    ///
+    /// # Errors
+    /// The file cannot be read or is invalid.
+    pub async fn reload_auth(&self) -> Result<(), AuthFileError> {
+        let secrets = Arc::new(Secrets::load(&self.config.auth)?);
+        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&secrets);
+        info!(tunnels = secrets.tunnel_count(), "agent secrets reloaded");
+        for session in self.registry.all() {
+            if !secrets.still_allows(&session.tunnel_id, session.secret.as_ref()) {
+                warn!(tunnel_id = %session.tunnel_id, session_id = %session.id, "secret revoked; closing the session");
+                session.go_away(GoAwayReason::CredentialsRevoked, std::time::Duration::ZERO).await;
+                session.cancel.cancel();
+            }
+        }
+        Ok(())
     }
 
     /// Accepts on `listener` until shutdown, then drains: lets in-flight requests finish (up to
@@ -105,9 +149,24 @@ impl Gateway {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, domain = self.config.domain.as_deref().unwrap_or("-"), "gateway listening");
         }
-        warn!("no agent secret configured: any well-formed tunnel id is accepted");
+        let secrets = self.secrets();
+        match (&*secrets, secrets.tunnel_count()) {
+            (Secrets::Open, _) => {
+                warn!(
+                    "no agent secret configured: any well-formed tunnel id is accepted (set FERRY_SECRET, --secret-file or --auth-file)"
+                );
+            }
+            (_, Some(tunnels)) => info!(tunnels, "agents authenticate with per-tunnel secrets"),
+            (_, None) => info!("agents authenticate with the shared secret"),
+        }
+        if self.config.admin_token.is_none() && !self.config.admin_loopback {
+            error!("admin endpoints are unreachable: no admin token and loopback access turned off");
+        }
         server::accept_loop(Arc::clone(self), listener).await;
-        info!("shutting down: draining requests in flight");
+        info!("shutting down: telling agents to go away, draining requests in flight");
+        for session in self.registry.all() {
+            session.go_away(GoAwayReason::Shutdown, self.config.drain_timeout).await;
+        }
         self.tracker.close();
         if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
             warn!("drain deadline passed with requests still in flight");
@@ -172,26 +231,46 @@ impl Gateway {
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
         let route = route(self.config.domain.as_deref(), host.as_deref(), path_and_query);
         let request_id = self.next_request_id();
-        let is_read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
-        let result = match route {
-            Route::Tunnel { id, target } => {
-                return match proxy::forward(self, request, peer, &id, target, &request_id).await {
-                    Ok(response) => response,
-                    Err(err) => {
-                        debug!(%err, tunnel_id = %id, request_id, "request answered by the gateway");
-                        err.to_response(&request_id).map(Either::Left)
-                    }
-                };
+        if let Route::Tunnel { id, target } = route {
+            let response = match proxy::forward(self, request, peer, &id, target, &request_id).await {
+                Ok(response) => response,
+                Err(err) => {
+                    debug!(%err, tunnel_id = %id, request_id, "request answered by the gateway");
+                    err.to_response(&request_id).map(Either::Left)
+                }
+            };
+            self.metrics.request(response.status().as_u16());
+            return response;
+        }
+        let method = request.method().clone();
+        let read = method == Method::GET || method == Method::HEAD;
+        let admin = matches!(
+            route,
+            Route::Connections | Route::TunnelConnections(_) | Route::ConnectionAction(..) | Route::Metrics
+        );
+        let result = if admin && let Err(err) = admin::authorize(self, request.headers(), peer) {
+            Err(err)
+        } else {
+            match route {
+                // Forwarded above; never reaches this match.
+                Route::Tunnel { .. } => Err(ProxyError::NotFound),
+                Route::AgentConnect => tunnel::accept(self, request, peer),
+                Route::Health if read => Ok(admin::health(self)),
+                Route::Connections if read => Ok(admin::connections(self, None)),
+                Route::TunnelConnections(id) if read => Ok(admin::connections(self, Some(&id))),
+                Route::TunnelConnections(id) if method == Method::DELETE => admin::close(self, &id),
+                Route::ConnectionAction(id, action) if method == Method::POST => {
+                    admin::act(self, &id, action).await
+                }
+                Route::Metrics if read => Ok(admin::metrics(self)),
+                Route::Health
+                | Route::Connections
+                | Route::TunnelConnections(_)
+                | Route::ConnectionAction(..)
+                | Route::Metrics => Err(ProxyError::MethodNotAllowed),
+                Route::InvalidTunnelId(text) => Err(ProxyError::InvalidTunnelId(text)),
+                Route::NotFound => Err(ProxyError::NotFound),
             }
-            Route::AgentConnect => tunnel::accept(self, request, peer),
-            Route::Health if is_read => Ok(admin::health(self)),
-            Route::Connections if is_read => Ok(admin::connections(self, None)),
-            Route::TunnelConnections(id) if is_read => Ok(admin::connections(self, Some(&id))),
-            Route::Health | Route::Connections | Route::TunnelConnections(_) => {
-                Err(ProxyError::MethodNotAllowed)
-            }
-            Route::InvalidTunnelId(text) => Err(ProxyError::InvalidTunnelId(text)),
-            Route::NotFound => Err(ProxyError::NotFound),
         };
         result.unwrap_or_else(|err| err.to_response(&request_id)).map(Either::Left)
     }

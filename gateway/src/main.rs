@@ -2,12 +2,15 @@
 //! runs the library.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_gateway::GatewayConfig;
+use ferry_codec::Secret;
+use ferry_gateway::auth::AuthSource;
 use ferry_gateway::config::parse_domain;
+use ferry_gateway::{Gateway, GatewayConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -38,6 +41,48 @@ struct Args {
     /// How long a shutdown (SIGINT/SIGTERM) waits for requests in flight.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
+
+    /// File holding one secret every agent must prove it holds (or set FERRY_SECRET). Secrets
+    /// are never taken from the command line.
+    #[arg(long, value_name = "PATH", conflicts_with = "auth_file")]
+    secret_file: Option<PathBuf>,
+
+    /// TOML file with per-tunnel secrets (`[tunnels.<id>] secrets = ["..."]`, two while
+    /// rotating). Reloaded on SIGHUP; sessions using a removed secret are closed.
+    #[arg(long, value_name = "PATH")]
+    auth_file: Option<PathBuf>,
+
+    /// File holding the bearer token for the admin endpoints (or set FERRY_ADMIN_TOKEN).
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Require the admin token from loopback clients too (use behind a reverse proxy on the
+    /// same host, where every client looks local).
+    #[arg(long)]
+    no_loopback_admin: bool,
+
+    /// How long a request waits for a reconnecting agent before 503 `tunnel_offline`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pending_timeout: Duration,
+
+    /// How often both sides send a heartbeat on the control stream; three missed ones end the
+    /// session.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    heartbeat_interval: Duration,
+}
+
+/// A secret from `file` or the environment variable `var` (not both); `None` when neither is set.
+fn load_secret(file: Option<&Path>, var: &str) -> anyhow::Result<Option<Secret>> {
+    let from_env = std::env::var(var).ok();
+    let text = match (file, from_env) {
+        (Some(_), Some(_)) => anyhow::bail!("give it once: {var} or the file flag, not both"),
+        (Some(path), None) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        (None, Some(text)) => text,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Secret::from_text(&text).with_context(|| format!("{var}: the value is empty"))?))
 }
 
 /// Parses `:PORT`, `HOST:PORT`, `IP:PORT` and `[IPv6]:PORT`.
@@ -64,6 +109,19 @@ impl Args {
         config.session.validate().map_err(anyhow::Error::msg).context("--max-streams")?;
         config.response_timeout = self.response_timeout;
         config.drain_timeout = self.drain_timeout;
+        config.pending_timeout = self.pending_timeout;
+        anyhow::ensure!(!self.heartbeat_interval.is_zero(), "--heartbeat-interval must be positive");
+        config.heartbeat_interval = self.heartbeat_interval;
+        let shared = load_secret(self.secret_file.as_deref(), "FERRY_SECRET").context("agent secret")?;
+        config.auth = match (shared, self.auth_file) {
+            (Some(_), Some(_)) => anyhow::bail!("FERRY_SECRET and --auth-file exclude each other"),
+            (Some(secret), None) => AuthSource::Shared(secret),
+            (None, Some(path)) => AuthSource::File(path),
+            (None, None) => AuthSource::Open,
+        };
+        config.admin_token =
+            load_secret(self.admin_token_file.as_deref(), "FERRY_ADMIN_TOKEN").context("admin token")?;
+        config.admin_loopback = !self.no_loopback_admin;
         Ok(config)
     }
 }
@@ -82,8 +140,31 @@ async fn main() -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    ferry_gateway::run(config, listener, shutdown).await?;
+    let reloadable = matches!(config.auth, AuthSource::File(_));
+    let gateway = Gateway::new(config, shutdown).context("cannot start the gateway")?;
+    #[cfg(unix)]
+    if reloadable {
+        tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway)));
+    }
+    gateway.serve(listener).await;
     Ok(())
+}
+
+/// Reloads the auth file on every SIGHUP; a bad file leaves the old secrets in force.
+#[cfg(unix)]
+async fn reload_on_sighup(gateway: std::sync::Arc<Gateway>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; the auth file will not be reloaded");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        if let Err(err) = gateway.reload_auth().await {
+            tracing::error!(
+                err = format!("{:#}", anyhow::Error::new(err)),
+                "auth file reload failed; the old secrets stay in force"
+            );
+        }
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

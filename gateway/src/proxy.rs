@@ -27,7 +27,7 @@ use tracing::{Instrument, debug};
 
 use crate::Gateway;
 use crate::error::ProxyError;
-use crate::session::InFlight;
+use crate::session::{InFlight, Session};
 
 /// The body of every response the gateway sends.
 pub(crate) type ResponseBody = Either<Full<Bytes>, TunnelBody>;
@@ -48,24 +48,35 @@ pub(crate) async fn forward(
     if gateway.seen_before(request.headers()) {
         return Err(ProxyError::LoopDetected);
     }
-    let session = gateway.registry.pick(id).ok_or(ProxyError::TunnelNotFound)?;
+    let mut session = pick_session(gateway, id).await?;
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
     let head = request_head(gateway, parts, peer, target, request_id, upgrade, body_len);
 
-    let in_flight = session.begin_request();
-    let stream = match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(TransportError::Yamux(yamux::ConnectionError::TooManyStreams))) => {
-            return Err(ProxyError::AtCapacity);
+    // Nothing has reached an agent until the head is written: a session that closed before that
+    // is skipped and the request goes to another (or waits for one to come back).
+    let mut attempts = 0;
+    let (stream, in_flight) = loop {
+        let in_flight = session.begin_request();
+        match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await {
+            Ok(Ok(stream)) => break (stream, in_flight),
+            Ok(Err(TransportError::Yamux(yamux::ConnectionError::TooManyStreams))) => {
+                return Err(ProxyError::AtCapacity);
+            }
+            Ok(Err(err)) if attempts < MAX_OPEN_ATTEMPTS => {
+                debug!(%err, "session closed before the request was sent; trying another");
+                attempts += 1;
+                drop(in_flight);
+                session = pick_session(gateway, id).await?;
+            }
+            Ok(Err(err)) => {
+                debug!(%err, "opening a stream failed");
+                return Err(ProxyError::SessionLost);
+            }
+            Err(_) => return Err(ProxyError::AgentUnresponsive),
         }
-        Ok(Err(err)) => {
-            debug!(%err, "opening a stream failed");
-            return Err(ProxyError::SessionLost);
-        }
-        Err(_) => return Err(ProxyError::AgentUnresponsive),
     };
     let (mut reader, mut writer) = split(stream);
     writer.send(&Frame::Head(Head::Request(head))).await.map_err(|_| ProxyError::SessionLost)?;
@@ -120,6 +131,31 @@ pub(crate) async fn forward(
     }
     let body = TunnelBody { inner: FrameBody::new(reader, None), _in_flight: in_flight };
     Ok(build_response(status, headers, Either::Right(body)))
+}
+
+/// Sessions tried for one request whose stream could not be opened (each closed under it).
+const MAX_OPEN_ATTEMPTS: u32 = 3;
+
+/// A session for the tunnel: the least loaded live one, or — when its agent is expected back
+/// (reconnecting, restarting, draining) — the first to come back within the pending timeout.
+async fn pick_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, ProxyError> {
+    if let Some(session) = gateway.registry.pick(id) {
+        return Ok(session);
+    }
+    if !gateway.registry.expects_agent(id) {
+        return Err(ProxyError::TunnelNotFound);
+    }
+    let Some(_slot) = gateway.registry.pending_slot(id, gateway.config.max_pending) else {
+        gateway.metrics.pending(false);
+        return Err(ProxyError::TunnelOffline);
+    };
+    let back = gateway.registry.wait_until(|registry| registry.pick(id).is_some());
+    let session = match tokio::time::timeout(gateway.config.pending_timeout, back).await {
+        Ok(()) => gateway.registry.pick(id),
+        Err(_) => None,
+    };
+    gateway.metrics.pending(session.is_some());
+    session.ok_or(ProxyError::TunnelOffline)
 }
 
 /// Where the request body stands when the response head arrives.

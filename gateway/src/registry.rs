@@ -1,36 +1,118 @@
 //! The registry of live agent sessions: tunnel id → sessions (several when replicas serve one
-//! tunnel). A std `RwLock` guards a map that is only touched for a few instructions at a time and
-//! never across an `.await`.
+//! tunnel), plus what pending requests need: which tunnels went offline recently, and how many
+//! requests wait for each. Std locks guard maps that are only touched for a few instructions at a
+//! time and never across an `.await`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ferry_codec::{SessionId, TunnelId};
 use tokio::sync::watch;
 
 use crate::session::Session;
 
+/// How long after its last session ended a tunnel counts as "offline" rather than unknown:
+/// requests for it wait for an agent to come back instead of getting 404.
+pub const OFFLINE_MEMORY: Duration = Duration::from_secs(600);
+/// Most tunnels remembered as offline; older entries are forgotten first.
+const MAX_OFFLINE: usize = 100_000;
+
 /// Live sessions by tunnel.
 #[derive(Debug)]
 pub struct Registry {
     tunnels: RwLock<HashMap<TunnelId, Vec<Arc<Session>>>>,
-    /// Bumped on every change, so waiters (tests, pending requests) wake up.
+    /// When each tunnel lost its last session.
+    offline: Mutex<HashMap<TunnelId, Instant>>,
+    /// Requests waiting for each offline tunnel.
+    pending: Mutex<HashMap<TunnelId, usize>>,
+    /// Bumped on every change, so waiters (pending requests, tests) wake up.
     changes: watch::Sender<u64>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { tunnels: RwLock::default(), changes: watch::Sender::new(0) }
+        Self {
+            tunnels: RwLock::default(),
+            offline: Mutex::default(),
+            pending: Mutex::default(),
+            changes: watch::Sender::new(0),
+        }
     }
 }
 
+/// What [`Registry::insert`] did.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// Older sessions of the same agent instance, now out of the registry: the agent reconnected
+    /// and they are stale. The caller closes them.
+    pub replaced: Vec<Arc<Session>>,
+    /// Whether the tunnel had a session before (an agent coming back).
+    pub reconnect: bool,
+}
+
 impl Registry {
-    /// Adds a session that finished its handshake.
-    pub fn insert(&self, session: Arc<Session>) {
+    /// Adds a session that finished its handshake; a stale session of the same agent instance is
+    /// taken out.
+    pub fn insert(&self, session: Arc<Session>) -> Inserted {
         let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
-        tunnels.entry(session.tunnel_id.clone()).or_default().push(session);
+        let sessions = tunnels.entry(session.tunnel_id.clone()).or_default();
+        let (replaced, kept): (Vec<_>, Vec<_>) =
+            sessions.drain(..).partition(|s| s.instance_id == session.instance_id);
+        *sessions = kept;
+        sessions.push(Arc::clone(&session));
         drop(tunnels);
+        let was_offline = self.lock_offline().remove(&session.tunnel_id).is_some();
         self.changes.send_modify(|n| *n += 1);
+        Inserted { reconnect: was_offline || !replaced.is_empty(), replaced }
+    }
+
+    /// Removes a session (when it ends). Unknown ids are ignored.
+    pub fn remove(&self, tunnel_id: &TunnelId, session_id: SessionId) {
+        let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
+        let mut now_offline = false;
+        if let Some(sessions) = tunnels.get_mut(tunnel_id) {
+            let before = sessions.len();
+            sessions.retain(|s| s.id != session_id);
+            if sessions.is_empty() {
+                tunnels.remove(tunnel_id);
+                now_offline = before > 0;
+            }
+        }
+        drop(tunnels);
+        if now_offline {
+            let mut offline = self.lock_offline();
+            if offline.len() >= MAX_OFFLINE {
+                offline.retain(|_, since| since.elapsed() < OFFLINE_MEMORY);
+            }
+            if offline.len() < MAX_OFFLINE {
+                offline.insert(tunnel_id.clone(), Instant::now());
+            }
+        }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn lock_offline(&self) -> std::sync::MutexGuard<'_, HashMap<TunnelId, Instant>> {
+        self.offline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the tunnel has sessions (perhaps all draining) or lost its last one within
+    /// [`OFFLINE_MEMORY`]: an agent is expected back, so requests may wait for it.
+    pub fn expects_agent(&self, tunnel_id: &TunnelId) -> bool {
+        let has_sessions = self.tunnels.read().unwrap_or_else(|e| e.into_inner()).contains_key(tunnel_id);
+        has_sessions
+            || self.lock_offline().get(tunnel_id).is_some_and(|since| since.elapsed() < OFFLINE_MEMORY)
+    }
+
+    /// Reserves one of `max` places to wait for an offline tunnel; `None` when all are taken.
+    pub fn pending_slot(&self, tunnel_id: &TunnelId, max: usize) -> Option<PendingSlot<'_>> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let count = pending.entry(tunnel_id.clone()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(PendingSlot { registry: self, tunnel_id: tunnel_id.clone() })
     }
 
     /// Waits until `condition` holds for the registry (checked now and after every change).
@@ -44,19 +126,6 @@ impl Registry {
                 return;
             }
         }
-    }
-
-    /// Removes a session (when it ends). Unknown ids are ignored.
-    pub fn remove(&self, tunnel_id: &TunnelId, session_id: SessionId) {
-        let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(sessions) = tunnels.get_mut(tunnel_id) {
-            sessions.retain(|s| s.id != session_id);
-            if sessions.is_empty() {
-                tunnels.remove(tunnel_id);
-            }
-        }
-        drop(tunnels);
-        self.changes.send_modify(|n| *n += 1);
     }
 
     /// The session with the fewest requests in flight among those taking new requests.
@@ -86,5 +155,29 @@ impl Registry {
     /// Whether no session is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of tunnels with a live session.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A place among the requests waiting for an offline tunnel; given back on drop.
+#[derive(Debug)]
+pub struct PendingSlot<'a> {
+    registry: &'a Registry,
+    tunnel_id: TunnelId,
+}
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.registry.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = pending.get_mut(&self.tunnel_id) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(&self.tunnel_id);
+            }
+        }
     }
 }

@@ -15,8 +15,12 @@ pub(crate) enum Route {
     Health,
     /// `GET /connections`: live sessions.
     Connections,
-    /// `GET /connections/{tunnel_id}`: the sessions of one tunnel.
+    /// `GET /connections/{tunnel_id}` (and `DELETE`: close them): the sessions of one tunnel.
     TunnelConnections(TunnelId),
+    /// `POST /connections/{tunnel_id}/{action}`.
+    ConnectionAction(TunnelId, Action),
+    /// `GET /metrics`: Prometheus text.
+    Metrics,
     /// `GET /ws`: an agent connecting.
     AgentConnect,
     /// To a tunnel, with the target (path and query) the upstream should see.
@@ -25,6 +29,15 @@ pub(crate) enum Route {
     InvalidTunnelId(String),
     /// Nothing here.
     NotFound,
+}
+
+/// Admin actions on the sessions of one tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Measure the round-trip time over the control stream.
+    Ping,
+    /// Ask the agent to drain and reconnect.
+    Drain,
 }
 
 /// Lowercase host without port or trailing dot, so `Agent-…-Web.Example.com.:443` and
@@ -83,11 +96,21 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
         "/" => Route::Health,
         "/ws" => Route::AgentConnect,
         "/connections" => Route::Connections,
-        _ => match path.strip_prefix("/connections/").map(str::parse::<TunnelId>) {
-            Some(Ok(id)) => Route::TunnelConnections(id),
-            Some(Err(_)) => Route::NotFound,
-            None => Route::NotFound,
-        },
+        "/metrics" => Route::Metrics,
+        _ => {
+            let Some(rest) = path.strip_prefix("/connections/") else { return Route::NotFound };
+            let (id, action) = match rest.split_once('/') {
+                Some((id, "ping")) => (id, Some(Action::Ping)),
+                Some((id, "drain")) => (id, Some(Action::Drain)),
+                Some(_) => return Route::NotFound,
+                None => (rest, None),
+            };
+            match (id.parse::<TunnelId>(), action) {
+                (Ok(id), None) => Route::TunnelConnections(id),
+                (Ok(id), Some(action)) => Route::ConnectionAction(id, action),
+                (Err(_), _) => Route::NotFound,
+            }
+        }
     }
 }
 
@@ -139,6 +162,17 @@ mod tests {
             Route::TunnelConnections(ID.parse().unwrap())
         );
         assert_eq!(route(None, None, "/favicon.ico"), Route::NotFound);
+        assert_eq!(route(None, None, "/metrics"), Route::Metrics);
+        let id: TunnelId = ID.parse().unwrap();
+        assert_eq!(
+            route(None, None, &format!("/connections/{ID}/ping")),
+            Route::ConnectionAction(id.clone(), Action::Ping)
+        );
+        assert_eq!(
+            route(None, None, &format!("/connections/{ID}/drain")),
+            Route::ConnectionAction(id, Action::Drain)
+        );
+        assert_eq!(route(None, None, &format!("/connections/{ID}/other")), Route::NotFound);
     }
 
     #[test]

@@ -6,9 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_codec::{InstanceId, SessionId, TunnelId};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_codec::control::{GoAwayReason, HealthState};
+use ferry_codec::{ControlMessage, InstanceId, SessionId, TunnelId};
+use ferry_transport::control::ControlHandle;
 use ferry_transport::{IoCounters, StreamOpener, TransportError, yamux};
 use tokio_util::sync::CancellationToken;
+
+use crate::auth::Fingerprint;
 
 /// A live agent session.
 #[derive(Debug)]
@@ -36,21 +43,41 @@ pub struct Session {
     draining: AtomicBool,
     /// Cancelling it ends the session.
     pub cancel: CancellationToken,
+    /// The control stream (heartbeat, go-away, admin pings).
+    pub control: ControlHandle,
+    /// Which secret the agent authenticated with (`None` without authentication).
+    pub secret: Option<Fingerprint>,
+    /// What the agent last said about its upstream.
+    health: Mutex<(HealthState, String)>,
+}
+
+/// Who the agent is, as established by the handshake.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Chosen by the gateway.
+    pub id: SessionId,
+    /// The tunnel served.
+    pub tunnel_id: TunnelId,
+    /// The agent process.
+    pub instance_id: InstanceId,
+    /// The agent's build.
+    pub agent_version: String,
+    /// The agent's address.
+    pub peer: SocketAddr,
+    /// The secret it proved it holds.
+    pub secret: Option<Fingerprint>,
 }
 
 impl Session {
     /// A session that completed its handshake.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: SessionId,
-        tunnel_id: TunnelId,
-        instance_id: InstanceId,
-        agent_version: String,
-        peer: SocketAddr,
+        identity: Identity,
         opener: StreamOpener,
+        control: ControlHandle,
         counters: Arc<IoCounters>,
         cancel: CancellationToken,
     ) -> Self {
+        let Identity { id, tunnel_id, instance_id, agent_version, peer, secret } = identity;
         Self {
             id,
             tunnel_id,
@@ -66,7 +93,23 @@ impl Session {
             counters,
             draining: AtomicBool::new(false),
             cancel,
+            control,
+            secret,
+            health: Mutex::new((HealthState::Unknown, String::new())),
         }
+    }
+
+    /// Records what the agent said about its upstream.
+    pub fn set_health(&self, state: HealthState, detail: String) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = (state, detail);
+    }
+
+    /// Tells the agent to go away (it finishes what is in flight and reconnects); no new request
+    /// is routed here from now on.
+    pub async fn go_away(&self, reason: GoAwayReason, grace: Duration) {
+        self.set_draining();
+        // The session may be gone already; then there is nobody to tell.
+        let _ = self.control.send(ControlMessage::GoAway { reason, grace }).await;
     }
 
     /// Whether new requests may go to this session.
@@ -119,6 +162,13 @@ impl Session {
     /// The `/connections` entry.
     pub fn to_json(&self) -> serde_json::Value {
         let since = self.connected_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let (health, detail) = self.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let health = match health {
+            HealthState::Unknown => "unknown",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+        };
+        let rtt_ms = self.control.rtt().map(|rtt| rtt.as_secs_f64() * 1000.0);
         serde_json::json!({
             "tunnel_id": self.tunnel_id.as_str(),
             "session_id": self.id.to_string(),
@@ -132,6 +182,10 @@ impl Session {
             "bytes_to_agent": self.counters.tx.load(Ordering::Relaxed),
             "bytes_from_agent": self.counters.rx.load(Ordering::Relaxed),
             "draining": self.draining.load(Ordering::Relaxed),
+            "heartbeat_rtt_ms": rtt_ms,
+            "upstream_health": health,
+            "upstream_health_detail": detail,
+            "authenticated": self.secret.is_some(),
         })
     }
 }

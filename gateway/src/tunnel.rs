@@ -1,15 +1,21 @@
 //! The agent endpoint: `GET /ws` upgrades to a WebSocket, the ferry handshake runs over it, and the
 //! connection becomes a yamux session registered under its tunnel id until it ends.
+//!
+//! Session lifecycle: handshake (bounded by the handshake timeout) → the agent opens the control
+//! stream (same bound) → registered → heartbeats both ways until the peer misses three, the agent
+//! or the gateway closes it, or a newer session of the same agent instance replaces it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferry_codec::control::GoAwayReason;
 use ferry_codec::handshake::{AuthAccepted, AuthRejected, SessionLimits, check_version};
 use ferry_codec::{
     AuthErrorCode, AuthResult, ClientAuth, CodecError, ControlMessage, Nonce, PROTOCOL_VERSION, ServerHello,
     SessionId,
 };
+use ferry_transport::control::{self, ControlError, Heartbeat};
 use ferry_transport::session::session;
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
 use ferry_transport::{IoCounters, TransportError, WsIo, yamux};
@@ -18,19 +24,19 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tokio_util::codec::FramedRead;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::Gateway;
+use crate::auth::server_mac;
 use crate::error::ProxyError;
-use crate::session::Session;
+use crate::session::{Identity, Session};
 
 /// Largest WebSocket message before the handshake completes: a `ClientAuth` is under 250 bytes,
 /// so an unauthenticated peer cannot make the gateway buffer more than this.
@@ -43,6 +49,9 @@ pub(crate) fn accept(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
+    if let Some(wait) = gateway.failures.blocked(peer.ip()) {
+        return Err(ProxyError::RateLimited(wait.as_secs().max(1)));
+    }
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && ferry_transport::heads::wants_upgrade(headers)
@@ -110,24 +119,30 @@ type AgentWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Handshake, then the session until it ends.
 async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: Option<String>) {
-    let handshake =
-        tokio::time::timeout(gateway.config.handshake_timeout, handshake(&gateway, &mut ws, host.as_deref()));
-    let (auth, accepted) = match handshake.await {
+    let handshake = tokio::time::timeout(
+        gateway.config.handshake_timeout,
+        handshake(&gateway, &mut ws, peer, host.as_deref()),
+    );
+    let (identity, heartbeat_interval) = match handshake.await {
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
-            warn!(code = failure.code.as_str(), detail = %failure.detail, "agent handshake failed");
+            warn!(code = failure.code.as_str(), detail = %failure.detail, %peer, "agent handshake failed");
+            gateway.failures.record(peer.ip());
+            gateway.metrics.handshake_failure(failure.code);
             reject(ws, failure.code).await;
             return;
         }
         Err(_) => {
-            warn!("agent handshake timed out");
+            warn!(%peer, "agent handshake timed out");
+            gateway.failures.record(peer.ip());
+            gateway.metrics.handshake_failure(AuthErrorCode::HandshakeTimeout);
             reject(ws, AuthErrorCode::HandshakeTimeout).await;
             return;
         }
     };
     let span = tracing::Span::current();
-    span.record("tunnel_id", auth.tunnel_id.as_str());
-    span.record("session_id", tracing::field::display(accepted.session_id));
+    span.record("tunnel_id", identity.tunnel_id.as_str());
+    span.record("session_id", tracing::field::display(identity.id));
 
     // Past the handshake the peer is a known agent: lift the message cap to the session's. The
     // agent sends nothing between ClientAuth and our AuthResult, so nothing is buffered here.
@@ -136,35 +151,72 @@ async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: O
     let (driver, opener) =
         session(WsIo::new(ws, Arc::clone(&counters)), yamux::Mode::Server, &gateway.config.session);
     let cancel = gateway.sessions.child_token();
-    let session = Arc::new(Session::new(
-        accepted.session_id,
-        auth.tunnel_id.clone(),
-        auth.instance_id,
-        auth.agent_version.clone(),
-        peer,
-        opener,
-        counters,
-        cancel.clone(),
-    ));
 
-    // The agent opens exactly one stream, the control stream; anything else is refused (reset).
-    let mut control_taken = false;
-    let control_session = Arc::clone(&session);
-    let tracker = gateway.session_tracker.clone();
-    let on_inbound = move |stream: yamux::Stream| {
-        if control_taken {
-            warn!("agent opened an unexpected stream; resetting it");
-            return;
+    // The agent opens exactly one stream, the control stream. Another one is a protocol
+    // violation: only this agent's session dies for it.
+    let (control_tx, control_rx) = oneshot::channel();
+    let mut control_slot = Some(control_tx);
+    let violation = cancel.clone();
+    let on_inbound = move |stream: yamux::Stream| match control_slot.take() {
+        Some(slot) => {
+            let _ = slot.send(stream);
         }
-        control_taken = true;
-        tracker.spawn(control(Arc::clone(&control_session), stream).in_current_span());
+        None => {
+            warn!("agent opened a stream it may not open; closing its session");
+            violation.cancel();
+        }
     };
 
-    gateway.registry.insert(Arc::clone(&session));
-    info!(agent_version = %auth.agent_version, "tunnel up");
-    let result = driver.run(on_inbound, cancel.clone()).await;
+    let (handle, control_loop, mut events) = control::channel();
+    let session = Arc::new(Session::new(identity, opener, handle, Arc::clone(&counters), cancel.clone()));
+    let heartbeat = Heartbeat { interval: heartbeat_interval, misses: gateway.config.heartbeat_misses };
+    let lifecycle = async {
+        let stream = match tokio::time::timeout(gateway.config.handshake_timeout, control_rx).await {
+            Ok(Ok(stream)) => stream,
+            _ => {
+                warn!("agent did not open its control stream; closing the session");
+                cancel.cancel();
+                return;
+            }
+        };
+        let inserted = gateway.registry.insert(Arc::clone(&session));
+        gateway.metrics.session_started(inserted.reconnect);
+        for stale in inserted.replaced {
+            info!(stale_session = %stale.id, "replacing the stale session of the same agent");
+            stale.go_away(GoAwayReason::Replaced, std::time::Duration::ZERO).await;
+            stale.cancel.cancel();
+        }
+        info!(agent_version = %session.agent_version, peer = %session.peer, "tunnel up");
+        let events_loop = async {
+            while let Some(event) = events.recv().await {
+                match event {
+                    ControlMessage::Drain { grace } => {
+                        info!(grace_ms = grace.as_millis() as u64, "agent is draining");
+                        session.set_draining();
+                    }
+                    ControlMessage::UpstreamHealth { state, detail } => session.set_health(state, detail),
+                    other => debug!(?other, "control message"),
+                }
+            }
+        };
+        tokio::select! {
+            ended = control::run(stream, heartbeat, control_loop) => match ended {
+                ControlError::HeartbeatTimeout(silent) => {
+                    warn!(silent_ms = silent.as_millis() as u64, "agent missed its heartbeats; closing the session");
+                }
+                other => debug!(err = %other, "control stream closed"),
+            },
+            () = events_loop => {}
+            () = cancel.cancelled() => {}
+        }
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(driver.run(on_inbound, cancel.clone()), lifecycle);
     gateway.registry.remove(&session.tunnel_id, session.id);
-    cancel.cancel();
+    gateway.metrics.session_ended(
+        counters.tx.load(std::sync::atomic::Ordering::Relaxed),
+        counters.rx.load(std::sync::atomic::Ordering::Relaxed),
+    );
     match result {
         Ok(()) => info!("tunnel down"),
         Err(err) => info!(%err, "tunnel down"),
@@ -192,15 +244,18 @@ impl From<TransportError> for HandshakeFailure {
 async fn handshake(
     gateway: &Gateway,
     ws: &mut AgentWs,
+    peer: SocketAddr,
     host: Option<&str>,
-) -> Result<(ClientAuth, AuthAccepted), HandshakeFailure> {
+) -> Result<(Identity, std::time::Duration), HandshakeFailure> {
     let mut nonce = [0u8; 32];
     getrandom::fill(&mut nonce).map_err(|err| HandshakeFailure::new(AuthErrorCode::Overloaded, err))?;
+    let nonce = Nonce::from_bytes(nonce);
+    let secrets = gateway.secrets();
     let hello = ServerHello {
         version: PROTOCOL_VERSION,
-        nonce: Nonce::from_bytes(nonce),
+        nonce,
         gateway_version: concat!("ferry-gateway ", env!("CARGO_PKG_VERSION")).into(),
-        auth_required: false,
+        auth_required: secrets.required(),
     };
     send_message(ws, hello.encode()).await?;
     let message = recv_message(ws).await?;
@@ -210,20 +265,35 @@ async fn handshake(
     })?;
     check_version(auth.version)
         .map_err(|err| HandshakeFailure::new(AuthErrorCode::UnsupportedVersion, err))?;
+    let matched = secrets
+        .verify(&nonce, &auth.tunnel_id, &auth.instance_id, auth.mac.as_ref())
+        .map_err(|code| HandshakeFailure::new(code, format!("tunnel {}", auth.tunnel_id)))?;
 
     let session_id = SessionId(Uuid::new_v4());
+    let server_mac = matched
+        .as_ref()
+        .map(|(secret, _)| server_mac(secret, &nonce, &auth.tunnel_id, &auth.instance_id, &session_id));
+    let heartbeat_interval = gateway.config.heartbeat_interval;
     let accepted = AuthAccepted {
         session_id,
-        server_mac: None,
-        heartbeat_interval: gateway.config.heartbeat_interval,
+        server_mac,
+        heartbeat_interval,
         limits: SessionLimits {
             max_streams: u32::try_from(gateway.config.session.max_streams).unwrap_or(u32::MAX),
             max_data_frame_len: ferry_codec::frame::MAX_DATA_LEN as u32,
         },
         public_urls: gateway.public_urls(&auth.tunnel_id, host),
     };
-    send_message(ws, AuthResult::Accepted(accepted.clone()).encode()).await?;
-    Ok((auth, accepted))
+    send_message(ws, AuthResult::Accepted(accepted).encode()).await?;
+    let identity = Identity {
+        id: session_id,
+        tunnel_id: auth.tunnel_id,
+        instance_id: auth.instance_id,
+        agent_version: auth.agent_version,
+        peer,
+        secret: matched.map(|(_, fingerprint)| fingerprint),
+    };
+    Ok((identity, heartbeat_interval))
 }
 
 /// Tells the agent why, closes with 1008 and the code as the reason.
@@ -232,43 +302,8 @@ async fn reject(mut ws: AgentWs, code: AuthErrorCode) {
     let _ = ws.send(Message::Binary(result)).await;
     let close = CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() };
     let _ = ws.close(Some(close)).await;
-    // Drain until the agent acknowledges the close (bounded by the caller's task lifetime).
+    // Wait briefly for the agent to acknowledge the close, so it reads the reason.
     let _ =
         tokio::time::timeout(std::time::Duration::from_secs(1), async { while ws.next().await.is_some() {} })
             .await;
-}
-
-/// The control stream: answers heartbeats, records what the agent reports.
-async fn control(session: Arc<Session>, stream: yamux::Stream) {
-    let (read, mut write) = tokio::io::split(stream.compat());
-    let mut messages = FramedRead::new(read, ferry_codec::ControlCodec);
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        let message = tokio::select! {
-            () = session.cancel.cancelled() => return,
-            message = messages.next() => message,
-        };
-        match message {
-            Some(Ok(ControlMessage::Ping { nonce })) => {
-                buf.clear();
-                if (ControlMessage::Pong { nonce }).encode(&mut buf).is_err() {
-                    return;
-                }
-                if tokio::io::AsyncWriteExt::write_all(&mut write, &buf).await.is_err() {
-                    return;
-                }
-            }
-            Some(Ok(ControlMessage::Drain { grace })) => {
-                info!(grace_ms = grace.as_millis() as u64, "agent is draining");
-                session.set_draining();
-            }
-            Some(Ok(other)) => debug!(?other, "control message"),
-            Some(Err(err)) => {
-                warn!(%err, "bad control stream; closing the session");
-                session.cancel.cancel();
-                return;
-            }
-            None => return,
-        }
-    }
 }

@@ -13,6 +13,7 @@
 //!   bounded buffers), and the handshake-message helpers.
 //! - [`session`] — the yamux session driver (one task owns the connection) and [`StreamOpener`], the
 //!   cloneable handle through which many tasks open streams.
+//! - [`control`] — the control stream: heartbeats both ways, RTT, go-away and drain messages.
 //! - [`stream`] — [`FrameReader`] / [`FrameWriter`]: ferry frames on one yamux stream.
 //! - [`backoff`] — reconnect delays with full jitter.
 //! - [`body`] — [`FrameBody`] (frames in, `http_body::Body` out) and [`send_body`] (the reverse),
@@ -24,6 +25,7 @@
 
 pub mod backoff;
 pub mod body;
+pub mod control;
 pub mod error;
 pub mod heads;
 pub mod session;

@@ -1,0 +1,316 @@
+//! Agent authentication: which secrets a tunnel id may use, checking an agent's MAC, and the
+//! gateway's MAC in return; plus the per-address limit on failed attempts.
+//!
+//! Secrets come from one of:
+//! - nowhere: any well-formed tunnel id is accepted (the gateway warns at start-up);
+//! - one shared secret (`FERRY_SECRET` or `--secret-file`) for every tunnel;
+//! - an auth file (`--auth-file tunnels.toml`) with one or two secrets per tunnel (two while a
+//!   secret is rotated), reloaded on SIGHUP:
+//!
+//! ```toml
+//! [tunnels.agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web]
+//! secrets = ["a long random secret", "the next one, during rotation"]
+//! ```
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferry_codec::{InstanceId, Mac, Nonce, PROTOCOL_VERSION, Secret, SessionId, Transcript, TunnelId};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Most secrets one tunnel may have at once: the current one and the next during a rotation.
+pub const MAX_SECRETS_PER_TUNNEL: usize = 2;
+/// Failed handshakes one address may cause within [`FAILURE_WINDOW`] before `/ws` answers 429.
+pub const MAX_FAILURES: u32 = 10;
+/// Window over which failures are counted.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at once; beyond this, expired entries are dropped first.
+const MAX_TRACKED_ADDRESSES: usize = 65_536;
+
+/// Where the secrets come from.
+#[derive(Debug, Clone, Default)]
+pub enum AuthSource {
+    /// No secrets: every well-formed tunnel id is accepted.
+    #[default]
+    Open,
+    /// One secret for every tunnel.
+    Shared(Secret),
+    /// Per-tunnel secrets from a TOML file, reloaded on SIGHUP.
+    File(PathBuf),
+}
+
+/// A SHA-256 of a secret: names which secret a session used without keeping it twice.
+pub type Fingerprint = [u8; 32];
+
+fn fingerprint(secret: &Secret) -> Fingerprint {
+    Sha256::digest(secret.expose()).into()
+}
+
+/// The secrets in force.
+#[derive(Debug, Clone)]
+pub enum Secrets {
+    /// No authentication.
+    Open,
+    /// One shared secret.
+    Shared(Secret),
+    /// Secrets by tunnel.
+    PerTunnel(HashMap<TunnelId, Vec<Secret>>),
+}
+
+/// Why an auth file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthFileError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this format (unknown keys included), with its position.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    #[serde(default)]
+    tunnels: HashMap<String, TunnelEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelEntry {
+    secrets: Vec<String>,
+}
+
+impl Secrets {
+    /// Loads the secrets a source names (reads the file for [`AuthSource::File`]).
+    ///
+    /// # Errors
+    /// The file cannot be read or is invalid.
+    pub fn load(source: &AuthSource) -> Result<Self, AuthFileError> {
+        match source {
+            AuthSource::Open => Ok(Self::Open),
+            AuthSource::Shared(secret) => Ok(Self::Shared(secret.clone())),
+            AuthSource::File(path) => Self::from_file(path),
+        }
+    }
+
+    fn from_file(path: &Path) -> Result<Self, AuthFileError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| AuthFileError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|message| AuthFileError::Parse { path: path.to_owned(), message })
+    }
+
+    /// Parses an auth file's text.
+    ///
+    /// # Errors
+    /// A message naming the problem and, for TOML errors, the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: AuthFile = toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())?;
+        let mut tunnels = HashMap::with_capacity(file.tunnels.len());
+        for (id, entry) in file.tunnels {
+            let tunnel: TunnelId = id.parse().map_err(|err| format!("tunnels.{id}: {err}"))?;
+            if entry.secrets.is_empty() || entry.secrets.len() > MAX_SECRETS_PER_TUNNEL {
+                return Err(format!("tunnels.{id}.secrets: give one secret, or two while rotating"));
+            }
+            let secrets = entry
+                .secrets
+                .into_iter()
+                .map(|s| {
+                    Secret::new(s.into_bytes())
+                        .map_err(|_| format!("tunnels.{id}.secrets: a secret is empty"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tunnels.insert(tunnel, secrets);
+        }
+        Ok(Self::PerTunnel(tunnels))
+    }
+
+    /// Whether agents must authenticate.
+    pub fn required(&self) -> bool {
+        !matches!(self, Self::Open)
+    }
+
+    /// Number of tunnels with their own secrets (for logs).
+    pub fn tunnel_count(&self) -> Option<usize> {
+        match self {
+            Self::PerTunnel(map) => Some(map.len()),
+            _ => None,
+        }
+    }
+
+    /// Checks an agent's MAC. On success returns the secret it used (to sign our answer) and its
+    /// fingerprint (to find the session again if that secret is revoked).
+    ///
+    /// Every candidate secret is checked, each in constant time, so the time taken does not say
+    /// which one matched.
+    ///
+    /// # Errors
+    /// The code to send back.
+    pub fn verify(
+        &self,
+        nonce: &Nonce,
+        tunnel: &TunnelId,
+        instance: &InstanceId,
+        mac: Option<&Mac>,
+    ) -> Result<Option<(Secret, Fingerprint)>, ferry_codec::AuthErrorCode> {
+        use ferry_codec::AuthErrorCode;
+        let candidates: &[Secret] = match self {
+            Self::Open => return Ok(None),
+            Self::Shared(secret) => std::slice::from_ref(secret),
+            Self::PerTunnel(map) => map.get(tunnel).ok_or(AuthErrorCode::UnknownTunnel)?,
+        };
+        let mac = mac.ok_or(AuthErrorCode::BadCredentials)?;
+        let transcript = Transcript::client(PROTOCOL_VERSION, nonce, tunnel, instance);
+        let mut matched = None;
+        for secret in candidates {
+            if transcript.verify(secret, mac).is_ok() && matched.is_none() {
+                matched = Some(secret);
+            }
+        }
+        let secret = matched.ok_or(AuthErrorCode::BadCredentials)?;
+        Ok(Some((secret.clone(), fingerprint(secret))))
+    }
+
+    /// Whether a session that authenticated with `used` may stay under these secrets.
+    pub fn still_allows(&self, tunnel: &TunnelId, used: Option<&Fingerprint>) -> bool {
+        match (self, used) {
+            (Self::Open, _) => true,
+            (_, None) => false,
+            (Self::Shared(secret), Some(used)) => fingerprint(secret) == *used,
+            (Self::PerTunnel(map), Some(used)) => {
+                map.get(tunnel).is_some_and(|secrets| secrets.iter().any(|s| fingerprint(s) == *used))
+            }
+        }
+    }
+}
+
+/// The gateway's answer MAC for an accepted agent.
+pub fn server_mac(
+    secret: &Secret,
+    nonce: &Nonce,
+    tunnel: &TunnelId,
+    instance: &InstanceId,
+    session: &SessionId,
+) -> Mac {
+    Transcript::server(PROTOCOL_VERSION, nonce, tunnel, instance, session).sign(secret)
+}
+
+/// Counts failed handshakes per source address.
+#[derive(Debug, Default)]
+pub struct FailureLimiter {
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl FailureLimiter {
+    /// Whether `ip` used up its failures for now; if so, how long until it may try again.
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, since) = failures.get(&ip)?;
+        let elapsed = since.elapsed();
+        (*count >= MAX_FAILURES && elapsed < FAILURE_WINDOW).then(|| FAILURE_WINDOW - elapsed)
+    }
+
+    /// Records one failure from `ip`.
+    pub fn record(&self, ip: IpAddr) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= MAX_TRACKED_ADDRESSES {
+            failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+            if failures.len() >= MAX_TRACKED_ADDRESSES {
+                return;
+            }
+        }
+        let entry = failures.entry(ip).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= FAILURE_WINDOW {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    const ID: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
+
+    #[test]
+    fn auth_file_parses_and_rejects_unknown_keys_with_a_line() {
+        let ok = format!("[tunnels.{ID}]\nsecrets = [\"one\", \"two\"]\n");
+        let secrets = Secrets::parse(&ok).unwrap();
+        assert_eq!(secrets.tunnel_count(), Some(1));
+
+        let typo = format!("[tunnels.{ID}]\nsecret = [\"one\"]\n");
+        let err = Secrets::parse(&typo).unwrap_err();
+        assert!(err.contains("secret") && err.contains("line 2"), "{err}");
+
+        let three = format!("[tunnels.{ID}]\nsecrets = [\"a\", \"b\", \"c\"]\n");
+        assert!(Secrets::parse(&three).unwrap_err().contains("two while rotating"));
+        assert!(Secrets::parse("[tunnels.web]\nsecrets = [\"a\"]\n").unwrap_err().contains("tunnels.web"));
+        assert!(Secrets::parse(&format!("[tunnels.{ID}]\nsecrets = [\"\"]\n")).is_err());
+        assert!(Secrets::parse("[other]\n").is_err());
+    }
+
+    #[test]
+    fn verify_finds_either_rotation_secret_and_refuses_others() {
+        let secrets = Secrets::parse(&format!("[tunnels.{ID}]\nsecrets = [\"old\", \"new\"]\n")).unwrap();
+        let tunnel: TunnelId = ID.parse().unwrap();
+        let instance = InstanceId(Uuid::from_u128(7));
+        let nonce = Nonce::from_bytes([3; 32]);
+        let sign = |secret: &str| {
+            Transcript::client(PROTOCOL_VERSION, &nonce, &tunnel, &instance)
+                .sign(&Secret::new(secret).unwrap())
+        };
+        for good in ["old", "new"] {
+            let (_, used) = secrets.verify(&nonce, &tunnel, &instance, Some(&sign(good))).unwrap().unwrap();
+            assert!(secrets.still_allows(&tunnel, Some(&used)));
+        }
+        use ferry_codec::AuthErrorCode;
+        assert_eq!(
+            secrets.verify(&nonce, &tunnel, &instance, Some(&sign("bad"))).unwrap_err(),
+            AuthErrorCode::BadCredentials
+        );
+        assert_eq!(
+            secrets.verify(&nonce, &tunnel, &instance, None).unwrap_err(),
+            AuthErrorCode::BadCredentials
+        );
+        let other: TunnelId = ID.replace("_web", "_api").parse().unwrap();
+        assert_eq!(
+            secrets.verify(&nonce, &other, &instance, Some(&sign("old"))).unwrap_err(),
+            AuthErrorCode::UnknownTunnel
+        );
+        // After a reload without "old", sessions that used it must go.
+        let (_, used_old) = secrets.verify(&nonce, &tunnel, &instance, Some(&sign("old"))).unwrap().unwrap();
+        let rotated = Secrets::parse(&format!("[tunnels.{ID}]\nsecrets = [\"new\"]\n")).unwrap();
+        assert!(!rotated.still_allows(&tunnel, Some(&used_old)));
+    }
+
+    #[test]
+    fn failures_are_limited_per_address() {
+        let limiter = FailureLimiter::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..MAX_FAILURES - 1 {
+            limiter.record(ip);
+        }
+        assert!(limiter.blocked(ip).is_none());
+        limiter.record(ip);
+        assert!(limiter.blocked(ip).is_some());
+        assert!(limiter.blocked("192.0.2.2".parse().unwrap()).is_none());
+    }
+}
