@@ -111,6 +111,7 @@ pub(crate) async fn act(
             Action::Drain => {
                 info!(tunnel_id = %tunnel, session_id = %session.id, "draining session on admin request");
                 session.go_away(GoAwayReason::AdminDrain, gateway.config.drain_timeout).await;
+                gateway.registry.touch();
                 serde_json::json!({ "session_id": session.id.to_string(), "draining": true })
             }
         };

@@ -167,6 +167,7 @@ impl Gateway {
         for session in self.registry.all() {
             session.go_away(GoAwayReason::Shutdown, self.config.drain_timeout).await;
         }
+        self.registry.touch();
         self.tracker.close();
         if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
             warn!("drain deadline passed with requests still in flight");

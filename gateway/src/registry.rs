@@ -115,6 +115,12 @@ impl Registry {
         Some(PendingSlot { registry: self, tunnel_id: tunnel_id.clone() })
     }
 
+    /// Wakes waiters after a session changed in a way that matters to routing (it started
+    /// draining).
+    pub fn touch(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
     /// Waits until `condition` holds for the registry (checked now and after every change).
     ///
     /// # Cancel safety

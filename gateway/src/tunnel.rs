@@ -193,6 +193,7 @@ async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: O
                     ControlMessage::Drain { grace } => {
                         info!(grace_ms = grace.as_millis() as u64, "agent is draining");
                         session.set_draining();
+                        gateway.registry.touch();
                     }
                     ControlMessage::UpstreamHealth { state, detail } => session.set_health(state, detail),
                     other => debug!(?other, "control message"),

@@ -1,6 +1,8 @@
 //! `TestEnv`: a real sample upstream, gateway and agent on loopback with ephemeral ports, started
 //! in this process and torn down on drop. `start` returns once the agent's session is registered
-//! at the gateway (an explicit readiness signal, no sleeps).
+//! at the gateway (an explicit readiness signal, no sleeps). Helpers for lifecycle tests: agents
+//! that can be stopped or killed, a gateway that can be restarted on the same port, a raw agent
+//! that speaks the handshake by hand, and a TCP proxy that can stop forwarding without closing.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
@@ -9,19 +11,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_agent::AgentConfig;
 use ferry_agent::config::{GatewayUrl, Upstream};
+use ferry_agent::{AgentConfig, AgentError};
 use ferry_benches::upstream::{UpstreamStats, serve};
-use ferry_codec::TunnelId;
+use ferry_codec::{
+    AuthResult, ClientAuth, InstanceId, PROTOCOL_VERSION, Secret, ServerHello, Transcript, TunnelId,
+};
 use ferry_gateway::{Gateway, GatewayConfig};
-use http::{Request, Response};
+use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message};
+use http::{HeaderValue, Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 /// Bound on every test.
@@ -44,17 +54,60 @@ pub fn init_tracing() {
         .try_init();
 }
 
+pub const TUNNEL: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
+
+/// A gateway serving on a fixed address; can be stopped and started again there.
+pub struct GatewayRun {
+    pub gateway: Arc<Gateway>,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+/// Starts a gateway on `listener`.
+pub fn start_gateway(config: GatewayConfig, listener: TcpListener) -> GatewayRun {
+    let shutdown = CancellationToken::new();
+    let gateway = Gateway::new(config, shutdown.clone()).unwrap();
+    let serving = Arc::clone(&gateway);
+    let task = tokio::spawn(async move { serving.serve(listener).await });
+    GatewayRun { gateway, shutdown, task }
+}
+
+/// An agent task: stop it (drain) or kill it (drop everything at once).
+pub struct AgentRun {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl AgentRun {
+    /// SIGTERM: drain and exit.
+    pub async fn stop(self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+
+    /// A crash: the task is dropped mid-flight, its sockets close.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+pub fn spawn_agent(config: AgentConfig) -> AgentRun {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(ferry_agent::run(config, shutdown.clone()));
+    AgentRun { shutdown, task }
+}
+
 pub struct TestEnv {
     pub gateway: Arc<Gateway>,
+    pub gateway_run: GatewayRun,
+    pub gateway_config: GatewayConfig,
     pub gateway_addr: SocketAddr,
     pub upstream_addr: SocketAddr,
     pub stats: Arc<UpstreamStats>,
     pub tunnel_id: TunnelId,
     pub shutdown: CancellationToken,
-    pub agent_shutdown: CancellationToken,
+    pub agent: Option<AgentRun>,
 }
-
-pub const TUNNEL: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
 
 impl TestEnv {
     pub async fn start() -> Self {
@@ -63,6 +116,16 @@ impl TestEnv {
 
     /// Starts everything; `tweak` adjusts the agent's configuration before it runs.
     pub async fn start_with(gateway_config: GatewayConfig, tweak: impl FnOnce(&mut AgentConfig)) -> Self {
+        let mut env = Self::start_without_agent(gateway_config).await;
+        let mut config = env.agent_config();
+        tweak(&mut config);
+        env.agent = Some(spawn_agent(config));
+        env.wait_for_sessions(1).await;
+        env
+    }
+
+    /// Upstream and gateway only.
+    pub async fn start_without_agent(gateway_config: GatewayConfig) -> Self {
         init_tracing();
         let shutdown = CancellationToken::new();
         let stats = Arc::new(UpstreamStats::default());
@@ -72,45 +135,39 @@ impl TestEnv {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway_addr = listener.local_addr().unwrap();
-        let gateway = Gateway::new(gateway_config, shutdown.clone()).unwrap();
-        let serving = Arc::clone(&gateway);
-        tokio::spawn(async move { serving.serve(listener).await });
-
-        let tunnel_id: TunnelId = TUNNEL.parse().unwrap();
-        let env = Self {
-            gateway,
+        let gateway_run = start_gateway(gateway_config.clone(), listener);
+        Self {
+            gateway: Arc::clone(&gateway_run.gateway),
+            gateway_run,
+            gateway_config,
             gateway_addr,
             upstream_addr,
             stats,
-            tunnel_id,
+            tunnel_id: TUNNEL.parse().unwrap(),
             shutdown,
-            agent_shutdown: CancellationToken::new(),
-        };
-        let mut config = env.agent_config();
-        tweak(&mut config);
-        env.spawn_agent(config);
-        env.wait_for_sessions(1).await;
-        env
+            agent: None,
+        }
     }
 
+    /// A configuration for another agent of this tunnel; reconnects fast, for tests.
     pub fn agent_config(&self) -> AgentConfig {
-        AgentConfig::new(
+        let mut config = AgentConfig::new(
             self.tunnel_id.clone(),
             Upstream::parse(&self.upstream_addr.to_string()).unwrap(),
             GatewayUrl::parse(&format!("ws://{}/ws", self.gateway_addr)).unwrap(),
-        )
+        );
+        config.reconnect_initial = Duration::from_millis(50);
+        config.reconnect_max = Duration::from_millis(500);
+        config
     }
 
-    /// Runs an agent until the env is dropped (or `agent_shutdown` fires).
-    pub fn spawn_agent(&self, config: AgentConfig) {
-        let token = self.agent_shutdown.child_token();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                result = ferry_agent::run(config, token) => { result.unwrap(); }
-                () = shutdown.cancelled() => {}
-            }
-        });
+    /// Stops the gateway (drains) and starts a new one on the same address.
+    pub async fn restart_gateway(&mut self) {
+        self.gateway_run.shutdown.cancel();
+        (&mut self.gateway_run.task).await.unwrap();
+        let listener = TcpListener::bind(self.gateway_addr).await.unwrap();
+        self.gateway_run = start_gateway(self.gateway_config.clone(), listener);
+        self.gateway = Arc::clone(&self.gateway_run.gateway);
     }
 
     /// Waits until the tunnel has exactly `n` sessions at the gateway.
@@ -128,11 +185,20 @@ impl TestEnv {
     pub fn direct_url(&self, path: &str) -> String {
         format!("http://{}{}", self.upstream_addr, path)
     }
+
+    /// `http://gateway{path}`.
+    pub fn gateway_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.gateway_addr, path)
+    }
 }
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        self.gateway_run.shutdown.cancel();
+        if let Some(agent) = &self.agent {
+            agent.kill();
+        }
     }
 }
 
@@ -180,4 +246,100 @@ pub fn json(body: &[u8]) -> serde_json::Value {
 pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
+}
+
+/// A WebSocket to the gateway's agent endpoint, before any ferry message.
+pub async fn raw_ws(gateway: SocketAddr) -> WebSocketStream<TcpStream> {
+    let mut request = format!("ws://{gateway}/ws").into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
+    let tcp = TcpStream::connect(gateway).await.unwrap();
+    tokio_tungstenite::client_async(request, tcp).await.unwrap().0
+}
+
+/// A hand-made agent handshake: returns the WebSocket, the hello and the gateway's verdict.
+/// `auth_bytes`, when given, is sent as the `ClientAuth` instead of a fresh one (replays).
+pub async fn raw_handshake(
+    gateway: SocketAddr,
+    tunnel: &TunnelId,
+    instance: InstanceId,
+    secret: Option<&Secret>,
+    auth_bytes: Option<Bytes>,
+) -> (WebSocketStream<TcpStream>, ServerHello, Bytes, AuthResult) {
+    let mut ws = raw_ws(gateway).await;
+    let hello = ServerHello::decode(recv_message(&mut ws).await.unwrap()).unwrap();
+    let auth = auth_bytes.unwrap_or_else(|| {
+        let mac = secret
+            .map(|secret| Transcript::client(PROTOCOL_VERSION, &hello.nonce, tunnel, &instance).sign(secret));
+        ClientAuth {
+            version: PROTOCOL_VERSION,
+            tunnel_id: tunnel.clone(),
+            instance_id: instance,
+            agent_version: "raw test agent".into(),
+            mac,
+        }
+        .encode()
+    });
+    send_message(&mut ws, auth.clone()).await.unwrap();
+    let result = AuthResult::decode(recv_message(&mut ws).await.unwrap()).unwrap();
+    (ws, hello, auth, result)
+}
+
+/// A TCP proxy that can stop forwarding without closing anything: packets "dropped" by a
+/// network partition, with no FIN and no RST.
+pub struct PartitionProxy {
+    pub addr: SocketAddr,
+    paused: watch::Sender<bool>,
+}
+
+impl PartitionProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (paused, _) = watch::channel(false);
+        let watch = paused.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(forward(client_read, server_write, watch.subscribe()));
+                tokio::spawn(forward(server_read, client_write, watch.subscribe()));
+            }
+        });
+        Self { addr, paused }
+    }
+
+    /// Stops forwarding (bytes wait in the proxy); nothing is closed.
+    pub fn partition(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Resumes forwarding.
+    pub fn heal(&self) {
+        self.paused.send_replace(false);
+    }
+}
+
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if paused.wait_for(|p| !*p).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // A partition that starts while bytes are in hand swallows them until it heals.
+        if paused.wait_for(|p| !*p).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

@@ -1,0 +1,294 @@
+//! Sessions that end and come back: agents killed, restarted, drained; gateways restarted;
+//! replicas; partitions caught by the heartbeat; misbehaving agents that only hurt themselves.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_codec::{AuthResult, InstanceId};
+use ferry_gateway::GatewayConfig;
+use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::{IoCounters, WsIo, yamux};
+use futures_util::SinkExt;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn agent_killed_mid_response_gives_a_broken_response() {
+    bounded(async {
+        let env = TestEnv::start().await;
+        let response =
+            send(&client(), Request::get(env.url("/bytes/1073741824")).body(empty()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        env.agent.as_ref().unwrap().kill();
+        let mut received = 0u64;
+        let outcome = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => received += frame.into_data().map_or(0, |d| d.len() as u64),
+                Some(Err(err)) => break Err(err),
+                None => break Ok(()),
+            }
+        };
+        assert!(outcome.is_err(), "a cut download must not end cleanly ({received} bytes)");
+        assert!(received < 1 << 30);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gateway_restart_brings_the_agent_back() {
+    bounded(async {
+        let mut env = TestEnv::start().await;
+        let started = Instant::now();
+        env.restart_gateway().await;
+        env.wait_for_sessions(1).await;
+        println!("agent back {:?} after the gateway restart began", started.elapsed());
+        let (response, _) = get(&env.url("/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(env.gateway.metrics.render(&env.gateway.registry).contains("ferry_sessions 1"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_during_a_one_second_agent_restart_is_served() {
+    bounded(async {
+        let mut env = TestEnv::start().await;
+        env.agent.take().unwrap().stop().await.unwrap();
+        env.wait_for_sessions(0).await;
+        // No agent now: the request waits for one instead of failing.
+        let url = env.url("/bytes/1000");
+        let waiting = tokio::spawn(async move { get(&url).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        env.agent = Some(spawn_agent(env.agent_config()));
+        let (response, body) = waiting.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body.len(), 1000);
+        let metrics = env.gateway.metrics.render(&env.gateway.registry);
+        assert!(metrics.contains("ferry_pending_requests_total{outcome=\"served\"} 1"), "{metrics}");
+        assert!(metrics.contains("ferry_reconnects_total 1"), "{metrics}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_for_an_agent_that_stays_away_get_503_with_retry_after() {
+    bounded(async {
+        let config =
+            GatewayConfig { pending_timeout: Duration::from_millis(300), ..GatewayConfig::default() };
+        let mut env = TestEnv::start_with(config, |_| {}).await;
+        env.agent.take().unwrap().stop().await.unwrap();
+        env.wait_for_sessions(0).await;
+        let (response, body) = get(&env.url("/")).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key("retry-after"));
+        assert_eq!(json(&body)["error"]["code"], "tunnel_offline");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_replicas_share_load_and_survive_one_killed() {
+    bounded(async {
+        let mut env = TestEnv::start().await;
+        let second = spawn_agent(env.agent_config());
+        env.wait_for_sessions(2).await;
+        // Held requests spread over both (least loaded first).
+        let client = client();
+        let held: Vec<_> = (0..10)
+            .map(|_| {
+                let (client, url) = (client.clone(), env.url("/hold"));
+                tokio::spawn(async move { client.request(Request::get(url).body(empty()).unwrap()).await })
+            })
+            .collect();
+        env.stats.held.subscribe().wait_for(|n| *n == 10).await.unwrap();
+        let loads: Vec<u64> = env.gateway.registry.all().iter().map(|s| s.in_flight()).collect();
+        assert_eq!(loads, [5, 5]);
+        // One replica dies: its requests fail visibly, the others complete, new ones go on.
+        env.agent.take().unwrap().kill();
+        env.wait_for_sessions(1).await;
+        env.stats.gate.add_permits(10);
+        let mut ok = 0;
+        for request in held {
+            if let Ok(response) = request.await.unwrap()
+                && response.status() == StatusCode::OK
+                && response.into_body().collect().await.is_ok()
+            {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 5, "the surviving replica's requests complete, the dead one's fail");
+        for _ in 0..20 {
+            let (response, _) = get(&env.url("/")).await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        drop(second);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drain_finishes_requests_in_flight() {
+    bounded(async {
+        let mut env = TestEnv::start().await;
+        let client = client();
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let (client, url) = (client.clone(), env.url("/hold"));
+                tokio::spawn(async move { fetch(&client, Request::get(url).body(empty()).unwrap()).await })
+            })
+            .collect();
+        env.stats.held.subscribe().wait_for(|n| *n == 3).await.unwrap();
+        let agent = env.agent.take().unwrap();
+        agent.shutdown.cancel();
+        // The gateway hears the drain and stops routing here.
+        env.gateway.registry.wait_until(|r| r.all().iter().all(|s| !s.accepts_requests())).await;
+        env.stats.gate.add_permits(3);
+        for request in held {
+            let (response, body) = request.await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(body, "released");
+        }
+        agent.task.await.unwrap().unwrap();
+        env.wait_for_sessions(0).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gateway_shutdown_finishes_requests_and_sends_agents_away() {
+    bounded(async {
+        let env = TestEnv::start().await;
+        let url = env.url("/hold");
+        let held = tokio::spawn(async move { get(&url).await });
+        env.stats.held.subscribe().wait_for(|n| *n == 1).await.unwrap();
+        env.gateway_run.shutdown.cancel();
+        // The agent is told to go away but keeps the request going until it is answered.
+        env.gateway.registry.wait_until(|r| r.all().iter().all(|s| !s.accepts_requests())).await;
+        env.stats.gate.add_permits(1);
+        let (response, body) = held.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body, "released");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeats_detect_a_partition_without_fin() {
+    bounded(async {
+        let interval = Duration::from_millis(100);
+        let config = GatewayConfig { heartbeat_interval: interval, ..GatewayConfig::default() };
+        let mut env = TestEnv::start_without_agent(config).await;
+        let proxy = PartitionProxy::start(env.gateway_addr).await;
+        let mut agent_config = env.agent_config();
+        agent_config.gateway =
+            ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", proxy.addr)).unwrap();
+        env.agent = Some(spawn_agent(agent_config));
+        env.wait_for_sessions(1).await;
+        let first = env.gateway.registry.all()[0].id;
+
+        let cut = Instant::now();
+        proxy.partition();
+        env.wait_for_sessions(0).await;
+        let detected = cut.elapsed();
+        println!("gateway dropped the silent session after {detected:?} (heartbeat {interval:?} x 3)");
+        assert!(detected >= interval * 2, "detected too early: {detected:?}");
+
+        // Healed, the agent (which detected it too) comes back on a new session.
+        proxy.heal();
+        env.gateway.registry.wait_until(|r| r.all().iter().any(|s| s.id != first)).await;
+        let (response, _) = get(&env.url("/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn misbehaving_agents_only_kill_their_own_session() {
+    bounded(async {
+        let env = TestEnv::start().await;
+        let other = "agent_11111111-2222-3333-4444-555555555555_evil".parse().unwrap();
+
+        // 1. Opens a flood of streams: the gateway allows only the control stream.
+        let (ws, _, _, result) =
+            raw_handshake(env.gateway_addr, &other, InstanceId(Uuid::new_v4()), None, None).await;
+        assert!(matches!(result, AuthResult::Accepted(_)));
+        let (driver, opener) = session(
+            WsIo::new(ws, Arc::new(IoCounters::default())),
+            yamux::Mode::Client,
+            &SessionConfig::default(),
+        );
+        let driving = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));
+        for _ in 0..50 {
+            let Ok(mut stream) = opener.open().await else { break };
+            // A stream exists for the peer once a frame crosses.
+            if futures_util::io::AsyncWriteExt::write_all(&mut stream, b"x").await.is_err() {
+                break;
+            }
+            std::mem::forget(stream);
+        }
+        let ended = driving.await.unwrap();
+        println!("flooding agent's session ended: {ended:?}");
+        assert!(env.gateway.registry.of(&other).is_empty());
+
+        // 2. Garbage instead of yamux frames.
+        let (mut ws, _, _, result) =
+            raw_handshake(env.gateway_addr, &other, InstanceId(Uuid::new_v4()), None, None).await;
+        assert!(matches!(result, AuthResult::Accepted(_)));
+        ws.send(Message::binary(vec![0xffu8; 4096])).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            use futures_util::StreamExt;
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the gateway closes a session that sends garbage");
+
+        // The well-behaved tunnel never noticed.
+        let (response, body) = get(&env.url("/bytes/5000")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body.len(), 5000);
+        assert_eq!(env.gateway.registry.of(&env.tunnel_id).len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_same_agent_instance_replaces_its_stale_session() {
+    bounded(async {
+        let mut env = TestEnv::start_without_agent(GatewayConfig::default()).await;
+        let instance = InstanceId(Uuid::new_v4());
+        // A session whose agent went silent (it never even opened its control stream).
+        let (stale_ws, _, _, result) =
+            raw_handshake(env.gateway_addr, &env.tunnel_id, instance, None, None).await;
+        assert!(matches!(result, AuthResult::Accepted(_)));
+        let (driver, opener) = session(
+            WsIo::new(stale_ws, Arc::new(IoCounters::default())),
+            yamux::Mode::Client,
+            &SessionConfig::default(),
+        );
+        let stale = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));
+        let mut control = opener.open().await.unwrap();
+        let mut hello = bytes::BytesMut::new();
+        ferry_codec::ControlMessage::Ping { nonce: 1 }.encode(&mut hello).unwrap();
+        futures_util::io::AsyncWriteExt::write_all(&mut control, &hello).await.unwrap();
+        env.wait_for_sessions(1).await;
+        let stale_id = env.gateway.registry.all()[0].id;
+
+        // The same instance comes back: the new session replaces the stale one.
+        let mut config = env.agent_config();
+        config.instance_id = instance;
+        env.agent = Some(spawn_agent(config));
+        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].id != stale_id).await;
+        let _ = stale.await;
+        let (response, _) = get(&env.url("/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    })
+    .await;
+}
