@@ -38,6 +38,11 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     response_timeout: Duration,
 
+    /// Worker threads. 1 runs everything on one thread (least overhead per request); more help
+    /// when the machine has cores to spare for this process.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    threads: usize,
+
     /// How long a shutdown (SIGINT/SIGTERM) waits for requests in flight.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
@@ -126,9 +131,13 @@ impl Args {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = ferry_transport::runtime(args.threads).context("cannot start the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

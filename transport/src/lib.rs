@@ -39,3 +39,17 @@ pub use stream::{FrameReader, FrameWriter, TunnelStream};
 pub use ws::{IoCounters, WsIo};
 /// The multiplexer, re-exported so the gateway and agent use the exact version this crate drives.
 pub use yamux;
+
+/// The tokio runtime both binaries run on: the current-thread flavour for one thread (no
+/// cross-thread wake-ups, the cheapest per request), else a multi-thread runtime with that many
+/// workers.
+///
+/// # Errors
+/// The runtime could not be created (out of threads or file descriptors).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+}
