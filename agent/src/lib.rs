@@ -60,7 +60,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         None => None,
     };
     let client = upstream::client(&config, extra_ca.as_deref())?;
-    let upstream = Arc::new(upstream::Upstream { client, config: Arc::clone(&config) });
+    let upstream =
+        Arc::new(upstream::Upstream { client, config: Arc::clone(&config), in_flight: Default::default() });
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
     info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");

@@ -2,6 +2,7 @@
 //! pooled hyper client with the body streaming, send the response head and body back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ferry_codec::{Abort, AbortCode, Frame, Head, RequestHead, ResponseHead};
 use ferry_transport::body::{SendBodyError, send_body};
@@ -72,13 +73,34 @@ pub(crate) fn client(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<Up
 pub(crate) struct Upstream {
     pub(crate) client: UpstreamClient,
     pub(crate) config: Arc<AgentConfig>,
+    /// Streams being served now, across sessions.
+    pub(crate) in_flight: AtomicUsize,
+}
+
+/// Streams in flight above which a new stream is acknowledged at once rather than with its
+/// response head. yamux lets an opener wait for at most 256 unacknowledged streams; a stream
+/// started below this count may stay unacknowledged while it waits for its upstream, so at most
+/// this many are ever unacknowledged, and the gateway never stalls on them. Below it, the
+/// acknowledgement rides on the first response frame and costs nothing.
+const EAGER_ACK_ABOVE: usize = 128;
+
+/// Counts a stream in flight while alive.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves one inbound stream to the end.
 pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Stream) {
     let span = debug_span!("stream", stream_id = %stream.id(), request_id = tracing::field::Empty);
     async move {
-        if let Err(err) = acknowledge(&mut stream).await {
+        let _in_flight = InFlight(&upstream.in_flight);
+        if upstream.in_flight.fetch_add(1, Ordering::Relaxed) >= EAGER_ACK_ABOVE
+            && let Err(err) = acknowledge(&mut stream).await
+        {
             debug!(%err, "stream closed before it was acknowledged");
             return;
         }
@@ -205,8 +227,9 @@ async fn proxy(
         return Ok(Some((TokioIo::new(upstream_io), reader)));
     }
 
-    if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
-        return Ok(None);
+    // The head is queued: it leaves with the first body bytes (or `End`) in one write.
+    if writer.queue(&Frame::Head(Head::Response(head))).is_err() {
+        return Err((AbortCode::Internal, "response head over the frame limit".into()));
     }
     match send_body(body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {

@@ -79,7 +79,8 @@ pub(crate) async fn forward(
         }
     };
     let (mut reader, mut writer) = split(stream);
-    writer.send(&Frame::Head(Head::Request(head))).await.map_err(|_| ProxyError::SessionLost)?;
+    // The head leaves with the body's first bytes (or with `End`) in one write.
+    writer.queue(&Frame::Head(Head::Request(head))).map_err(|_| ProxyError::AgentError)?;
 
     // The request body goes up while the response comes down: an echo answers before the
     // upload ends. A known-empty body is just `End`, without a task.

@@ -15,7 +15,9 @@ use http_body::{Body, SizeHint};
 
 use crate::TransportError;
 use crate::heads::{headers_from_wire, headers_to_wire};
-use crate::stream::{FrameReader, FrameWriter};
+use futures_util::FutureExt;
+
+use crate::stream::{FLUSH_THRESHOLD, FrameReader, FrameWriter};
 
 /// Why a [`FrameBody`] ended without its `End` frame: the body is incomplete and the consumer must
 /// make that visible (hyper then cuts the connection or resets the HTTP/2 stream).
@@ -136,7 +138,10 @@ pub enum SendBodyError<E> {
 /// `Abort(on_error)` instead of `End`, so the other side can never mistake a cut body for a
 /// complete one. Waits for stream credit as it goes (backpressure).
 ///
-/// Does not close the stream: an upgraded stream goes on as a raw pipe.
+/// Frames are queued while the body has more ready at once and written together when it would
+/// wait (or a yamux frame's worth is queued): a small response goes out with its head (if the
+/// caller queued it) as one write. Does not close the stream: an upgraded stream goes on as a raw
+/// pipe.
 ///
 /// # Errors
 /// The body or the stream failed.
@@ -151,11 +156,22 @@ where
     let mut sent = 0u64;
     let mut trailers: Option<HeaderMap> = None;
     loop {
-        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).now_or_never() {
+            Some(frame) => frame,
+            None => {
+                // Nothing more right now: what is queued goes out before we wait.
+                writer.flush().await?;
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     sent += data.len() as u64;
-                    writer.send_data(&data).await?;
+                    writer.queue(&Frame::Data(data))?;
+                    if writer.queued() >= FLUSH_THRESHOLD {
+                        writer.flush().await?;
+                    }
                 }
                 Err(frame) => {
                     if let Ok(map) = frame.into_trailers() {
@@ -173,7 +189,7 @@ where
         }
     }
     if let Some(map) = trailers {
-        writer.send(&Frame::Trailers(Trailers { headers: headers_to_wire(&map) })).await?;
+        writer.queue(&Frame::Trailers(Trailers { headers: headers_to_wire(&map) }))?;
     }
     writer.send(&Frame::End).await?;
     Ok(sent)

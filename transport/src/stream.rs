@@ -50,7 +50,7 @@ pub fn split(stream: yamux::Stream) -> (FrameReader, FrameWriter) {
     let shared = Arc::new(Mutex::new(stream));
     (
         FrameReader { stream: Arc::clone(&shared), buf: BytesMut::new(), eof: false },
-        FrameWriter { stream: shared, buf: BytesMut::with_capacity(HEADER_LEN + DEFAULT_DATA_CHUNK) },
+        FrameWriter { stream: shared, buf: BytesMut::new() },
     )
 }
 
@@ -110,45 +110,59 @@ impl FrameReader {
 }
 
 /// Writes frames to one stream.
+///
+/// Frames can be queued with [`FrameWriter::queue`] and written together with
+/// [`FrameWriter::flush`]: a response head, a small body and `End` then leave as one yamux frame
+/// instead of three.
 #[derive(Debug)]
 pub struct FrameWriter {
     stream: Shared,
+    /// Encoded frames not yet written.
     buf: BytesMut,
 }
 
+/// Queued bytes beyond which [`FrameWriter::queue`] callers should flush: one yamux frame.
+pub const FLUSH_THRESHOLD: usize = DEFAULT_DATA_CHUNK;
+
 impl FrameWriter {
-    /// Writes one frame.
+    /// Writes one frame (after anything queued).
     ///
     /// # Errors
     /// The frame is over its limit, or the stream failed (reset by the peer, session lost).
     pub async fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {
-        if let Frame::Data(data) = frame {
-            return self.send_data(data).await;
-        }
-        self.buf.clear();
-        frame.encode(&mut self.buf)?;
-        self.write_buf().await
+        self.queue(frame)?;
+        self.flush().await
     }
 
-    /// Writes body bytes as `Data` frames of at most [`DEFAULT_DATA_CHUNK`] bytes each. Waits for
-    /// yamux credit: this is where a slow reader on the other side slows the writer down.
+    /// Queues one frame without writing it; `Data` larger than a chunk is split into several.
+    ///
+    /// # Errors
+    /// The frame is over its limit.
+    pub fn queue(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        match frame {
+            Frame::Data(data) => {
+                for chunk in data.chunks(DEFAULT_DATA_CHUNK) {
+                    self.buf.reserve(HEADER_LEN + chunk.len());
+                    self.buf.extend_from_slice(&data_header(chunk.len())?);
+                    self.buf.extend_from_slice(chunk);
+                }
+                Ok(())
+            }
+            other => Ok(other.encode(&mut self.buf)?),
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything queued. Waits for yamux credit: this is where a slow reader on the other
+    /// side slows the writer down.
     ///
     /// # Errors
     /// The stream failed.
-    pub async fn send_data(&mut self, mut data: &[u8]) -> Result<(), TransportError> {
-        while !data.is_empty() {
-            let n = data.len().min(DEFAULT_DATA_CHUNK);
-            // One buffer for header and payload: yamux makes one frame of each write.
-            self.buf.clear();
-            self.buf.extend_from_slice(&data_header(n)?);
-            self.buf.extend_from_slice(&data[..n]);
-            self.write_buf().await?;
-            data = &data[n..];
-        }
-        Ok(())
-    }
-
-    async fn write_buf(&mut self) -> Result<(), TransportError> {
+    pub async fn flush(&mut self) -> Result<(), TransportError> {
         let mut written = 0;
         while written < self.buf.len() {
             let n =
@@ -158,6 +172,11 @@ impl FrameWriter {
             }
             written += n;
         }
+        self.buf.clear();
+        // Keep a small buffer around, not the largest one ever needed (thousands of idle streams).
+        if self.buf.capacity() > 2 * FLUSH_THRESHOLD {
+            self.buf = BytesMut::new();
+        }
         Ok(())
     }
 
@@ -166,6 +185,7 @@ impl FrameWriter {
     /// # Errors
     /// The stream failed.
     pub async fn finish(&mut self) -> Result<(), TransportError> {
+        self.flush().await?;
         poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_close(cx)).await?;
         Ok(())
     }
