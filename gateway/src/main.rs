@@ -113,9 +113,7 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 impl Args {
     fn into_config(self) -> anyhow::Result<GatewayConfig> {
         let mut config = GatewayConfig { domain: self.domain, ..GatewayConfig::default() };
-        config.session.max_streams = self.max_streams;
-        config.session.max_connection_window =
-            self.max_streams.saturating_mul(ferry_transport::session::STREAM_WINDOW);
+        config.session = ferry_transport::SessionConfig::with_max_streams(self.max_streams);
         config.session.validate().map_err(anyhow::Error::msg).context("--max-streams")?;
         config.response_timeout = self.response_timeout;
         config.drain_timeout = self.drain_timeout;

@@ -21,6 +21,13 @@ use crate::TransportError;
 const OPEN_QUEUE: usize = 256;
 /// yamux's initial (and minimum) stream window; the connection window must cover it per stream.
 pub const STREAM_WINDOW: usize = 256 * 1024;
+/// Receive window a session may hand out beyond every stream's initial 256 KiB, so fast streams
+/// can grow theirs toward the bandwidth-delay product (yamux doubles a stream's window when the
+/// sender uses half of it within two round trips). 64 MiB lets one stream reach 100 MB/s over a
+/// 20 ms path (2 MB in flight) with room for many, and bounds what a session can buffer.
+pub const WINDOW_GROWTH_BUDGET: usize = 64 * 1024 * 1024;
+/// Default stream limit per session.
+pub const MAX_STREAMS: usize = 10_240;
 
 /// Limits of one yamux session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +36,8 @@ pub struct SessionConfig {
     /// over the limit is reset).
     pub max_streams: usize,
     /// Most bytes all stream receive windows may add up to. Must be at least
-    /// `max_streams × 256 KiB` (checked by [`SessionConfig::validate`]).
+    /// `max_streams × 256 KiB` (checked by [`SessionConfig::validate`]); what is above that is
+    /// what fast streams may grow their windows into.
     pub max_connection_window: usize,
     /// Largest yamux data frame we send; bigger writes are split.
     pub split_send_size: usize,
@@ -37,17 +45,24 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        Self {
-            max_streams: 10_240,
-            // 10,240 × 256 KiB: every stream can hold its initial window. Streams only fill their
-            // window when the reader falls behind, so real memory is far below this.
-            max_connection_window: 10_240 * STREAM_WINDOW,
-            split_send_size: 64 * 1024,
-        }
+        Self::with_max_streams(MAX_STREAMS)
     }
 }
 
 impl SessionConfig {
+    /// Limits for `max_streams` streams: each may hold its initial window (streams only fill
+    /// their window when the reader falls behind, so real memory is far below this), plus
+    /// [`WINDOW_GROWTH_BUDGET`] for windows that grow.
+    pub fn with_max_streams(max_streams: usize) -> Self {
+        Self {
+            max_streams,
+            max_connection_window: max_streams
+                .saturating_mul(STREAM_WINDOW)
+                .saturating_add(WINDOW_GROWTH_BUDGET),
+            split_send_size: 64 * 1024,
+        }
+    }
+
     /// Checks the invariants yamux asserts (it panics on violation, so we check first).
     ///
     /// # Errors

@@ -33,7 +33,7 @@ pub const MAX_PENDING_WRITE: usize = 256 * 1024;
 pub const MAX_MESSAGE_LEN: usize = 2 * 1024 * 1024;
 /// tungstenite buffers at most this much unsent data before `poll_ready` waits for the socket;
 /// the default is unbounded.
-pub const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
 
 /// The tungstenite configuration both sides use: bounded messages, frames and write buffer.
 pub fn websocket_config() -> WebSocketConfig {
