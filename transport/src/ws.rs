@@ -38,7 +38,7 @@ pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
 /// The tungstenite configuration both sides use: bounded messages, frames and write buffer.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(128 * 1024)
+        .read_buffer_size(16 * 1024)
         .write_buffer_size(128 * 1024)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(MAX_MESSAGE_LEN))
