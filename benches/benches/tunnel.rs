@@ -34,7 +34,8 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let shutdown = CancellationToken::new();
     let (direct, tunnel) = runtime.block_on(async {
         let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -60,7 +61,8 @@ fn setup() -> Setup {
 }
 
 async fn get(client: &Client<HttpConnector, Body>, url: &str) -> usize {
-    let request = Request::get(url).body(Empty::new().map_err(|never| match never {}).boxed_unsync()).expect("request");
+    let request =
+        Request::get(url).body(Empty::new().map_err(|never| match never {}).boxed_unsync()).expect("request");
     let response = client.request(request).await.expect("response");
     response.into_body().collect().await.expect("body").to_bytes().len()
 }

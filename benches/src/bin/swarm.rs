@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_codec::control::HealthState;
 use ferry_codec::handshake::check_version;
-use ferry_codec::{AuthResult, ClientAuth, ControlMessage, InstanceId, PROTOCOL_VERSION, ServerHello, TunnelId};
+use ferry_codec::{
+    AuthResult, ClientAuth, ControlMessage, InstanceId, PROTOCOL_VERSION, ServerHello, TunnelId,
+};
 use ferry_transport::control::{self, Heartbeat};
 use ferry_transport::session::{SessionConfig, session};
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
@@ -85,7 +87,8 @@ async fn session_task(
     tcp.set_nodelay(true)?;
     let mut request = format!("ws://{gateway}/ws").into_client_request()?;
     request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(websocket_config())).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(request, tcp, Some(websocket_config())).await?;
     let hello = ServerHello::decode(recv_message(&mut ws).await?)?;
     check_version(hello.version)?;
     let auth = ClientAuth {
@@ -99,10 +102,13 @@ async fn session_task(
     let AuthResult::Accepted(accepted) = AuthResult::decode(recv_message(&mut ws).await?)? else {
         anyhow::bail!("refused");
     };
-    let (driver, opener) = session(WsIo::new(ws, Arc::default()), yamux::Mode::Client, &SessionConfig::with_max_streams(16));
+    let (driver, opener) =
+        session(WsIo::new(ws, Arc::default()), yamux::Mode::Client, &SessionConfig::with_max_streams(16));
     let driving = tokio::spawn(driver.run(|_| {}, stop.clone()));
     let (handle, control_loop, _events) = control::channel();
-    handle.send(ControlMessage::UpstreamHealth { state: HealthState::Unknown, detail: String::new() }).await?;
+    handle
+        .send(ControlMessage::UpstreamHealth { state: HealthState::Unknown, detail: String::new() })
+        .await?;
     let stream = opener.open().await?;
     up.fetch_add(1, Ordering::SeqCst);
     drop(permit);
@@ -111,4 +117,3 @@ async fn session_task(
     let _ = driving.await;
     anyhow::bail!("session ended: {ended}")
 }
-
