@@ -65,7 +65,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = gate.acquire_many(args.parallel as u32).await;
     let ready = up.load(Ordering::SeqCst);
-    println!("ready {ready}");
+    // The readiness line the scale test waits for.
+    #[allow(clippy::print_stdout)]
+    {
+        println!("ready {ready}");
+    }
     for handle in handles {
         if !handle.await.unwrap_or(false) {
             failures += 1;
