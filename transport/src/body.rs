@@ -17,7 +17,7 @@ use crate::TransportError;
 use crate::heads::{headers_from_wire, headers_to_wire};
 use futures_util::FutureExt;
 
-use crate::stream::{FLUSH_THRESHOLD, FrameReader, FrameWriter};
+use crate::stream::{FrameReader, FrameWriter};
 
 /// Why a [`FrameBody`] ended without its `End` frame: the body is incomplete and the consumer must
 /// make that visible (hyper then cuts the connection or resets the HTTP/2 stream).
@@ -168,10 +168,7 @@ where
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     sent += data.len() as u64;
-                    writer.queue(&Frame::Data(data))?;
-                    if writer.queued() >= FLUSH_THRESHOLD {
-                        writer.flush().await?;
-                    }
+                    writer.send_data(&data).await?;
                 }
                 Err(frame) => {
                     if let Ok(map) = frame.into_trailers() {

@@ -123,6 +123,9 @@ pub struct FrameWriter {
 
 /// Queued bytes beyond which [`FrameWriter::queue`] callers should flush: one yamux frame.
 pub const FLUSH_THRESHOLD: usize = DEFAULT_DATA_CHUNK;
+/// Body chunks at least this large are written from where they are instead of being copied into
+/// the queue: a second, 5-byte yamux frame for the header costs less than copying 16 KiB.
+const DIRECT_WRITE: usize = 16 * 1024;
 
 impl FrameWriter {
     /// Writes one frame (after anything queued).
@@ -140,14 +143,7 @@ impl FrameWriter {
     /// The frame is over its limit.
     pub fn queue(&mut self, frame: &Frame) -> Result<(), TransportError> {
         match frame {
-            Frame::Data(data) => {
-                for chunk in data.chunks(DEFAULT_DATA_CHUNK) {
-                    self.buf.reserve(HEADER_LEN + chunk.len());
-                    self.buf.extend_from_slice(&data_header(chunk.len())?);
-                    self.buf.extend_from_slice(chunk);
-                }
-                Ok(())
-            }
+            Frame::Data(data) => self.queue_data(data),
             other => Ok(other.encode(&mut self.buf)?),
         }
     }
@@ -155,6 +151,49 @@ impl FrameWriter {
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Sends body bytes as `Data` frames. Small chunks are queued (see [`FrameWriter::queue`]) and
+    /// written once a yamux frame's worth waits; a large chunk is written straight from `data`,
+    /// each piece after its 5-byte header, so body bytes are not copied into our buffer (yamux
+    /// copies them once, into its frame) and the buffer never grows past one yamux frame.
+    ///
+    /// # Errors
+    /// The stream failed.
+    pub async fn send_data(&mut self, data: &[u8]) -> Result<(), TransportError> {
+        if data.len() < DIRECT_WRITE {
+            self.queue_data(data)?;
+            if self.buf.len() >= FLUSH_THRESHOLD {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        for piece in data.chunks(DEFAULT_DATA_CHUNK) {
+            self.buf.extend_from_slice(&data_header(piece.len())?);
+            self.flush().await?;
+            self.write_all(piece).await?;
+        }
+        Ok(())
+    }
+
+    fn queue_data(&mut self, data: &[u8]) -> Result<(), TransportError> {
+        for chunk in data.chunks(DEFAULT_DATA_CHUNK) {
+            self.buf.reserve(HEADER_LEN + chunk.len());
+            self.buf.extend_from_slice(&data_header(chunk.len())?);
+            self.buf.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), TransportError> {
+        while !bytes.is_empty() {
+            let n = poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_write(cx, bytes)).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            bytes = &bytes[n..];
+        }
+        Ok(())
     }
 
     /// Writes everything queued. Waits for yamux credit: this is where a slow reader on the other
