@@ -11,11 +11,6 @@ use ferry_codec::{Secret, TunnelId};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of the system allocator: per request the tunnel allocates and frees many
-/// small buffers, where glibc's malloc spent about a tenth of the process's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Agent of a ferry tunnel: dials out to a gateway over one WebSocket and serves the public
 /// requests it forwards from a local upstream service. No inbound port is needed.
 ///

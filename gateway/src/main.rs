@@ -14,11 +14,6 @@ use ferry_gateway::{Gateway, GatewayConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of the system allocator: per request the tunnel allocates and frees many
-/// small buffers, where glibc's malloc spent about a tenth of the process's CPU.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Public gateway of a ferry tunnel: serves HTTP on one port and forwards requests to the agents
 /// that dial in to `/ws` on the same port.
 ///
