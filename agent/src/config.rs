@@ -123,6 +123,12 @@ impl GatewayUrl {
             .map_err(|err| format!("{text:?}: {err}"))?;
         Ok(Self { uri, tls, host, port })
     }
+
+    /// Whether the host is this machine: `localhost`, `127.0.0.0/8` or `::1`.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
 }
 
 /// Agent settings.
@@ -136,6 +142,11 @@ pub struct AgentConfig {
     pub upstream_ca: Option<PathBuf>,
     /// The gateway's agent endpoint.
     pub gateway: GatewayUrl,
+    /// Extra CA certificates (PEM) to trust for a `wss://` gateway, besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Allow `ws://` (no TLS) to a gateway that is not on loopback. The secret never crosses the
+    /// wire, but requests and responses do, readable by anyone on the path.
+    pub insecure_plaintext: bool,
     /// The tunnel's secret; `None` for a gateway that runs without authentication.
     pub secret: Option<Secret>,
     /// This process; stays the same across reconnects.
@@ -159,6 +170,25 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Checks what the parsers alone cannot.
+    ///
+    /// # Errors
+    /// A message saying what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        self.session.validate()?;
+        if !self.gateway.tls && !self.gateway.is_loopback() && !self.insecure_plaintext {
+            return Err(format!(
+                "refusing plain ws:// to {}: the tunnel's traffic would cross the network unencrypted; \
+                 use wss:// (or pass --insecure-plaintext if something else encrypts the path)",
+                self.gateway.host
+            ));
+        }
+        if self.ca_file.is_some() && !self.gateway.tls {
+            return Err("--ca-file is for a wss:// gateway; this one is ws://".into());
+        }
+        Ok(())
+    }
+
     /// A configuration with every default, for `tunnel_id` → `upstream` via `gateway`.
     pub fn new(tunnel_id: TunnelId, upstream: Upstream, gateway: GatewayUrl) -> Self {
         Self {
@@ -166,6 +196,8 @@ impl AgentConfig {
             upstream,
             upstream_ca: None,
             gateway,
+            ca_file: None,
+            insecure_plaintext: false,
             secret: None,
             instance_id: InstanceId(uuid::Uuid::new_v4()),
             session: SessionConfig::default(),
@@ -207,5 +239,23 @@ mod tests {
         assert_eq!(GatewayUrl::parse("ws://[::1]:3000/").unwrap().host, "::1");
         assert!(GatewayUrl::parse("http://x/ws").is_err());
         assert!(GatewayUrl::parse("x:3000").is_err());
+    }
+
+    #[test]
+    fn plaintext_only_to_loopback() {
+        let id: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".parse().unwrap();
+        let up = Upstream::parse("127.0.0.1:8000").unwrap();
+        let config = |url: &str| AgentConfig::new(id.clone(), up.clone(), GatewayUrl::parse(url).unwrap());
+        for ok in ["ws://127.0.0.1:3000", "ws://localhost:3000", "ws://[::1]:3000", "wss://example.com"] {
+            assert!(config(ok).validate().is_ok(), "{ok}");
+        }
+        let remote = config("ws://example.com:3000");
+        assert!(remote.validate().unwrap_err().contains("--insecure-plaintext"));
+        let mut allowed = remote;
+        allowed.insecure_plaintext = true;
+        assert!(allowed.validate().is_ok());
+        let mut ca = config("ws://127.0.0.1:3000");
+        ca.ca_file = Some("ca.pem".into());
+        assert!(ca.validate().is_err());
     }
 }

@@ -1,28 +1,40 @@
-//! Dialling the gateway: TCP, the WebSocket upgrade to `/ws` with subprotocol `ferry.v1`, and the
+//! Dialling the gateway: TCP, TLS for `wss://`, the WebSocket upgrade to `/ws` with subprotocol `ferry.v1`, and the
 //! ferry handshake. Reconnect policy (backoff) lives in [`crate::run`].
 
 use ferry_codec::handshake::{AuthAccepted, check_version};
 use ferry_codec::{AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello, Transcript};
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
 use http::HeaderValue;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::either::Either;
 
 use crate::config::AgentConfig;
 use crate::error::ConnectError;
 
+/// The connection to the gateway: plain TCP (`ws://`) or TLS (`wss://`).
+pub(crate) type GatewayStream = Either<TcpStream, TlsStream<TcpStream>>;
 /// The WebSocket to the gateway.
-pub(crate) type GatewayWs = WebSocketStream<TcpStream>;
+pub(crate) type GatewayWs = WebSocketStream<GatewayStream>;
 
-/// One connection attempt, bounded by the connect timeout.
-pub(crate) async fn connect(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
-    tokio::time::timeout(config.connect_timeout, connect_inner(config))
+/// One connection attempt, bounded by the connect timeout. `tls` is set for a `wss://` gateway.
+pub(crate) async fn connect(
+    config: &AgentConfig,
+    tls: Option<&TlsConnector>,
+) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
+    tokio::time::timeout(config.connect_timeout, connect_inner(config, tls))
         .await
         .map_err(|_| ConnectError::Timeout)?
 }
 
-async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
+async fn connect_inner(
+    config: &AgentConfig,
+    tls: Option<&TlsConnector>,
+) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
     let gateway = &config.gateway;
     let addr = format!("{}:{}", gateway.host, gateway.port);
     let tcp = TcpStream::connect((gateway.host.as_str(), gateway.port))
@@ -30,6 +42,15 @@ async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted)
         .map_err(|source| ConnectError::Dial { addr: addr.clone(), source })?;
     // Small frames (heads, window updates) must not wait for Nagle.
     tcp.set_nodelay(true).map_err(|source| ConnectError::Dial { addr, source })?;
+    let stream = match tls {
+        None => Either::Left(tcp),
+        Some(connector) => {
+            let name = ServerName::try_from(gateway.host.clone()).map_err(|_| {
+                ConnectError::Tls(std::io::Error::other("the gateway host is not a valid TLS name"))
+            })?;
+            Either::Right(connector.connect(name, tcp).await.map_err(ConnectError::Tls)?)
+        }
+    };
 
     let mut request = gateway.uri.to_string().into_client_request().map_err(ConnectError::WebSocket)?;
     request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
@@ -37,7 +58,7 @@ async fn connect_inner(config: &AgentConfig) -> Result<(GatewayWs, AuthAccepted)
         .headers_mut()
         .insert("user-agent", HeaderValue::from_static(concat!("ferry-agent/", env!("CARGO_PKG_VERSION"))));
     let (mut ws, _response) =
-        tokio_tungstenite::client_async_with_config(request, tcp, Some(websocket_config()))
+        tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()))
             .await
             .map_err(ConnectError::WebSocket)?;
 

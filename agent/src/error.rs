@@ -19,8 +19,8 @@ pub enum AgentError {
         #[source]
         last: ConnectError,
     },
-    /// TLS setup for the upstream failed.
-    #[error("upstream TLS setup failed: {0}")]
+    /// TLS setup (for the gateway or the upstream) failed.
+    #[error("TLS setup failed: {0}")]
     Tls(String),
 }
 
@@ -37,6 +37,9 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake with the gateway failed (often: its certificate is not trusted).
+    #[error("TLS handshake with the gateway failed")]
+    Tls(#[source] std::io::Error),
     /// The whole connect took longer than the connect timeout.
     #[error("connecting to the gateway timed out")]
     Timeout,
@@ -72,6 +75,9 @@ impl ConnectError {
             Self::Dial { .. } | Self::Timeout => {
                 "check that the gateway is running and reachable (--gateway / GATEWAY_URL)"
             }
+            Self::Tls(_) => {
+                "the gateway's certificate must match its host name and chain to a trusted CA (system roots, or --ca-file)"
+            }
             Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
             Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
             Self::SecretRequired => "set FERRY_SECRET or --secret-file to the tunnel's secret",
@@ -97,6 +103,9 @@ impl ConnectError {
         match self {
             Self::Rejected { code, .. } => !code.is_transient(),
             Self::SecretRequired | Self::GatewayNotAuthenticated => true,
+            // A certificate the agent does not trust stays untrusted until someone acts; a
+            // handshake cut short by the network is worth the usual retry.
+            Self::Tls(err) => err.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
             _ => false,
         }
     }

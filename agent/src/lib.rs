@@ -16,6 +16,7 @@
 //! - `connect` — dialling the gateway and the handshake.
 //! - `tunnel` — one session: streams, control stream, drain.
 //! - `upstream` — proxying one stream to the upstream.
+//! - `tls` — trust for `wss://` and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
@@ -23,6 +24,7 @@
 pub mod config;
 mod connect;
 pub mod error;
+mod tls;
 mod tunnel;
 mod upstream;
 
@@ -49,17 +51,16 @@ const ATTENTION_RETRY: Duration = Duration::from_secs(30);
 /// # Errors
 /// Invalid configuration, or `max_retries` failed attempts in a row.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    config.session.validate().map_err(AgentError::Config)?;
+    config.validate().map_err(AgentError::Config)?;
     let config = Arc::new(config);
-    let extra_ca = match &config.upstream_ca {
-        Some(path) => Some(
-            tokio::fs::read(path)
-                .await
-                .map_err(|err| AgentError::Tls(format!("cannot read {}: {err}", path.display())))?,
-        ),
-        None => None,
-    };
+    let extra_ca = tls::read_ca(config.upstream_ca.as_deref(), "--upstream-ca-file").await?;
     let client = upstream::client(&config, extra_ca.as_deref())?;
+    let gateway_tls = if config.gateway.tls {
+        let ca = tls::read_ca(config.ca_file.as_deref(), "--ca-file").await?;
+        Some(tls::gateway_connector(ca.as_deref())?)
+    } else {
+        None
+    };
     let upstream =
         Arc::new(upstream::Upstream { client, config: Arc::clone(&config), in_flight: Default::default() });
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
@@ -68,7 +69,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     loop {
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            attempt = connect::connect(&config) => attempt,
+            attempt = connect::connect(&config, gateway_tls.as_ref()) => attempt,
         };
         let delay = match attempt {
             Ok((ws, accepted)) => {

@@ -35,6 +35,16 @@ struct Args {
     #[arg(long, env = "GATEWAY_URL", default_value = DEFAULT_GATEWAY, value_parser = GatewayUrl::parse, value_name = "URL")]
     gateway: GatewayUrl,
 
+    /// Extra CA certificates (PEM file) to trust for a wss:// gateway, besides the system roots
+    /// (for a gateway with a private CA or a self-signed certificate).
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<std::path::PathBuf>,
+
+    /// Allow plain ws:// to a gateway that is not on loopback. Requests and responses then cross
+    /// the network unencrypted; only for paths something else protects (VPN, SSH tunnel).
+    #[arg(long)]
+    insecure_plaintext: bool,
+
     /// File holding the tunnel's secret (or set FERRY_SECRET). Secrets are never taken from the
     /// command line, where other users could read them.
     #[arg(long, value_name = "PATH")]
@@ -81,6 +91,8 @@ impl Args {
         let mut config = AgentConfig::new(self.tunnel_id, self.upstream, self.gateway);
         config.secret = secret;
         config.upstream_ca = self.upstream_ca_file;
+        config.ca_file = self.ca_file;
+        config.insecure_plaintext = self.insecure_plaintext;
         config.max_retries = self.max_retries;
         config.upstream_timeout = self.upstream_timeout;
         config.drain_timeout = self.drain_timeout;

@@ -32,30 +32,11 @@ pub(crate) fn client(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<Up
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_connect_timeout));
     http.enforce_http(false);
-    let mut roots = rustls::RootCertStore::empty();
-    if config.upstream.scheme == http::uri::Scheme::HTTPS {
-        // Unreadable system certificates are skipped: an extra CA may be all that is needed.
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-        if let Some(pem) = extra_ca {
-            use rustls::pki_types::CertificateDer;
-            use rustls::pki_types::pem::PemObject;
-            let certs = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|err| AgentError::Tls(format!("--upstream-ca-file: {err}")))?;
-            if certs.is_empty() {
-                return Err(AgentError::Tls("--upstream-ca-file holds no certificate".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|err| AgentError::Tls(format!("--upstream-ca-file: {err}")))?;
-            }
-        }
-        if roots.is_empty() {
-            return Err(AgentError::Tls(
-                "no trusted CA certificates: install the system roots or pass --upstream-ca-file".into(),
-            ));
-        }
-    }
+    let roots = if config.upstream.scheme == http::uri::Scheme::HTTPS {
+        crate::tls::root_store(extra_ca, "--upstream-ca-file")?
+    } else {
+        rustls::RootCertStore::empty()
+    };
     let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)

@@ -7,6 +7,7 @@ use ferry_codec::Secret;
 use ferry_transport::SessionConfig;
 
 use crate::auth::AuthSource;
+use crate::tls::TlsFiles;
 
 /// How long an agent has to complete the ferry handshake after its WebSocket is up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +33,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 128;
 /// Most open client + agent connections; the accept loop waits for a free slot beyond this.
 pub const MAX_CONNECTIONS: usize = 32_768;
+/// How long a client may take to complete the TLS handshake (slowloris protection before HTTP).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,6 +77,10 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// See [`DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
+    /// Serve HTTPS and `wss://` with this certificate; `None` serves plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// How long a client may take to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -96,6 +103,8 @@ impl Default for GatewayConfig {
             max_headers: MAX_HEADERS,
             max_connections: MAX_CONNECTIONS,
             drain_timeout: DRAIN_TIMEOUT,
+            tls: None,
+            tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum GatewayError {
     /// The auth file could not be loaded.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthFileError),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Why the gateway answered a public request itself. Each maps to a status and a stable code.

@@ -21,6 +21,7 @@
 //! - [`auth`] — agent secrets, MAC checks, the failed-attempt limiter.
 //! - `admin` — `GET /`, the admin endpoints (`/connections`, actions, `/metrics`).
 //! - [`metrics`] — counters and their Prometheus rendering.
+//! - [`tls`] — HTTPS on the public port, certificate reload.
 //! - [`error`] — [`GatewayError`] and [`ProxyError`] (the JSON errors clients see).
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
@@ -35,6 +36,7 @@ pub mod registry;
 mod routes;
 mod server;
 pub mod session;
+pub mod tls;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -86,6 +88,8 @@ pub struct Gateway {
     failures: FailureLimiter,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// The certificate in force when the public port speaks TLS.
+    tls: Option<tls::Tls>,
 }
 
 impl Gateway {
@@ -99,6 +103,7 @@ impl Gateway {
             return Err(GatewayError::Config("the heartbeat interval and misses must be positive".into()));
         }
         let secrets = Secrets::load(&config.auth)?;
+        let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
         let mut random = [0u8; 4];
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
         let instance = u32::from_be_bytes(random);
@@ -116,6 +121,7 @@ impl Gateway {
             secrets: RwLock::new(Arc::new(secrets)),
             failures: FailureLimiter::default(),
             metrics: Metrics::default(),
+            tls,
         }))
     }
 
@@ -143,11 +149,30 @@ impl Gateway {
         Ok(())
     }
 
+    /// Reads the TLS certificate and key again (on SIGHUP): new connections get the new
+    /// certificate, open ones keep theirs. On error the old certificate stays in force. Without
+    /// TLS this does nothing.
+    ///
+    /// # Errors
+    /// A file cannot be read, or the pair is invalid.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        if let Some(tls) = &self.tls {
+            tls.reload()?;
+            info!("TLS certificate reloaded");
+        }
+        Ok(())
+    }
+
     /// Accepts on `listener` until shutdown, then drains: lets in-flight requests finish (up to
     /// the drain timeout), then closes the agent sessions.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener) {
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, domain = self.config.domain.as_deref().unwrap_or("-"), "gateway listening");
+            info!(
+                %addr,
+                scheme = self.public_scheme(),
+                domain = self.config.domain.as_deref().unwrap_or("-"),
+                "gateway listening"
+            );
         }
         let secrets = self.secrets();
         match (&*secrets, secrets.tunnel_count()) {
@@ -187,7 +212,7 @@ impl Gateway {
 
     /// `http`, or `https` once the gateway terminates TLS.
     fn public_scheme(&self) -> &'static str {
-        "http"
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// Whether `Via` shows this request already passed through this gateway.

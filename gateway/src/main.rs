@@ -10,6 +10,7 @@ use clap::Parser;
 use ferry_codec::Secret;
 use ferry_gateway::auth::AuthSource;
 use ferry_gateway::config::parse_domain;
+use ferry_gateway::tls::TlsFiles;
 use ferry_gateway::{Gateway, GatewayConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -70,6 +71,15 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pending_timeout: Duration,
 
+    /// Serve HTTPS (and wss:// for agents) with this PEM certificate chain, server certificate
+    /// first. Reloaded on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). Reloaded on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// How often both sides send a heartbeat on the control stream; three missed ones end the
     /// session.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -125,6 +135,10 @@ impl Args {
         config.admin_token =
             load_secret(self.admin_token_file.as_deref(), "FERRY_ADMIN_TOKEN").context("admin token")?;
         config.admin_loopback = !self.no_loopback_admin;
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
         Ok(config)
     }
 }
@@ -143,32 +157,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .init();
     let listen = args.listen;
     let config = args.into_config()?;
+    let auth_file = matches!(config.auth, AuthSource::File(_));
+    let tls = config.tls.is_some();
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let reloadable = matches!(config.auth, AuthSource::File(_));
     let gateway = Gateway::new(config, shutdown).context("cannot start the gateway")?;
     #[cfg(unix)]
-    if reloadable {
-        tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway)));
-    }
+    tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), auth_file, tls));
     gateway.serve(listener).await;
     Ok(())
 }
 
-/// Reloads the auth file on every SIGHUP; a bad file leaves the old secrets in force.
+/// Reloads the auth file and the TLS certificate on every SIGHUP; a bad file leaves the old one
+/// in force.
 #[cfg(unix)]
-async fn reload_on_sighup(gateway: std::sync::Arc<Gateway>) {
+async fn reload_on_sighup(gateway: std::sync::Arc<Gateway>, auth_file: bool, tls: bool) {
+    if !auth_file && !tls {
+        return;
+    }
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; the auth file will not be reloaded");
+        tracing::error!("cannot listen for SIGHUP; files will not be reloaded");
         return;
     };
     while hangups.recv().await.is_some() {
-        if let Err(err) = gateway.reload_auth().await {
+        if auth_file && let Err(err) = gateway.reload_auth().await {
             tracing::error!(
                 err = format!("{:#}", anyhow::Error::new(err)),
                 "auth file reload failed; the old secrets stay in force"
+            );
+        }
+        if tls && let Err(err) = gateway.reload_tls() {
+            tracing::error!(
+                err = format!("{:#}", anyhow::Error::new(err)),
+                "TLS reload failed; the old certificate stays in force"
             );
         }
     }

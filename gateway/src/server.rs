@@ -1,5 +1,5 @@
-//! The accept loop and per-connection serving: HTTP/1.1 and HTTP/2 (prior knowledge) on one port,
-//! with upgrades, bounded connection count, and graceful drain on shutdown.
+//! The accept loop and per-connection serving: HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN over
+//! TLS) on one port, with upgrades, bounded connection count, and graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, debug, info_span, warn};
@@ -74,12 +75,38 @@ async fn serve_connection(
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");
     }
+    let Some(tls) = &gateway.tls else {
+        return serve_http(gateway, socket, peer).await;
+    };
+    let handshake = tls.acceptor().accept(socket);
+    let stream = tokio::select! {
+        () = gateway.shutdown.cancelled() => return,
+        result = tokio::time::timeout(gateway.config.tls_handshake_timeout, handshake) => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                debug!(%err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    serve_http(gateway, stream, peer).await;
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes or the drain ends.
+async fn serve_http<I>(gateway: Arc<Gateway>, io: I, peer: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service_gateway = Arc::clone(&gateway);
     let service = service_fn(move |request| {
         let gateway = Arc::clone(&service_gateway);
         async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
     });
-    let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(socket), service);
+    let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
