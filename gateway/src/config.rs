@@ -7,6 +7,7 @@ use ferry_codec::Secret;
 use ferry_transport::SessionConfig;
 
 use crate::auth::AuthSource;
+use crate::limits::Rate;
 use crate::tls::TlsFiles;
 
 /// How long an agent has to complete the ferry handshake after its WebSocket is up.
@@ -33,6 +34,22 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 128;
 /// Most open client + agent connections; the accept loop waits for a free slot beyond this.
 pub const MAX_CONNECTIONS: usize = 32_768;
+/// Most open connections from one client address; more are closed at once. Generous enough for a
+/// large NAT, small enough that one address cannot take the whole [`MAX_CONNECTIONS`].
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
+/// Most agent WebSocket connections still in their handshake (not yet authenticated); more get 503.
+pub const MAX_HANDSHAKES: usize = 1024;
+/// Longest request target (path and query) before 414. Browsers send at most a few KiB;
+/// Cloudflare allows 16 KiB.
+pub const MAX_URI_LEN: usize = 16 * 1024;
+/// Most requests in flight at once for one tunnel, over all its sessions, before 503
+/// `tunnel_at_capacity` with `Retry-After`.
+pub const MAX_TUNNEL_REQUESTS: usize = 10_240;
+/// Most concurrent HTTP/2 streams per public connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Most HTTP/2 streams a client may reset before the gateway has answered them, at once (the
+/// "rapid reset" attack); beyond this hyper closes the connection with `ENHANCE_YOUR_CALM`.
+pub const H2_MAX_PENDING_RESETS: usize = 32;
 /// How long a client may take to complete the TLS handshake (slowloris protection before HTTP).
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for in-flight requests.
@@ -75,6 +92,20 @@ pub struct GatewayConfig {
     pub max_headers: usize,
     /// See [`MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// See [`MAX_CONNECTIONS_PER_ADDRESS`].
+    pub max_connections_per_address: usize,
+    /// See [`MAX_HANDSHAKES`].
+    pub max_handshakes: usize,
+    /// See [`MAX_URI_LEN`].
+    pub max_uri_len: usize,
+    /// Largest request body, in bytes, before 413 `payload_too_large`; `None`: no limit.
+    pub max_request_body: Option<u64>,
+    /// See [`MAX_TUNNEL_REQUESTS`].
+    pub max_tunnel_requests: usize,
+    /// Requests per tunnel (all clients together); `None`: no limit. Over it: 429.
+    pub tunnel_rate: Option<Rate>,
+    /// Requests per client address (all tunnels together); `None`: no limit. Over it: 429.
+    pub client_rate: Option<Rate>,
     /// See [`DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
     /// Serve HTTPS and `wss://` with this certificate; `None` serves plain HTTP.
@@ -102,6 +133,13 @@ impl Default for GatewayConfig {
             max_header_bytes: MAX_HEADER_BYTES,
             max_headers: MAX_HEADERS,
             max_connections: MAX_CONNECTIONS,
+            max_connections_per_address: MAX_CONNECTIONS_PER_ADDRESS,
+            max_handshakes: MAX_HANDSHAKES,
+            max_uri_len: MAX_URI_LEN,
+            max_request_body: None,
+            max_tunnel_requests: MAX_TUNNEL_REQUESTS,
+            tunnel_rate: None,
+            client_rate: None,
             drain_timeout: DRAIN_TIMEOUT,
             tls: None,
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
@@ -137,9 +175,42 @@ pub fn parse_domain(text: &str) -> Result<String, String> {
     Ok(domain)
 }
 
+/// Parses a byte size: `1048576`, `64KiB`, `10MiB`, `1GiB`, or decimal `10kB`, `10MB`, `1GB`.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 10MiB or 1048576"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("{other:?} is not a size unit (B, KiB, MiB, GiB, kB, MB, GB)")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
+        for bad in ["", "MiB", "1.5MiB", "10 parsecs", "-1", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn domains_are_normalised_and_checked() {

@@ -45,6 +45,12 @@ pub enum ProxyError {
     /// The session has no room for another stream.
     #[error("the tunnel is at its concurrent request limit")]
     AtCapacity,
+    /// The gateway is at a global limit (agent handshakes in progress); retry shortly.
+    #[error("the gateway is busy; retry shortly")]
+    GatewayBusy,
+    /// The request target is longer than the gateway accepts.
+    #[error("the request target is too long")]
+    UriTooLong,
     /// The agent did not accept the stream in time.
     #[error("the agent did not accept the request in time")]
     AgentUnresponsive,
@@ -75,8 +81,8 @@ pub enum ProxyError {
     /// The tunnel had an agent recently, but none came back in time.
     #[error("the tunnel's agent is offline; retry later")]
     TunnelOffline,
-    /// Too many failed attempts from this address; retry after the given seconds.
-    #[error("too many failed attempts; retry later")]
+    /// A rate limit (requests, or failed handshakes) was reached; retry after the given seconds.
+    #[error("rate limit reached; retry later")]
     RateLimited(u64),
     /// An admin endpoint without valid credentials.
     #[error("admin endpoints need a loopback client or the admin bearer token")]
@@ -90,7 +96,8 @@ impl ProxyError {
             Self::TunnelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::InvalidTunnelId(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::AtCapacity | Self::AgentRefused(_) | Self::AgentShuttingDown => {
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::AtCapacity | Self::GatewayBusy | Self::AgentRefused(_) | Self::AgentShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::AgentUnresponsive | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -112,6 +119,8 @@ impl ProxyError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BadRequest(_) => "bad_request",
             Self::AtCapacity => "tunnel_at_capacity",
+            Self::GatewayBusy => "gateway_busy",
+            Self::UriTooLong => "uri_too_long",
             Self::AgentUnresponsive => "agent_unresponsive",
             Self::SessionLost => "session_lost",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -130,7 +139,7 @@ impl ProxyError {
     /// Seconds after which a retry may succeed, for `Retry-After`.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::AtCapacity | Self::AgentShuttingDown => Some(1),
+            Self::AtCapacity | Self::GatewayBusy | Self::AgentShuttingDown => Some(1),
             Self::AgentRefused(_) | Self::TunnelOffline => Some(5),
             Self::RateLimited(seconds) => Some(*seconds),
             _ => None,

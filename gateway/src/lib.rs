@@ -22,6 +22,7 @@
 //! - `admin` — `GET /`, the admin endpoints (`/connections`, actions, `/metrics`).
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - [`tls`] — HTTPS on the public port, certificate reload.
+//! - [`limits`] — connections per address, request rates.
 //! - [`error`] — [`GatewayError`] and [`ProxyError`] (the JSON errors clients see).
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
@@ -30,6 +31,7 @@ mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 mod proxy;
 pub mod registry;
@@ -90,6 +92,14 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The certificate in force when the public port speaks TLS.
     tls: Option<tls::Tls>,
+    /// Open public connections per client address.
+    addresses: limits::AddressLimiter,
+    /// Agent WebSocket connections still in their handshake.
+    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Request rate per tunnel, when limited.
+    tunnel_rates: Option<limits::RateLimiter<TunnelId>>,
+    /// Request rate per client address, when limited.
+    client_rates: Option<limits::RateLimiter<std::net::IpAddr>>,
 }
 
 impl Gateway {
@@ -104,6 +114,12 @@ impl Gateway {
         }
         let secrets = Secrets::load(&config.auth)?;
         let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
+        let addresses = limits::AddressLimiter::new(config.max_connections_per_address);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(
+            config.max_handshakes.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
+        let tunnel_rates = config.tunnel_rate.map(limits::RateLimiter::new);
+        let client_rates = config.client_rate.map(limits::RateLimiter::new);
         let mut random = [0u8; 4];
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
         let instance = u32::from_be_bytes(random);
@@ -122,6 +138,10 @@ impl Gateway {
             failures: FailureLimiter::default(),
             metrics: Metrics::default(),
             tls,
+            addresses,
+            handshakes,
+            tunnel_rates,
+            client_rates,
         }))
     }
 
@@ -255,6 +275,10 @@ impl Gateway {
             .or_else(|| request.uri().authority().map(|a| a.as_str()))
             .map(normalize_host);
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        if path_and_query.len() > self.config.max_uri_len {
+            self.metrics.limited(metrics::Limit::UriLength);
+            return ProxyError::UriTooLong.to_response(&self.next_request_id()).map(Either::Left);
+        }
         let route = route(self.config.domain.as_deref(), host.as_deref(), path_and_query);
         let request_id = self.next_request_id();
         if let Route::Tunnel { id, target } = route {

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_codec::Secret;
 use ferry_gateway::auth::AuthSource;
-use ferry_gateway::config::parse_domain;
+use ferry_gateway::config::{parse_domain, parse_size};
+use ferry_gateway::limits::Rate;
 use ferry_gateway::tls::TlsFiles;
 use ferry_gateway::{Gateway, GatewayConfig};
 use tokio_util::sync::CancellationToken;
@@ -80,6 +81,51 @@ struct Args {
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
+    /// How long a client may take to send a request head (and, for HTTP/1.1, how long a
+    /// keep-alive connection may sit idle between requests).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    header_read_timeout: Duration,
+
+    /// How long the agent may take to accept a request's stream before 504 `agent_unresponsive`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    stream_open_timeout: Duration,
+
+    /// Largest request head in bytes before 431 (e.g. 64KiB).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
+    max_header_bytes: u64,
+
+    /// Most header fields in a request before 431.
+    #[arg(long, default_value_t = ferry_gateway::config::MAX_HEADERS, value_name = "N")]
+    max_headers: usize,
+
+    /// Longest request target (path and query) in bytes before 414.
+    #[arg(long, default_value_t = ferry_gateway::config::MAX_URI_LEN, value_name = "BYTES")]
+    max_uri_length: usize,
+
+    /// Largest request body (e.g. 100MiB) before 413; off by default.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    max_request_body: Option<u64>,
+
+    /// Most requests in flight at once for one tunnel (all its agents) before 503.
+    #[arg(long, default_value_t = ferry_gateway::config::MAX_TUNNEL_REQUESTS, value_name = "N")]
+    max_tunnel_requests: usize,
+
+    /// Most open connections from one client address; more are closed at accept.
+    #[arg(long, default_value_t = ferry_gateway::config::MAX_CONNECTIONS_PER_ADDRESS, value_name = "N")]
+    max_connections_per_address: usize,
+
+    /// Most agent WebSocket connections still in their handshake; more get 503.
+    #[arg(long, default_value_t = ferry_gateway::config::MAX_HANDSHAKES, value_name = "N")]
+    max_handshakes: usize,
+
+    /// Request rate per tunnel, all clients together (e.g. 100/s, 6000/m); over it: 429.
+    #[arg(long, value_parser = Rate::parse, value_name = "RATE")]
+    tunnel_rate: Option<Rate>,
+
+    /// Request rate per client address, all tunnels together (e.g. 20/s); over it: 429.
+    #[arg(long, value_parser = Rate::parse, value_name = "RATE")]
+    client_rate: Option<Rate>,
+
     /// How often both sides send a heartbeat on the control stream; three missed ones end the
     /// session.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -135,6 +181,28 @@ impl Args {
         config.admin_token =
             load_secret(self.admin_token_file.as_deref(), "FERRY_ADMIN_TOKEN").context("admin token")?;
         config.admin_loopback = !self.no_loopback_admin;
+        config.header_read_timeout = self.header_read_timeout;
+        config.stream_open_timeout = self.stream_open_timeout;
+        config.max_header_bytes = usize::try_from(self.max_header_bytes)
+            .ok()
+            .filter(|n| (1024..=ferry_codec::frame::MAX_HEAD_LEN / 2).contains(n))
+            .context("--max-header-bytes must be between 1KiB and 128KiB")?;
+        anyhow::ensure!(self.max_headers > 0, "--max-headers must be positive");
+        config.max_headers = self.max_headers;
+        anyhow::ensure!(self.max_uri_length > 0, "--max-uri-length must be positive");
+        config.max_uri_len = self.max_uri_length;
+        config.max_request_body = self.max_request_body;
+        anyhow::ensure!(self.max_tunnel_requests > 0, "--max-tunnel-requests must be positive");
+        config.max_tunnel_requests = self.max_tunnel_requests;
+        anyhow::ensure!(
+            self.max_connections_per_address > 0,
+            "--max-connections-per-address must be positive"
+        );
+        config.max_connections_per_address = self.max_connections_per_address;
+        anyhow::ensure!(self.max_handshakes > 0, "--max-handshakes must be positive");
+        config.max_handshakes = self.max_handshakes;
+        config.tunnel_rate = self.tunnel_rate;
+        config.client_rate = self.client_rate;
         config.tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,

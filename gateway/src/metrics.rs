@@ -19,6 +19,50 @@ const AUTH_CODES: [AuthErrorCode; 8] = [
     AuthErrorCode::HandshakeTimeout,
 ];
 
+/// A limit the gateway enforced, for `ferry_limited_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// A connection over the per-address cap, closed at accept.
+    ConnectionsPerAddress,
+    /// An agent WebSocket over the cap of handshakes in progress.
+    Handshakes,
+    /// A request target over the URI length limit (414).
+    UriLength,
+    /// A request body over the body limit (413).
+    BodySize,
+    /// A request over a tunnel's concurrency limit (503).
+    TunnelConcurrency,
+    /// A request over its tunnel's rate (429).
+    TunnelRate,
+    /// A request over its client address's rate (429).
+    ClientRate,
+}
+
+impl Limit {
+    const ALL: [Self; 7] = [
+        Self::ConnectionsPerAddress,
+        Self::Handshakes,
+        Self::UriLength,
+        Self::BodySize,
+        Self::TunnelConcurrency,
+        Self::TunnelRate,
+        Self::ClientRate,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ConnectionsPerAddress => "connections_per_address",
+            Self::Handshakes => "handshakes",
+            Self::UriLength => "uri_length",
+            Self::BodySize => "body_size",
+            Self::TunnelConcurrency => "tunnel_concurrency",
+            Self::TunnelRate => "tunnel_rate",
+            Self::ClientRate => "client_rate",
+        }
+    }
+}
+
 /// Gateway-wide counters. Gauges (sessions, streams in flight, bytes of live sessions) are read
 /// from the registry when rendering.
 #[derive(Debug, Default)]
@@ -37,6 +81,8 @@ pub struct Metrics {
     /// WebSocket bytes of sessions that have ended, each way.
     closed_bytes_to_agents: AtomicU64,
     closed_bytes_from_agents: AtomicU64,
+    /// Connections and requests refused by a limit, in the order of [`Limit::ALL`].
+    limited: [AtomicU64; Limit::ALL.len()],
 }
 
 impl Metrics {
@@ -44,6 +90,13 @@ impl Metrics {
     pub fn request(&self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection or request refused by `limit`.
+    pub fn limited(&self, limit: Limit) {
+        if let Some(i) = Limit::ALL.iter().position(|l| *l == limit) {
+            self.limited[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts a failed handshake.
@@ -137,6 +190,12 @@ impl Metrics {
             "Requests that waited for an agent to come back.",
             &pending,
         );
+        let limited: Vec<(String, u64)> = Limit::ALL
+            .iter()
+            .zip(&self.limited)
+            .map(|(limit, n)| (format!("{{limit=\"{}\"}}", limit.as_str()), load(n)))
+            .collect();
+        metric("ferry_limited_total", "counter", "Connections and requests refused by a limit.", &limited);
         out
     }
 }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use ferry_codec::{AbortCode, Frame, Head, RequestHead, TunnelId};
-use ferry_transport::body::{BodyError, send_body};
+use ferry_transport::body::{BodyError, SendBodyError, send_body};
 use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
@@ -19,14 +19,17 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 use tracing::{Instrument, debug};
 
 use crate::Gateway;
 use crate::error::ProxyError;
+use crate::limits::client_ip;
+use crate::metrics::Limit;
 use crate::session::{InFlight, Session};
 
 /// The body of every response the gateway sends.
@@ -48,7 +51,18 @@ pub(crate) async fn forward(
     if gateway.seen_before(request.headers()) {
         return Err(ProxyError::LoopDetected);
     }
+    check_rates(gateway, id, peer)?;
     let mut session = pick_session(gateway, id).await?;
+    let max_requests = u64::try_from(gateway.config.max_tunnel_requests).unwrap_or(u64::MAX);
+    if gateway.registry.in_flight(id) >= max_requests {
+        gateway.metrics.limited(Limit::TunnelConcurrency);
+        return Err(ProxyError::AtCapacity);
+    }
+    let body_limit = gateway.config.max_request_body.unwrap_or(u64::MAX);
+    if request.body().size_hint().lower() > body_limit {
+        gateway.metrics.limited(Limit::BodySize);
+        return Err(ProxyError::PayloadTooLarge);
+    }
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
@@ -84,14 +98,25 @@ pub(crate) async fn forward(
 
     // The request body goes up while the response comes down: an echo answers before the
     // upload ends. A known-empty body is just `End`, without a task.
+    // A body that grows past the limit without announcing its length is cut there; if the
+    // response has not started, the client gets 413.
+    let (over_limit, mut over_limit_rx) = oneshot::channel();
     let upload = if body_len == Some(0) {
         writer.send(&Frame::End).await.map_err(|_| ProxyError::SessionLost)?;
         Upload::Done(writer)
     } else {
+        let body = Limited::new(body, usize::try_from(body_limit).unwrap_or(usize::MAX));
+        let metrics_gateway = Arc::clone(gateway);
         gateway.tracker.spawn(
             async move {
-                if let Err(err) = send_body(body, &mut writer, AbortCode::ClientGone).await {
-                    debug!(%err, "request body not fully sent");
+                match send_body(body, &mut writer, AbortCode::ClientGone).await {
+                    Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
+                        debug!("request body over the limit; cut");
+                        metrics_gateway.metrics.limited(Limit::BodySize);
+                        let _ = over_limit.send(());
+                    }
+                    Err(err) => debug!(%err, "request body not fully sent"),
+                    Ok(_) => {}
                 }
             }
             .in_current_span(),
@@ -99,7 +124,10 @@ pub(crate) async fn forward(
         Upload::Running
     };
 
-    let first = tokio::time::timeout(gateway.config.response_timeout, reader.next()).await;
+    let first = tokio::select! {
+        Ok(()) = &mut over_limit_rx => return Err(ProxyError::PayloadTooLarge),
+        first = tokio::time::timeout(gateway.config.response_timeout, reader.next()) => first,
+    };
     let head = match first {
         Err(_) => return Err(ProxyError::UpstreamTimeout),
         Ok(Some(Ok(Frame::Head(Head::Response(head))))) => head,
@@ -132,6 +160,22 @@ pub(crate) async fn forward(
     }
     let body = TunnelBody { inner: FrameBody::new(reader, None), _in_flight: in_flight };
     Ok(build_response(status, headers, Either::Right(body)))
+}
+
+/// Takes a token from the client's and the tunnel's buckets (when those limits are on).
+fn check_rates(gateway: &Gateway, id: &TunnelId, peer: SocketAddr) -> Result<(), ProxyError> {
+    let now = std::time::Instant::now();
+    let refuse = |wait: std::time::Duration, limit: Limit| {
+        gateway.metrics.limited(limit);
+        ProxyError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
+    };
+    if let Some(clients) = &gateway.client_rates {
+        clients.check(&client_ip(peer.ip()), now).map_err(|wait| refuse(wait, Limit::ClientRate))?;
+    }
+    if let Some(tunnels) = &gateway.tunnel_rates {
+        tunnels.check(id, now).map_err(|wait| refuse(wait, Limit::TunnelRate))?;
+    }
+    Ok(())
 }
 
 /// Sessions tried for one request whose stream could not be opened (each closed under it).
@@ -190,10 +234,7 @@ fn request_head(
         parts.uri.authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
     });
     strip_hop_by_hop(&mut headers, upgrade);
-    let client_ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+    let client_ip = client_ip(peer.ip());
     append_list(&mut headers, X_FORWARDED_FOR, &client_ip.to_string());
     let proto = gateway.public_scheme();
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));

@@ -140,6 +140,12 @@ impl Registry {
         tunnels.get(tunnel_id)?.iter().filter(|s| s.accepts_requests()).min_by_key(|s| s.in_flight()).cloned()
     }
 
+    /// Requests in flight over all sessions of a tunnel.
+    pub fn in_flight(&self, tunnel_id: &TunnelId) -> u64 {
+        let tunnels = self.tunnels.read().unwrap_or_else(|e| e.into_inner());
+        tunnels.get(tunnel_id).map_or(0, |sessions| sessions.iter().map(|s| s.in_flight()).sum())
+    }
+
     /// Every session, for listings.
     pub fn all(&self) -> Vec<Arc<Session>> {
         let tunnels = self.tunnels.read().unwrap_or_else(|e| e.into_inner());

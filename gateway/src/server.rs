@@ -15,7 +15,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::Gateway;
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESETS};
+use crate::limits::AddressSlot;
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -34,7 +35,8 @@ pub(crate) fn http_builder(config: &GatewayConfig) -> auto::Builder<TokioExecuto
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
@@ -42,7 +44,7 @@ pub(crate) fn http_builder(config: &GatewayConfig) -> auto::Builder<TokioExecuto
 
 /// Accepts connections until shutdown; each is served in its own tracked task.
 pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
-    let limit = Arc::new(Semaphore::new(gateway.config.max_connections));
+    let limit = Arc::new(Semaphore::new(gateway.config.max_connections.min(Semaphore::MAX_PERMITS)));
     loop {
         let permit = tokio::select! {
             () = gateway.shutdown.cancelled() => break,
@@ -59,9 +61,15 @@ pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
                 }
             },
         };
+        let Some(slot) = gateway.addresses.try_open(peer.ip()) else {
+            debug!(%peer, "too many connections from this address; closing");
+            gateway.metrics.limited(crate::metrics::Limit::ConnectionsPerAddress);
+            continue;
+        };
         let conn_gateway = Arc::clone(&gateway);
         gateway.tracker.spawn(
-            serve_connection(conn_gateway, socket, peer, permit).instrument(info_span!("conn", %peer)),
+            serve_connection(conn_gateway, socket, peer, (permit, slot))
+                .instrument(info_span!("conn", %peer)),
         );
     }
 }
@@ -70,7 +78,7 @@ async fn serve_connection(
     gateway: Arc<Gateway>,
     socket: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    _slots: (OwnedSemaphorePermit, AddressSlot),
 ) {
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");

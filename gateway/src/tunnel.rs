@@ -24,7 +24,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -81,6 +81,12 @@ pub(crate) fn accept(
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
         .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    // Unauthenticated connections are capped: a flood of WebSockets that never finish the
+    // handshake cannot hold more than this many tasks and sockets.
+    let Ok(handshake_slot) = Arc::clone(&gateway.handshakes).try_acquire_owned() else {
+        gateway.metrics.limited(crate::metrics::Limit::Handshakes);
+        return Err(ProxyError::GatewayBusy);
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     let gw = Arc::clone(gateway);
@@ -97,7 +103,7 @@ pub(crate) fn accept(
             let config = websocket_config().max_message_size(Some(MAX_HANDSHAKE_MESSAGE));
             let ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            serve(gw, ws, peer, host).await;
+            serve(gw, ws, peer, host, handshake_slot).await;
         }
         .instrument(span),
     );
@@ -118,12 +124,20 @@ pub(crate) fn accept(
 type AgentWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Handshake, then the session until it ends.
-async fn serve(gateway: Arc<Gateway>, mut ws: AgentWs, peer: SocketAddr, host: Option<String>) {
+async fn serve(
+    gateway: Arc<Gateway>,
+    mut ws: AgentWs,
+    peer: SocketAddr,
+    host: Option<String>,
+    handshake_slot: OwnedSemaphorePermit,
+) {
     let handshake = tokio::time::timeout(
         gateway.config.handshake_timeout,
         handshake(&gateway, &mut ws, peer, host.as_deref()),
     );
-    let (identity, heartbeat_interval) = match handshake.await {
+    let result = handshake.await;
+    drop(handshake_slot);
+    let (identity, heartbeat_interval) = match result {
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
             warn!(code = failure.code.as_str(), detail = %failure.detail, %peer, "agent handshake failed");

@@ -1,0 +1,213 @@
+//! Limits at the public edge that need shared state: open connections per client address, and
+//! request rates (token buckets) per tunnel and per client address.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The client address a limit is keyed by: IPv4-mapped IPv6 addresses count as IPv4.
+pub(crate) fn client_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Counts open connections per client address.
+#[derive(Debug)]
+pub(crate) struct AddressLimiter {
+    max: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One open connection; frees its slot when dropped.
+#[derive(Debug)]
+pub(crate) struct AddressSlot {
+    ip: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl AddressLimiter {
+    pub(crate) fn new(max: usize) -> Self {
+        Self { max, open: Arc::default() }
+    }
+
+    /// A slot for a new connection from `ip`, or `None` when it already has the most allowed.
+    pub(crate) fn try_open(&self, ip: IpAddr) -> Option<AddressSlot> {
+        let ip = client_ip(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { ip, open: Arc::clone(&self.open) })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_per_address_are_counted_and_freed() {
+        let limiter = AddressLimiter::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let first = limiter.try_open(a).unwrap();
+        let _second = limiter.try_open(mapped).unwrap();
+        assert!(limiter.try_open(a).is_none(), "the mapped address is the same client");
+        assert!(limiter.try_open("192.0.2.2".parse().unwrap()).is_some());
+        drop(first);
+        assert!(limiter.try_open(a).is_some());
+    }
+}
+
+/// A request rate: `count` per `per`, allowing bursts of up to `count` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Requests allowed per period (and the burst size).
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `N/s`, `N/m` or `N/h` (N ≥ 1).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (count, unit) =
+            text.split_once('/').ok_or_else(|| format!("{text:?} is not a rate like 100/s or 600/m"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{count:?} is not a positive whole number of requests"))?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => return Err(format!("{other:?} is not a rate unit (use s, m or h)")),
+        };
+        Ok(Self { count, per })
+    }
+
+    fn tokens_per_second(self) -> f64 {
+        f64::from(self.count) / self.per.as_secs_f64()
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// Token buckets by key: each holds up to `rate.count` tokens, refilled continuously; a request
+/// takes one or is refused with the wait until the next.
+#[derive(Debug)]
+pub(crate) struct RateLimiter<K> {
+    rate: Rate,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// Buckets kept before full ones (keys that went quiet) are swept out.
+const SWEEP_AT: usize = 4096;
+
+impl<K: Eq + Hash + Clone> RateLimiter<K> {
+    pub(crate) fn new(rate: Rate) -> Self {
+        Self { rate, buckets: Mutex::default() }
+    }
+
+    /// Takes a token for `key` at `now`; `Err(wait)` when the bucket is empty.
+    pub(crate) fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let capacity = f64::from(self.rate.count);
+        let refill = self.rate.tokens_per_second();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= SWEEP_AT && !buckets.contains_key(key) {
+            buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * refill < capacity
+            });
+        }
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: capacity, updated: now });
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * refill).min(capacity);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / refill))
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(Rate::parse("100/s").unwrap(), Rate { count: 100, per: Duration::from_secs(1) });
+        assert_eq!(Rate::parse("600/m").unwrap().to_string(), "600/m");
+        for bad in ["", "100", "0/s", "-1/s", "1.5/s", "10/d", "x/s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let limiter = RateLimiter::new(Rate::parse("10/s").unwrap());
+        let start = Instant::now();
+        for _ in 0..10 {
+            limiter.check(&"a", start).unwrap();
+        }
+        let wait = limiter.check(&"a", start).unwrap_err();
+        assert!(wait > Duration::from_millis(90) && wait <= Duration::from_millis(100), "{wait:?}");
+        limiter.check(&"b", start).unwrap();
+        // 100 ms later one token is back, not two.
+        let later = start + Duration::from_millis(100);
+        limiter.check(&"a", later).unwrap();
+        assert!(limiter.check(&"a", later).is_err());
+    }
+
+    #[test]
+    fn quiet_keys_are_swept() {
+        let limiter = RateLimiter::new(Rate::parse("1/s").unwrap());
+        let start = Instant::now();
+        for key in 0..SWEEP_AT {
+            limiter.check(&key, start).unwrap();
+        }
+        limiter.check(&usize::MAX, start + Duration::from_secs(2)).unwrap();
+        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+    }
+}
