@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use ferry_codec::{InstanceId, Secret, TunnelId};
 use ferry_transport::SessionConfig;
+
+use crate::filter::{Filters, path_matches};
 use http::Uri;
 use http::uri::{Authority, Scheme};
 
@@ -24,6 +26,12 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const RECONNECT_INITIAL: Duration = Duration::from_secs(1);
 /// Largest reconnect delay.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How often the health probe runs (with `--health-path`).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+/// Upstream connection failures in a row that open the circuit breaker.
+pub const BREAKER_FAILURES: u32 = 5;
+/// How long an open breaker refuses requests before letting one through as a trial.
+pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
 /// How long in-flight requests may run after SIGINT/SIGTERM.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -70,6 +78,40 @@ impl Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// Requests whose path is under `prefix` go to `upstream` (the longest matching prefix wins;
+/// requests no route matches go to the agent's default upstream). The path is not rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// A path prefix, matched on segment boundaries: `/api` takes `/api` and `/api/...`.
+    pub prefix: String,
+    /// Where those requests go.
+    pub upstream: Upstream,
+}
+
+impl Route {
+    /// Parses `PREFIX=ADDR`, for example `/api=127.0.0.1:8000`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (prefix, upstream) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not PREFIX=ADDR (like /api=127.0.0.1:8000)"))?;
+        Self::new(prefix, upstream)
+    }
+
+    /// A route from its two halves.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn new(prefix: &str, upstream: &str) -> Result<Self, String> {
+        if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+            return Err(format!("route prefix {prefix:?} must be a path starting with / (no query)"));
+        }
+        Ok(Self { prefix: prefix.to_owned(), upstream: Upstream::parse(upstream)? })
     }
 }
 
@@ -136,8 +178,12 @@ impl GatewayUrl {
 pub struct AgentConfig {
     /// The tunnel this agent serves.
     pub tunnel_id: TunnelId,
-    /// The local service.
+    /// The local service (requests no route matches).
     pub upstream: Upstream,
+    /// Other local services by path prefix.
+    pub routes: Vec<Route>,
+    /// What the agent refuses before the upstream sees it.
+    pub filters: Filters,
     /// Extra CA certificates (PEM) to trust for an `https` upstream, besides the system roots.
     pub upstream_ca: Option<PathBuf>,
     /// The gateway's agent endpoint.
@@ -167,9 +213,37 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// See [`DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
+    /// Path probed on every upstream (`GET`, 2xx/3xx pass); `None`: no probe.
+    pub health_path: Option<String>,
+    /// See [`HEALTH_INTERVAL`].
+    pub health_interval: Duration,
+    /// See [`BREAKER_FAILURES`].
+    pub breaker_failures: u32,
+    /// See [`BREAKER_COOLDOWN`].
+    pub breaker_cooldown: Duration,
 }
 
 impl AgentConfig {
+    /// The upstream for a request path: the longest matching route, else the default.
+    pub fn upstream_for(&self, path: &str) -> &Upstream {
+        self.routes
+            .iter()
+            .filter(|route| path_matches(path, &route.prefix))
+            .max_by_key(|route| route.prefix.trim_end_matches('/').len())
+            .map_or(&self.upstream, |route| &route.upstream)
+    }
+
+    /// Every distinct upstream: the default first, then the routes'.
+    pub fn upstreams(&self) -> Vec<&Upstream> {
+        let mut all = vec![&self.upstream];
+        for route in &self.routes {
+            if !all.contains(&&route.upstream) {
+                all.push(&route.upstream);
+            }
+        }
+        all
+    }
+
     /// Checks what the parsers alone cannot.
     ///
     /// # Errors
@@ -183,6 +257,14 @@ impl AgentConfig {
                 self.gateway.host
             ));
         }
+        if let Some(path) = &self.health_path
+            && (!path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err())
+        {
+            return Err(format!("--health-path {path:?} must be a path starting with /"));
+        }
+        if self.health_interval.is_zero() {
+            return Err("--health-interval must be positive".into());
+        }
         if self.ca_file.is_some() && !self.gateway.tls {
             return Err("--ca-file is for a wss:// gateway; this one is ws://".into());
         }
@@ -194,6 +276,8 @@ impl AgentConfig {
         Self {
             tunnel_id,
             upstream,
+            routes: Vec::new(),
+            filters: Filters::default(),
             upstream_ca: None,
             gateway,
             ca_file: None,
@@ -208,6 +292,10 @@ impl AgentConfig {
             reconnect_initial: RECONNECT_INITIAL,
             reconnect_max: RECONNECT_MAX,
             drain_timeout: DRAIN_TIMEOUT,
+            health_path: None,
+            health_interval: HEALTH_INTERVAL,
+            breaker_failures: BREAKER_FAILURES,
+            breaker_cooldown: BREAKER_COOLDOWN,
         }
     }
 }
@@ -239,6 +327,30 @@ mod tests {
         assert_eq!(GatewayUrl::parse("ws://[::1]:3000/").unwrap().host, "::1");
         assert!(GatewayUrl::parse("http://x/ws").is_err());
         assert!(GatewayUrl::parse("x:3000").is_err());
+    }
+
+    #[test]
+    fn routes_pick_the_longest_prefix() {
+        let id: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".parse().unwrap();
+        let mut config = AgentConfig::new(
+            id,
+            Upstream::parse("127.0.0.1:5173").unwrap(),
+            GatewayUrl::parse(DEFAULT_GATEWAY).unwrap(),
+        );
+        config.routes = vec![
+            Route::parse("/api=127.0.0.1:8000").unwrap(),
+            Route::parse("/api/v2/=127.0.0.1:8002").unwrap(),
+        ];
+        let port = |path: &str| config.upstream_for(path).authority.port_u16().unwrap();
+        assert_eq!(port("/"), 5173);
+        assert_eq!(port("/apix"), 5173);
+        assert_eq!(port("/api"), 8000);
+        assert_eq!(port("/api/v1/users"), 8000);
+        assert_eq!(port("/api/v2/users"), 8002);
+        assert_eq!(config.upstreams().len(), 3);
+        assert!(Route::parse("api=127.0.0.1:1").is_err());
+        assert!(Route::parse("/api").is_err());
+        assert!(Route::parse("/api=ftp://x:1").is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - `connect` — dialling the gateway and the handshake.
 //! - `tunnel` — one session: streams, control stream, drain.
 //! - `upstream` — proxying one stream to the upstream.
+//! - [`filter`] — the agent's own checks (methods, paths, body size, concurrency).
+//! - `health` — the upstream health probe and circuit breaker.
 //! - `tls` — trust for `wss://` and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
 #![forbid(unsafe_code)]
@@ -24,6 +26,8 @@
 pub mod config;
 mod connect;
 pub mod error;
+pub mod filter;
+mod health;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -61,8 +65,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     } else {
         None
     };
-    let upstream =
-        Arc::new(upstream::Upstream { client, config: Arc::clone(&config), in_flight: Default::default() });
+    let upstream = Arc::new(upstream::Upstream {
+        client,
+        config: Arc::clone(&config),
+        in_flight: Default::default(),
+        health: health::Health::new(&config),
+    });
+    let probes = shutdown.child_token();
+    let _stop_probes = probes.clone().drop_guard();
+    {
+        let upstream = Arc::clone(&upstream);
+        let probes = probes.clone();
+        tokio::spawn(async move { health::breaker_loop(&upstream.health, &upstream.config, probes).await });
+    }
+    if let Some(path) = config.health_path.clone() {
+        let upstream = Arc::clone(&upstream);
+        tokio::spawn(async move {
+            health::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, probes).await;
+        });
+    }
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
     info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_codec::ControlMessage;
-use ferry_codec::control::{GoAwayReason, HealthState};
+use ferry_codec::control::GoAwayReason;
 use ferry_codec::handshake::AuthAccepted;
 use ferry_transport::control::{self, ControlError, Heartbeat};
 use ferry_transport::session::session;
@@ -74,10 +74,12 @@ pub(crate) async fn serve(
         }
         .in_current_span(),
     );
-    // The first frame announces the stream to the gateway; queued before the loop starts.
-    let _ = control
-        .send(ControlMessage::UpstreamHealth { state: HealthState::Unknown, detail: String::new() })
-        .await;
+    // The first frame announces the stream to the gateway (with the current upstream health);
+    // queued before the loop starts. Later changes follow as they happen.
+    let mut health = upstream.health.subscribe();
+    let (state, detail) = health.borrow_and_update().clone();
+    let _ = control.send(ControlMessage::UpstreamHealth { state, detail }).await;
+    let mut health_open = true;
 
     let stream_upstream = Arc::clone(upstream);
     let stream_tracker = streams.clone();
@@ -101,6 +103,13 @@ pub(crate) async fn serve(
                 let _ = control.send(ControlMessage::Drain { grace }).await;
                 break (SessionEnd::Shutdown, grace);
             }
+            changed = health.changed(), if health_open => match changed {
+                Ok(()) => {
+                    let (state, detail) = health.borrow_and_update().clone();
+                    let _ = control.send(ControlMessage::UpstreamHealth { state, detail }).await;
+                }
+                Err(_) => health_open = false,
+            },
             event = events.recv(), if events_open => match event {
                 Some(ControlMessage::GoAway { reason, grace }) => {
                     let grace = grace.min(MAX_GO_AWAY_GRACE);

@@ -12,6 +12,7 @@ use ferry_transport::heads::{
 use ferry_transport::stream::{FrameReader, FrameWriter, acknowledge, pipe, split};
 use ferry_transport::{FrameBody, yamux};
 use http::{Request, StatusCode, Uri, Version};
+use http_body_util::{LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,9 +22,13 @@ use tracing::{Instrument, debug, debug_span};
 use crate::config::{AgentConfig, POOL_IDLE_TIMEOUT};
 use crate::error::AgentError;
 use crate::error_chain;
+use crate::filter::{Refusal, target_path};
+use crate::health::{Admission, Health};
 
 /// The pooled client every stream uses.
-pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, FrameBody>;
+pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+/// A request body on its way upstream, cut at the agent's body limit.
+pub(crate) type UpstreamBody = Limited<FrameBody>;
 
 /// Builds the upstream client: `TCP_NODELAY`, connect timeout, idle pool timeout (with the timer
 /// it needs), and for an `https` upstream TLS trusting the system roots plus `extra_ca` (PEM).
@@ -56,6 +61,8 @@ pub(crate) struct Upstream {
     pub(crate) config: Arc<AgentConfig>,
     /// Streams being served now, across sessions.
     pub(crate) in_flight: AtomicUsize,
+    /// Upstream health and the circuit breaker.
+    pub(crate) health: Health,
 }
 
 /// Streams in flight above which a new stream is acknowledged at once rather than with its
@@ -79,7 +86,8 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
     let span = debug_span!("stream", stream_id = %stream.id(), request_id = tracing::field::Empty);
     async move {
         let _in_flight = InFlight(&upstream.in_flight);
-        if upstream.in_flight.fetch_add(1, Ordering::Relaxed) >= EAGER_ACK_ABOVE
+        let in_flight = upstream.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_flight > EAGER_ACK_ABOVE
             && let Err(err) = acknowledge(&mut stream).await
         {
             debug!(%err, "stream closed before it was acknowledged");
@@ -101,6 +109,17 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
             None => return,
         };
         tracing::Span::current().record("request_id", head.request_id.as_str());
+        let filters = &upstream.config.filters;
+        let refusal = match filters.max_concurrent {
+            Some(max) if in_flight > max => Err(Box::new(Refusal::at_capacity())),
+            _ => filters.check(&head),
+        };
+        if let Err(refusal) = refusal {
+            debug!(code = refusal.code, "request refused by the agent's filters");
+            refusal.send(&mut writer, &head.request_id).await;
+            return;
+        }
+        let request_id = head.request_id.clone();
         match proxy(&upstream, head, reader, &mut writer).await {
             Ok(None) => {}
             Ok(Some((upstream_io, reader))) => match pipe(reader, writer, upstream_io).await {
@@ -109,7 +128,8 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
                 }
                 Err(err) => debug!(%err, "upgraded stream failed"),
             },
-            Err((code, message)) => abort(&mut writer, code, &message).await,
+            Err(Failure::Abort(code, message)) => abort(&mut writer, code, &message).await,
+            Err(Failure::Refuse(refusal)) => refusal.send(&mut writer, &request_id).await,
         }
     }
     .instrument(span)
@@ -122,17 +142,41 @@ async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
     }
 }
 
+fn clamp_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Whether `err` or one of its sources is an `E`.
+fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if err.is::<E>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
 /// After a `101`: the upgraded upstream connection and the stream's reader, to pipe together.
 type Upgraded = (TokioIo<hyper::upgrade::Upgraded>, FrameReader);
 
-/// Sends the request upstream and the response back. An `Err` is sent as `Abort` (only ever
-/// before the response head: after it, failures are reported by `send_body`).
+/// Why a request got no response from the upstream.
+enum Failure {
+    /// Sent as `Abort`: the gateway answers the client with the matching JSON error.
+    Abort(AbortCode, String),
+    /// Answered by the agent itself.
+    Refuse(Box<Refusal>),
+}
+
+/// Sends the request upstream and the response back. An `Err` is sent before any response head
+/// (after it, failures are reported by `send_body`).
 async fn proxy(
     upstream: &Upstream,
     head: RequestHead,
     mut reader: FrameReader,
     writer: &mut FrameWriter,
-) -> Result<Option<Upgraded>, (AbortCode, String)> {
+) -> Result<Option<Upgraded>, Failure> {
     let mut headers = headers_from_wire(head.headers);
     let upgrade = wants_upgrade(&headers);
     strip_hop_by_hop(&mut headers, upgrade);
@@ -143,7 +187,10 @@ async fn proxy(
         match reader.next().await {
             Some(Ok(Frame::End)) => (FrameBody::empty(), Some(reader)),
             _ => {
-                return Err((AbortCode::ProtocolError, "expected the end of an empty body".into()));
+                return Err(Failure::Abort(
+                    AbortCode::ProtocolError,
+                    "expected the end of an empty body".into(),
+                ));
             }
         }
     } else {
@@ -151,32 +198,57 @@ async fn proxy(
     };
 
     let config = &upstream.config;
+    let target = config.upstream_for(target_path(&head.target));
     let uri = Uri::builder()
-        .scheme(config.upstream.scheme.clone())
-        .authority(config.upstream.authority.clone())
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
         .path_and_query(head.target.as_ref())
         .build()
-        .map_err(|_| (AbortCode::ProtocolError, "invalid request target".to_owned()))?;
-    let mut request = Request::new(body);
+        .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid request target".to_owned()))?;
+    let limit = config.filters.max_request_body;
+    let mut request = Request::new(Limited::new(body, limit.map_or(usize::MAX, clamp_usize)));
     *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
-        .map_err(|_| (AbortCode::ProtocolError, "invalid method".to_owned()))?;
+        .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid method".to_owned()))?;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
 
-    let response = match tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await
-    {
+    let _trial = match upstream.health.admit() {
+        Admission::Go => None,
+        Admission::Trial(guard) => Some(guard),
+        Admission::Refuse(detail) => return Err(Failure::Refuse(Box::new(Refusal::unhealthy(&detail)))),
+    };
+    let result = tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await;
+    match &result {
+        Ok(Err(err)) if err.is_connect() => upstream.health.record(Err(&error_chain(err))),
+        Ok(_) => upstream.health.record(Ok(())),
+        // No verdict: the connection may be up and the upstream slow.
+        Err(_) => {}
+    }
+    let response = match result {
         Ok(Ok(response)) => response,
         Ok(Err(err)) if err.is_connect() => {
-            debug!(%err, upstream = %config.upstream, "upstream unreachable");
-            return Err((AbortCode::UpstreamUnreachable, format!("cannot connect to {}", config.upstream)));
+            debug!(%err, upstream = %target, "upstream unreachable");
+            return Err(Failure::Abort(
+                AbortCode::UpstreamUnreachable,
+                format!("cannot connect to {target}"),
+            ));
+        }
+        Ok(Err(err)) if caused_by::<LengthLimitError>(&err) => {
+            return Err(Failure::Refuse(Box::new(Refusal::too_large(limit.unwrap_or(u64::MAX)))));
         }
         Ok(Err(err)) => {
             debug!(err = %error_chain(&err), "upstream request failed");
-            return Err((AbortCode::UpstreamReset, "the upstream closed the connection".into()));
+            return Err(Failure::Abort(
+                AbortCode::UpstreamReset,
+                "the upstream closed the connection".into(),
+            ));
         }
         Err(_) => {
-            return Err((AbortCode::UpstreamTimeout, "the upstream did not answer in time".into()));
+            return Err(Failure::Abort(
+                AbortCode::UpstreamTimeout,
+                "the upstream did not answer in time".into(),
+            ));
         }
     };
 
@@ -192,14 +264,17 @@ async fn proxy(
 
     if switching {
         let Some(reader) = raw_reader.filter(|_| upgrade) else {
-            return Err((AbortCode::ProtocolError, "101 to a request that cannot be upgraded".into()));
+            return Err(Failure::Abort(
+                AbortCode::ProtocolError,
+                "101 to a request that cannot be upgraded".into(),
+            ));
         };
         let response = http::Response::from_parts(parts, body);
         let upstream_io = match hyper::upgrade::on(response).await {
             Ok(io) => io,
             Err(err) => {
                 debug!(%err, "upstream upgrade failed");
-                return Err((AbortCode::UpstreamReset, "the upstream upgrade failed".into()));
+                return Err(Failure::Abort(AbortCode::UpstreamReset, "the upstream upgrade failed".into()));
             }
         };
         if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
@@ -210,7 +285,7 @@ async fn proxy(
 
     // The head is queued: it leaves with the first body bytes (or `End`) in one write.
     if writer.queue(&Frame::Head(Head::Response(head))).is_err() {
-        return Err((AbortCode::Internal, "response head over the frame limit".into()));
+        return Err(Failure::Abort(AbortCode::Internal, "response head over the frame limit".into()));
     }
     match send_body(body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {

@@ -48,6 +48,9 @@ pub enum ProxyError {
     /// The gateway is at a global limit (agent handshakes in progress); retry shortly.
     #[error("the gateway is busy; retry shortly")]
     GatewayBusy,
+    /// Every agent of the tunnel reports its upstream unhealthy.
+    #[error("the upstream service is unhealthy: {0}")]
+    UpstreamUnhealthy(String),
     /// The request target is longer than the gateway accepts.
     #[error("the request target is too long")]
     UriTooLong,
@@ -97,9 +100,11 @@ impl ProxyError {
             Self::InvalidTunnelId(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
-            Self::AtCapacity | Self::GatewayBusy | Self::AgentRefused(_) | Self::AgentShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::AtCapacity
+            | Self::GatewayBusy
+            | Self::AgentRefused(_)
+            | Self::AgentShuttingDown
+            | Self::UpstreamUnhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::AgentUnresponsive | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::SessionLost | Self::UpstreamUnreachable(_) | Self::AgentError => StatusCode::BAD_GATEWAY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -120,6 +125,7 @@ impl ProxyError {
             Self::BadRequest(_) => "bad_request",
             Self::AtCapacity => "tunnel_at_capacity",
             Self::GatewayBusy => "gateway_busy",
+            Self::UpstreamUnhealthy(_) => "upstream_unhealthy",
             Self::UriTooLong => "uri_too_long",
             Self::AgentUnresponsive => "agent_unresponsive",
             Self::SessionLost => "session_lost",
@@ -140,7 +146,7 @@ impl ProxyError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::AtCapacity | Self::GatewayBusy | Self::AgentShuttingDown => Some(1),
-            Self::AgentRefused(_) | Self::TunnelOffline => Some(5),
+            Self::AgentRefused(_) | Self::TunnelOffline | Self::UpstreamUnhealthy(_) => Some(5),
             Self::RateLimited(seconds) => Some(*seconds),
             _ => None,
         }

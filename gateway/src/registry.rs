@@ -137,7 +137,14 @@ impl Registry {
     /// The session with the fewest requests in flight among those taking new requests.
     pub fn pick(&self, tunnel_id: &TunnelId) -> Option<Arc<Session>> {
         let tunnels = self.tunnels.read().unwrap_or_else(|e| e.into_inner());
-        tunnels.get(tunnel_id)?.iter().filter(|s| s.accepts_requests()).min_by_key(|s| s.in_flight()).cloned()
+        // Healthy (or not yet known) upstreams first, then the least loaded. An unhealthy one is
+        // picked only when it is all there is; the caller answers 503 then.
+        tunnels
+            .get(tunnel_id)?
+            .iter()
+            .filter(|s| s.accepts_requests())
+            .min_by_key(|s| (s.is_unhealthy(), s.in_flight()))
+            .cloned()
     }
 
     /// Requests in flight over all sessions of a tunnel.

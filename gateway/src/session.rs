@@ -49,6 +49,8 @@ pub struct Session {
     pub secret: Option<Fingerprint>,
     /// What the agent last said about its upstream.
     health: Mutex<(HealthState, String)>,
+    /// Whether that was `Unhealthy`, readable without the lock on every request.
+    unhealthy: AtomicBool,
 }
 
 /// Who the agent is, as established by the handshake.
@@ -96,12 +98,27 @@ impl Session {
             control,
             secret,
             health: Mutex::new((HealthState::Unknown, String::new())),
+            unhealthy: AtomicBool::new(false),
         }
     }
 
     /// Records what the agent said about its upstream.
     pub fn set_health(&self, state: HealthState, detail: String) {
+        let unhealthy = state == HealthState::Unhealthy;
+        if unhealthy != self.unhealthy.swap(unhealthy, Ordering::Relaxed) {
+            tracing::info!(tunnel_id = %self.tunnel_id, session_id = %self.id, ?state, detail, "upstream health changed");
+        }
         *self.health.lock().unwrap_or_else(|e| e.into_inner()) = (state, detail);
+    }
+
+    /// Whether the agent says its upstream is unhealthy.
+    pub fn is_unhealthy(&self) -> bool {
+        self.unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// What the agent last said about its upstream's trouble.
+    pub fn health_detail(&self) -> String {
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 
     /// Tells the agent to go away (it finishes what is in flight and reconnects); no new request

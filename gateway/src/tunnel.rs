@@ -209,7 +209,11 @@ async fn serve(
                         session.set_draining();
                         gateway.registry.touch();
                     }
-                    ControlMessage::UpstreamHealth { state, detail } => session.set_health(state, detail),
+                    ControlMessage::UpstreamHealth { state, detail } => {
+                        session.set_health(state, detail);
+                        // Routing preferences changed: wake whoever waits on the registry.
+                        gateway.registry.touch();
+                    }
                     other => debug!(?other, "control message"),
                 }
             }
