@@ -6,8 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ferry_agent::AgentConfig;
-use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Upstream};
+use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Route, Upstream};
+use ferry_agent::filter::Filters;
 use ferry_codec::{Secret, TunnelId};
+use http::Method;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -16,16 +18,61 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Logging is controlled by RUST_LOG (default `info`), e.g. RUST_LOG=ferry_agent=debug.
 #[derive(Debug, Parser)]
-#[command(name = "agent", version)]
+#[command(name = "agent", version, args_override_self = true)]
 struct Args {
-    /// Tunnel to serve: agent_{uuid}_{purpose}, e.g. agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web
-    /// (purpose: 1-20 of a-z, 0-9 and inner `-`).
-    #[arg(long, value_parser = parse_tunnel_id, value_name = "ID")]
-    tunnel_id: TunnelId,
+    /// TOML file with any of these flags as keys (`tunnel-id = "..."`, `[[route]]` tables with
+    /// `prefix` and `upstream`); flags given on the command line win over the file.
+    #[arg(long, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
 
-    /// Local service to expose: HOST:PORT, http://HOST:PORT or https://HOST[:PORT].
+    /// Tunnel to serve (required): agent_{uuid}_{purpose}, e.g.
+    /// agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web (purpose: 1-20 of a-z, 0-9 and inner `-`).
+    #[arg(long, value_parser = parse_tunnel_id, value_name = "ID")]
+    tunnel_id: Option<TunnelId>,
+
+    /// Local service to expose (required unless a route covers `/`): HOST:PORT,
+    /// http://HOST:PORT or https://HOST[:PORT].
     #[arg(long, value_parser = Upstream::parse, value_name = "ADDR")]
-    upstream: Upstream,
+    upstream: Option<Upstream>,
+
+    /// Requests under a path prefix go to another local service: PREFIX=ADDR, e.g.
+    /// /api=127.0.0.1:8000 (repeatable; the longest matching prefix wins).
+    #[arg(long, value_parser = Route::parse, value_name = "PREFIX=ADDR")]
+    route: Vec<Route>,
+
+    /// Only these methods get through (comma-separated or repeated); others get 405.
+    #[arg(long, value_delimiter = ',', value_parser = parse_method, value_name = "METHOD")]
+    allow_method: Vec<Method>,
+
+    /// Only paths under these prefixes get through (repeatable); others get 403.
+    #[arg(long, value_name = "PREFIX")]
+    allow_path: Vec<String>,
+
+    /// Largest request body (e.g. 10MiB); larger ones get 413 from the agent.
+    #[arg(long, value_parser = ferry_transport::cli::parse_size, value_name = "SIZE")]
+    max_request_body: Option<u64>,
+
+    /// Most requests served at once; more get 503 from the agent.
+    #[arg(long, value_name = "N")]
+    max_concurrent: Option<usize>,
+
+    /// Probe GET PATH on the upstream(s) every --health-interval; the gateway prefers healthy
+    /// agents and answers 503 upstream_unhealthy when none is.
+    #[arg(long, value_name = "PATH")]
+    health_path: Option<String>,
+
+    /// Time between health probes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    health_interval: Duration,
+
+    /// Upstream connection failures in a row that open the circuit breaker (requests then get
+    /// 503 at once, with one trial request per --breaker-cooldown).
+    #[arg(long, default_value_t = ferry_agent::config::BREAKER_FAILURES, value_name = "N")]
+    breaker_failures: u32,
+
+    /// How long an open circuit breaker waits before a trial request.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    breaker_cooldown: Duration,
 
     /// Extra CA certificates (PEM file) to trust for an https upstream, besides the system roots.
     #[arg(long, value_name = "PATH")]
@@ -68,6 +115,57 @@ struct Args {
     drain_timeout: Duration,
 }
 
+fn parse_method(text: &str) -> Result<Method, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    Method::from_bytes(upper.as_bytes()).map_err(|_| format!("{text:?} is not an HTTP method"))
+}
+
+/// The keys a config file may have: every flag, in kebab-case, with its type. Only for checking
+/// the file (unknown keys and wrong types are errors naming the line).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ConfigFile {
+    tunnel_id: Option<String>,
+    upstream: Option<String>,
+    route: Option<Vec<RouteTable>>,
+    allow_method: Option<Vec<String>>,
+    allow_path: Option<Vec<String>>,
+    max_request_body: Option<toml::Value>,
+    max_concurrent: Option<u64>,
+    health_path: Option<String>,
+    health_interval: Option<String>,
+    breaker_failures: Option<u64>,
+    breaker_cooldown: Option<String>,
+    upstream_ca_file: Option<std::path::PathBuf>,
+    gateway: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+    insecure_plaintext: Option<bool>,
+    secret_file: Option<std::path::PathBuf>,
+    max_retries: Option<u64>,
+    upstream_timeout: Option<String>,
+    threads: Option<u64>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RouteTable {
+    prefix: String,
+    upstream: String,
+}
+
+/// Renders a `[[route]]` table as the flag's `PREFIX=ADDR`.
+fn render_table(key: &str, table: &toml::Table) -> Option<String> {
+    if key != "route" {
+        return None;
+    }
+    let prefix = table.get("prefix")?.as_str()?;
+    let upstream = table.get("upstream")?.as_str()?;
+    Some(format!("{prefix}={upstream}"))
+}
+
 fn parse_tunnel_id(text: &str) -> Result<TunnelId, String> {
     text.parse().map_err(|err| format!("{err}"))
 }
@@ -88,7 +186,39 @@ fn load_secret(file: Option<&std::path::Path>) -> anyhow::Result<Option<Secret>>
 impl Args {
     fn into_config(self) -> anyhow::Result<AgentConfig> {
         let secret = load_secret(self.secret_file.as_deref())?;
-        let mut config = AgentConfig::new(self.tunnel_id, self.upstream, self.gateway);
+        let tunnel_id =
+            self.tunnel_id.context("--tunnel-id is required (or tunnel-id in the config file)")?;
+        // Without --upstream, a route for `/` is the default.
+        let mut routes = self.route;
+        let upstream = match self.upstream {
+            Some(upstream) => upstream,
+            None => {
+                let root = routes
+                    .iter()
+                    .position(|r| r.prefix.trim_end_matches('/').is_empty())
+                    .context("--upstream is required (or a route for /, or upstream in the config file)")?;
+                routes.remove(root).upstream
+            }
+        };
+        let mut config = AgentConfig::new(tunnel_id, upstream, self.gateway);
+        config.routes = routes;
+        config.filters = Filters {
+            methods: (!self.allow_method.is_empty()).then_some(self.allow_method),
+            paths: (!self.allow_path.is_empty()).then_some(self.allow_path),
+            max_request_body: self.max_request_body,
+            max_concurrent: self.max_concurrent,
+        };
+        if let Some(paths) = &config.filters.paths
+            && let Some(bad) = paths.iter().find(|p| !p.starts_with('/'))
+        {
+            anyhow::bail!("--allow-path {bad:?} must start with /");
+        }
+        anyhow::ensure!(config.filters.max_concurrent != Some(0), "--max-concurrent must be positive");
+        config.health_path = self.health_path;
+        config.health_interval = self.health_interval;
+        anyhow::ensure!(self.breaker_failures > 0, "--breaker-failures must be positive");
+        config.breaker_failures = self.breaker_failures;
+        config.breaker_cooldown = self.breaker_cooldown;
         config.secret = secret;
         config.upstream_ca = self.upstream_ca_file;
         config.ca_file = self.ca_file;
@@ -101,7 +231,11 @@ impl Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let argv = ferry_transport::cli::args_with_config_file::<ConfigFile>(
+        std::env::args_os().collect(),
+        render_table,
+    )?;
+    let args = Args::parse_from(argv);
     let runtime = ferry_transport::runtime(args.threads).context("cannot start the async runtime")?;
     runtime.block_on(run(args))
 }
@@ -149,6 +283,49 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_example_config_file_parses_and_flags_win() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/agent.toml");
+        let argv = ["agent", "--config", path, "--max-concurrent", "7", "--allow-path", "/only"];
+        let argv = ferry_transport::cli::args_with_config_file::<ConfigFile>(
+            argv.iter().map(std::ffi::OsString::from).collect(),
+            render_table,
+        )
+        .unwrap();
+        let args = Args::try_parse_from(argv).unwrap();
+        assert_eq!(args.max_concurrent, Some(7));
+        assert_eq!(args.allow_path, ["/only"]);
+        assert_eq!(args.allow_method, [Method::GET, Method::HEAD, Method::POST]);
+        assert_eq!(args.route, [Route::parse("/api=127.0.0.1:8000").unwrap()]);
+        assert_eq!(args.health_path.as_deref(), Some("/health"));
+        assert!(args.gateway.tls);
+    }
+
+    #[test]
+    fn the_readme_shows_the_example_config_file() {
+        assert!(include_str!("../../README.md").contains(include_str!("../../examples/agent.toml")));
+    }
+
+    #[test]
+    fn a_route_for_the_root_can_replace_upstream() {
+        let args = Args::try_parse_from([
+            "agent",
+            "--tunnel-id",
+            "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web",
+            "--route",
+            "/=127.0.0.1:5173",
+            "--route",
+            "/api=127.0.0.1:8000",
+        ])
+        .unwrap();
+        let config = args.into_config().unwrap();
+        assert_eq!(config.upstream.to_string(), "http://127.0.0.1:5173");
+        assert_eq!(config.routes.len(), 1);
+        let missing =
+            Args::try_parse_from(["agent", "--tunnel-id", "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web"]);
+        assert!(missing.unwrap().into_config().unwrap_err().to_string().contains("--upstream"));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! [`GatewayConfig`]: everything the gateway library needs, validated; `main.rs` builds it from
 //! flags. Defaults are named constants with the reason for their value.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_codec::Secret;
+use ferry_codec::TunnelId;
 use ferry_transport::SessionConfig;
 
 use crate::auth::AuthSource;
@@ -55,6 +57,42 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shutdown waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Settings one tunnel gets instead of the gateway-wide ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelOverrides {
+    /// Instead of [`GatewayConfig::response_timeout`].
+    pub response_timeout: Option<Duration>,
+    /// Instead of [`GatewayConfig::max_request_body`].
+    pub max_request_body: Option<u64>,
+}
+
+/// Parses `TUNNEL_ID:key=value[,key=value]` with keys `response-timeout` and
+/// `max-request-body`, for example
+/// `agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api:response-timeout=300s,max-request-body=1GiB`.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_tunnel_override(text: &str) -> Result<(TunnelId, TunnelOverrides), String> {
+    let (id, settings) =
+        text.split_once(':').ok_or_else(|| format!("{text:?} is not TUNNEL_ID:key=value[,key=value]"))?;
+    let id: TunnelId = id.parse().map_err(|err| format!("{err}"))?;
+    let mut overrides = TunnelOverrides::default();
+    for setting in settings.split(',').filter(|s| !s.trim().is_empty()) {
+        let (key, value) = setting.split_once('=').ok_or_else(|| format!("{setting:?} is not key=value"))?;
+        match key.trim() {
+            "response-timeout" => {
+                overrides.response_timeout =
+                    Some(humantime::parse_duration(value.trim()).map_err(|err| format!("{value:?}: {err}"))?);
+            }
+            "max-request-body" => overrides.max_request_body = Some(ferry_transport::cli::parse_size(value)?),
+            other => {
+                return Err(format!("unknown tunnel setting {other:?} (response-timeout, max-request-body)"));
+            }
+        }
+    }
+    Ok((id, overrides))
+}
+
 /// Gateway settings.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -102,6 +140,8 @@ pub struct GatewayConfig {
     pub max_request_body: Option<u64>,
     /// See [`MAX_TUNNEL_REQUESTS`].
     pub max_tunnel_requests: usize,
+    /// Per-tunnel settings that replace the gateway-wide ones.
+    pub tunnel_overrides: HashMap<TunnelId, TunnelOverrides>,
     /// Requests per tunnel (all clients together); `None`: no limit. Over it: 429.
     pub tunnel_rate: Option<Rate>,
     /// Requests per client address (all tunnels together); `None`: no limit. Over it: 429.
@@ -138,6 +178,7 @@ impl Default for GatewayConfig {
             max_uri_len: MAX_URI_LEN,
             max_request_body: None,
             max_tunnel_requests: MAX_TUNNEL_REQUESTS,
+            tunnel_overrides: HashMap::new(),
             tunnel_rate: None,
             client_rate: None,
             drain_timeout: DRAIN_TIMEOUT,
@@ -175,41 +216,22 @@ pub fn parse_domain(text: &str) -> Result<String, String> {
     Ok(domain)
 }
 
-/// Parses a byte size: `1048576`, `64KiB`, `10MiB`, `1GiB`, or decimal `10kB`, `10MB`, `1GB`.
-///
-/// # Errors
-/// A message saying what is wrong.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 10MiB or 1048576"))?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "kB" | "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => return Err(format!("{other:?} is not a size unit (B, KiB, MiB, GiB, kB, MB, GB)")),
-    };
-    number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
-        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
-        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
-        assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
-        for bad in ["", "MiB", "1.5MiB", "10 parsecs", "-1", "99999999999999999999GiB"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
+    fn tunnel_overrides_parse() {
+        let (id, o) = parse_tunnel_override(
+            "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api:response-timeout=300s,max-request-body=1GiB",
+        )
+        .unwrap();
+        assert_eq!(id.as_str(), "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api");
+        assert_eq!(o.response_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(o.max_request_body, Some(1 << 30));
+        assert!(parse_tunnel_override("agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api:speed=9").is_err());
+        assert!(parse_tunnel_override("web:response-timeout=1s").is_err());
+        assert!(parse_tunnel_override("agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_api").is_err());
     }
 
     #[test]

@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ferry_codec::Secret;
+use ferry_codec::TunnelId;
 use ferry_gateway::auth::AuthSource;
-use ferry_gateway::config::{parse_domain, parse_size};
+use ferry_gateway::config::{TunnelOverrides, parse_domain, parse_tunnel_override};
 use ferry_gateway::limits::Rate;
 use ferry_gateway::tls::TlsFiles;
 use ferry_gateway::{Gateway, GatewayConfig};
+use ferry_transport::cli::parse_size;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -21,8 +23,13 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Logging is controlled by RUST_LOG (default `info`), e.g. RUST_LOG=ferry_gateway=debug.
 #[derive(Debug, Parser)]
-#[command(name = "gateway", version)]
+#[command(name = "gateway", version, args_override_self = true)]
 struct Args {
+    /// TOML file with any of these flags as keys (`listen = ":3000"`, `tls-cert = "..."`,
+    /// `[[tunnel-override]]` tables); flags given on the command line win over the file.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+
     /// Address to listen on: `:PORT` (all IPv4 interfaces), `HOST:PORT`, or `[::]:PORT`.
     #[arg(long, default_value = ":3000", value_parser = parse_listen, value_name = "ADDR")]
     listen: SocketAddr,
@@ -118,6 +125,11 @@ struct Args {
     #[arg(long, default_value_t = ferry_gateway::config::MAX_HANDSHAKES, value_name = "N")]
     max_handshakes: usize,
 
+    /// Settings for one tunnel instead of the gateway-wide ones:
+    /// TUNNEL_ID:response-timeout=300s,max-request-body=1GiB (repeatable).
+    #[arg(long, value_parser = parse_tunnel_override, value_name = "ID:SETTINGS")]
+    tunnel_override: Vec<(TunnelId, TunnelOverrides)>,
+
     /// Request rate per tunnel, all clients together (e.g. 100/s, 6000/m); over it: 429.
     #[arg(long, value_parser = Rate::parse, value_name = "RATE")]
     tunnel_rate: Option<Rate>,
@@ -130,6 +142,68 @@ struct Args {
     /// session.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     heartbeat_interval: Duration,
+}
+
+/// The keys a config file may have: every flag, in kebab-case, with its type. Only for checking
+/// the file (unknown keys and wrong types are errors naming the line); the values reach the
+/// flag parser through [`ferry_transport::cli::args_with_config_file`].
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ConfigFile {
+    listen: Option<String>,
+    domain: Option<String>,
+    max_streams: Option<u64>,
+    response_timeout: Option<String>,
+    threads: Option<u64>,
+    drain_timeout: Option<String>,
+    secret_file: Option<PathBuf>,
+    auth_file: Option<PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    no_loopback_admin: Option<bool>,
+    pending_timeout: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    header_read_timeout: Option<String>,
+    stream_open_timeout: Option<String>,
+    max_header_bytes: Option<toml::Value>,
+    max_headers: Option<u64>,
+    max_uri_length: Option<u64>,
+    max_request_body: Option<toml::Value>,
+    max_tunnel_requests: Option<u64>,
+    max_connections_per_address: Option<u64>,
+    max_handshakes: Option<u64>,
+    tunnel_override: Option<Vec<TunnelOverrideTable>>,
+    tunnel_rate: Option<String>,
+    client_rate: Option<String>,
+    heartbeat_interval: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct TunnelOverrideTable {
+    tunnel_id: String,
+    response_timeout: Option<String>,
+    max_request_body: Option<toml::Value>,
+}
+
+/// Renders a `[[tunnel-override]]` table as the flag's `ID:key=value,...`.
+fn render_table(key: &str, table: &toml::Table) -> Option<String> {
+    if key != "tunnel-override" {
+        return None;
+    }
+    let id = table.get("tunnel-id")?.as_str()?;
+    let mut settings = Vec::new();
+    for (k, v) in table.iter().filter(|(k, _)| *k != "tunnel-id") {
+        let value = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            _ => return None,
+        };
+        settings.push(format!("{k}={value}"));
+    }
+    Some(format!("{id}:{}", settings.join(",")))
 }
 
 /// A secret from `file` or the environment variable `var` (not both); `None` when neither is set.
@@ -201,6 +275,7 @@ impl Args {
         config.max_connections_per_address = self.max_connections_per_address;
         anyhow::ensure!(self.max_handshakes > 0, "--max-handshakes must be positive");
         config.max_handshakes = self.max_handshakes;
+        config.tunnel_overrides = self.tunnel_override.into_iter().collect();
         config.tunnel_rate = self.tunnel_rate;
         config.client_rate = self.client_rate;
         config.tls = match (self.tls_cert, self.tls_key) {
@@ -212,7 +287,11 @@ impl Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let argv = ferry_transport::cli::args_with_config_file::<ConfigFile>(
+        std::env::args_os().collect(),
+        render_table,
+    )?;
+    let args = Args::parse_from(argv);
     let runtime = ferry_transport::runtime(args.threads).context("cannot start the async runtime")?;
     runtime.block_on(run(args))
 }
@@ -300,6 +379,31 @@ mod tests {
         assert_eq!(parse_listen("[::]:3000").unwrap(), "[::]:3000".parse().unwrap());
         assert!(parse_listen(":http").is_err());
         assert!(parse_listen("3000").is_err());
+    }
+
+    #[test]
+    fn the_example_config_file_parses_and_flags_win() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gateway.toml");
+        let argv = ["gateway", "--config", path, "--listen", "127.0.0.1:9"];
+        let argv = ferry_transport::cli::args_with_config_file::<ConfigFile>(
+            argv.iter().map(std::ffi::OsString::from).collect(),
+            render_table,
+        )
+        .unwrap();
+        let args = Args::try_parse_from(argv).unwrap();
+        assert_eq!(args.listen, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(args.domain.as_deref(), Some("tunnel.example.com"));
+        assert_eq!(args.max_request_body, Some(100 << 20));
+        assert_eq!(args.client_rate.unwrap().to_string(), "50/s");
+        let (id, overrides) = &args.tunnel_override[0];
+        assert!(id.as_str().ends_with("_uploads"));
+        assert_eq!(overrides.max_request_body, Some(2 << 30));
+        assert_eq!(overrides.response_timeout, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn the_readme_shows_the_example_config_file() {
+        assert!(include_str!("../../README.md").contains(include_str!("../../examples/gateway.toml")));
     }
 
     #[test]

@@ -53,12 +53,19 @@ pub(crate) async fn forward(
     }
     check_rates(gateway, id, peer)?;
     let mut session = pick_session(gateway, id).await?;
+    if session.is_unhealthy() {
+        return Err(ProxyError::UpstreamUnhealthy(session.health_detail()));
+    }
     let max_requests = u64::try_from(gateway.config.max_tunnel_requests).unwrap_or(u64::MAX);
     if gateway.registry.in_flight(id) >= max_requests {
         gateway.metrics.limited(Limit::TunnelConcurrency);
         return Err(ProxyError::AtCapacity);
     }
-    let body_limit = gateway.config.max_request_body.unwrap_or(u64::MAX);
+    let overrides = gateway.config.tunnel_overrides.get(id);
+    let body_limit =
+        overrides.and_then(|o| o.max_request_body).or(gateway.config.max_request_body).unwrap_or(u64::MAX);
+    let response_timeout =
+        overrides.and_then(|o| o.response_timeout).unwrap_or(gateway.config.response_timeout);
     if request.body().size_hint().lower() > body_limit {
         gateway.metrics.limited(Limit::BodySize);
         return Err(ProxyError::PayloadTooLarge);
@@ -126,7 +133,7 @@ pub(crate) async fn forward(
 
     let first = tokio::select! {
         Ok(()) = &mut over_limit_rx => return Err(ProxyError::PayloadTooLarge),
-        first = tokio::time::timeout(gateway.config.response_timeout, reader.next()) => first,
+        first = tokio::time::timeout(response_timeout, reader.next()) => first,
     };
     let head = match first {
         Err(_) => return Err(ProxyError::UpstreamTimeout),

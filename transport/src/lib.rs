@@ -25,6 +25,7 @@
 
 pub mod backoff;
 pub mod body;
+pub mod cli;
 pub mod control;
 pub mod error;
 pub mod heads;

@@ -1,0 +1,246 @@
+//! Shared by the two binaries' command lines: byte sizes, and config files whose keys are the
+//! long flags (`listen = ":3000"` for `--listen :3000`), with flags given on the command line
+//! taking precedence over the file.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("cannot read the config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type; the message
+    /// names the key and its line.
+    #[error("config file {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with the line and column.
+        message: String,
+    },
+    /// `--config` without a path.
+    #[error("--config needs a path")]
+    MissingPath,
+}
+
+/// The value of `--config PATH` / `--config=PATH` in `args` (without the program name).
+fn config_path(args: &[OsString]) -> Result<Option<PathBuf>, ConfigFileError> {
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let Some(text) = arg.to_str() else { continue };
+        if text == "--" {
+            break;
+        }
+        if text == "--config" {
+            return iter.next().map(|p| Some(PathBuf::from(p))).ok_or(ConfigFileError::MissingPath);
+        }
+        if let Some(path) = text.strip_prefix("--config=") {
+            return Ok(Some(PathBuf::from(path)));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the command line gives flag `--name`.
+fn has_flag(args: &[OsString], name: &str) -> bool {
+    let long = format!("--{name}");
+    let with_value = format!("--{name}=");
+    args.iter().filter_map(|a| a.to_str()).any(|a| a == long || a.starts_with(&with_value))
+}
+
+/// The command line with the config file's settings in front: `argv[0]`, then one flag per
+/// file key, then the given flags, so that flags given by hand override the file (the parser
+/// must let a later flag override an earlier one: clap's `args_override_self`). A list given on
+/// the command line replaces the file's list rather than adding to it.
+///
+/// `T` checks the file first: it should list every key with its type and deny unknown ones,
+/// so a typo is an error naming the key and its line. `table` renders keys whose value is a
+/// table or an array of tables (such as routes) as flag values; it returns `None` for a key it
+/// does not handle.
+///
+/// # Errors
+/// The file cannot be read or does not check.
+pub fn args_with_config_file<T: serde::de::DeserializeOwned>(
+    argv: Vec<OsString>,
+    table: impl Fn(&str, &toml::Table) -> Option<String>,
+) -> Result<Vec<OsString>, ConfigFileError> {
+    let mut argv = argv.into_iter();
+    let program = argv.next().unwrap_or_else(|| OsString::from("ferry"));
+    let given: Vec<OsString> = argv.collect();
+    let Some(path) = config_path(&given)? else {
+        return Ok(std::iter::once(program).chain(given).collect());
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| ConfigFileError::Read { path: path.clone(), source })?;
+    let invalid =
+        |err: toml::de::Error| ConfigFileError::Invalid { path: path.clone(), message: err.to_string() };
+    toml::from_str::<T>(&text).map_err(invalid)?;
+    let file: toml::Table = toml::from_str(&text).map_err(invalid)?;
+    let mut args = vec![program];
+    for (key, value) in &file {
+        let items: Vec<&toml::Value> = match value {
+            toml::Value::Array(items) => {
+                if has_flag(&given, key) {
+                    continue;
+                }
+                items.iter().collect()
+            }
+            single => vec![single],
+        };
+        for item in items {
+            let rendered = match item {
+                toml::Value::Boolean(true) => {
+                    args.push(format!("--{key}").into());
+                    continue;
+                }
+                toml::Value::Boolean(false) => continue,
+                toml::Value::String(text) => Some(text.clone()),
+                toml::Value::Integer(n) => Some(n.to_string()),
+                toml::Value::Float(x) => Some(x.to_string()),
+                toml::Value::Table(t) => table(key, t),
+                toml::Value::Datetime(_) | toml::Value::Array(_) => None,
+            };
+            let Some(rendered) = rendered else {
+                return Err(ConfigFileError::Invalid {
+                    path: path.clone(),
+                    message: format!("unsupported value for key `{key}`"),
+                });
+            };
+            args.push(format!("--{key}").into());
+            args.push(rendered.into());
+        }
+    }
+    args.extend(given);
+    Ok(args)
+}
+
+/// Parses a byte size: `1048576`, `64KiB`, `10MiB`, `1GiB`, or decimal `10kB`, `10MB`, `1GB`.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 10MiB or 1048576"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("{other:?} is not a size unit (B, KiB, MiB, GiB, kB, MB, GB)")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+    #[allow(dead_code)]
+    struct Sample {
+        listen: Option<String>,
+        verbose: Option<bool>,
+        allow_path: Option<Vec<String>>,
+        route: Option<Vec<toml::Table>>,
+    }
+
+    fn with_file(text: &str, given: &[&str]) -> Result<Vec<String>, ConfigFileError> {
+        let path = std::env::temp_dir().join(format!("ferry-cli-{}-{}.toml", std::process::id(), text.len()));
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec!["bin".to_owned(), "--config".to_owned(), path.display().to_string()];
+        argv.extend(given.iter().map(|s| (*s).to_owned()));
+        let result = args_with_config_file::<Sample>(
+            os(&argv.iter().map(String::as_str).collect::<Vec<_>>()),
+            |key, t| {
+                (key == "route")
+                    .then(|| format!("{}={}", t["prefix"].as_str().unwrap(), t["upstream"].as_str().unwrap()))
+            },
+        );
+        let _ = std::fs::remove_file(&path);
+        result.map(|args| {
+            args.into_iter()
+                .skip(1)
+                .map(|a| a.into_string().unwrap())
+                .filter(|a| !a.ends_with(".toml"))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn file_keys_become_flags_before_the_given_ones() {
+        let args = with_file(
+            "listen = \":3000\"\nverbose = true\nallow-path = [\"/a\", \"/b\"]\n[[route]]\nprefix = \"/api\"\nupstream = \"127.0.0.1:8000\"\n",
+            &["--listen", ":4000"],
+        )
+        .unwrap();
+        assert_eq!(
+            args,
+            [
+                "--allow-path",
+                "/a",
+                "--allow-path",
+                "/b",
+                "--listen",
+                ":3000",
+                "--route",
+                "/api=127.0.0.1:8000",
+                "--verbose",
+                "--config",
+                "--listen",
+                ":4000"
+            ]
+        );
+        // A list on the command line replaces the file's.
+        let args = with_file("allow-path = [\"/a\"]\n", &["--allow-path", "/z"]).unwrap();
+        assert_eq!(args, ["--config", "--allow-path", "/z"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_line() {
+        let err = with_file("listen = \":3000\"\nlisten-on = \":1\"\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("listen-on") && text.contains("line 2"), "{text}");
+        let err = with_file("verbose = \"yes\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn without_config_the_arguments_are_unchanged() {
+        let args = args_with_config_file::<Sample>(os(&["bin", "--listen", ":1"]), |_, _| None).unwrap();
+        assert_eq!(args, os(&["bin", "--listen", ":1"]));
+        assert!(matches!(
+            args_with_config_file::<Sample>(os(&["bin", "--config"]), |_, _| None),
+            Err(ConfigFileError::MissingPath)
+        ));
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
+        for bad in ["", "MiB", "1.5MiB", "10 parsecs", "-1", "99999999999999999999GiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}
