@@ -260,3 +260,65 @@ async fn a_silent_upstream_gets_504_at_the_response_deadline() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn per_tunnel_overrides_replace_the_gateway_wide_settings() {
+    bounded(async {
+        let tunnel: ferry_codec::TunnelId = TUNNEL.parse().unwrap();
+        let overrides = ferry_gateway::config::TunnelOverrides {
+            response_timeout: Some(Duration::from_millis(300)),
+            max_request_body: Some(100),
+        };
+        let config = GatewayConfig {
+            tunnel_overrides: [(tunnel, overrides)].into_iter().collect(),
+            ..GatewayConfig::default()
+        };
+        let env = TestEnv::start_with(config, |_| {}).await;
+        let started = Instant::now();
+        let (response, body) = get(&env.url("/slow?ms=5000")).await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(json(&body)["error"]["code"], "upstream_timeout");
+        assert!(started.elapsed() < Duration::from_secs(3), "the tunnel's 300 ms applied, not 60 s");
+        let request = Request::post(env.url("/echo")).body(full(vec![0u8; 101])).unwrap();
+        assert_eq!(fetch(&client(), request).await.0.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_that_stops_accepting_streams_gets_504_agent_unresponsive() {
+    bounded(async {
+        let config = GatewayConfig {
+            stream_open_timeout: Duration::from_millis(300),
+            response_timeout: Duration::from_secs(2),
+            ..GatewayConfig::default()
+        };
+        let mut env = TestEnv::start_without_agent(config).await;
+        // The agent reaches the gateway through a proxy that can silently stop forwarding.
+        let proxy = PartitionProxy::start(env.gateway_addr).await;
+        let mut agent = env.agent_config();
+        agent.gateway = ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", proxy.addr)).unwrap();
+        env.agent = Some(spawn_agent(agent));
+        env.wait_for_sessions(1).await;
+        proxy.partition();
+        // yamux lets the gateway open 256 streams the agent has not acknowledged; the ones
+        // beyond wait for acknowledgements that never come, until the stream-open deadline.
+        let client = client();
+        let requests: Vec<_> = (0..300)
+            .map(|_| {
+                let (client, url) = (client.clone(), env.url("/bytes/1"));
+                tokio::spawn(async move { fetch(&client, Request::get(url).body(empty()).unwrap()).await })
+            })
+            .collect();
+        let mut unresponsive = 0;
+        for request in requests {
+            let (response, body) = request.await.unwrap();
+            assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+            if json(&body)["error"]["code"] == "agent_unresponsive" {
+                unresponsive += 1;
+            }
+        }
+        assert!(unresponsive >= 40, "only {unresponsive} of 300 timed out opening their stream");
+    })
+    .await;
+}
