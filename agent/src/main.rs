@@ -8,7 +8,7 @@ use clap::Parser;
 use ferry_agent::AgentConfig;
 use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Route, Upstream};
 use ferry_agent::filter::Filters;
-use ferry_codec::{Secret, TunnelId};
+use ferry_codec::TunnelId;
 use http::Method;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -170,22 +170,11 @@ fn parse_tunnel_id(text: &str) -> Result<TunnelId, String> {
     text.parse().map_err(|err| format!("{err}"))
 }
 
-/// The secret from `--secret-file` or `FERRY_SECRET` (not both).
-fn load_secret(file: Option<&std::path::Path>) -> anyhow::Result<Option<Secret>> {
-    let from_env = std::env::var("FERRY_SECRET").ok();
-    let text = match (file, from_env) {
-        (Some(_), Some(_)) => anyhow::bail!("give the secret once: FERRY_SECRET or --secret-file, not both"),
-        (Some(path), None) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the secret file {}", path.display()))?,
-        (None, Some(text)) => text,
-        (None, None) => return Ok(None),
-    };
-    Ok(Some(Secret::from_text(&text).context("the secret is empty")?))
-}
-
 impl Args {
     fn into_config(self) -> anyhow::Result<AgentConfig> {
-        let secret = load_secret(self.secret_file.as_deref())?;
+        let secret =
+            ferry_transport::cli::load_secret(self.secret_file.as_deref(), "--secret-file", "FERRY_SECRET")
+                .context("the tunnel secret")?;
         let tunnel_id =
             self.tunnel_id.context("--tunnel-id is required (or tunnel-id in the config file)")?;
         // Without --upstream, a route for `/` is the default.
@@ -247,31 +236,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(ferry_transport::cli::cancel_on_signal(shutdown.clone(), "draining"));
     ferry_agent::run(args.into_config()?, shutdown).await.context("agent stopped")?;
     Ok(())
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("signal received; draining");
-    token.cancel();
 }
 
 #[cfg(test)]

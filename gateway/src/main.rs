@@ -2,19 +2,18 @@
 //! runs the library.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_codec::Secret;
 use ferry_codec::TunnelId;
 use ferry_gateway::auth::AuthSource;
 use ferry_gateway::config::{TunnelOverrides, parse_domain, parse_tunnel_override};
 use ferry_gateway::limits::Rate;
 use ferry_gateway::tls::TlsFiles;
 use ferry_gateway::{Gateway, GatewayConfig};
-use ferry_transport::cli::parse_size;
+use ferry_transport::cli::{load_secret, parse_size};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -206,20 +205,6 @@ fn render_table(key: &str, table: &toml::Table) -> Option<String> {
     Some(format!("{id}:{}", settings.join(",")))
 }
 
-/// A secret from `file` or the environment variable `var` (not both); `None` when neither is set.
-fn load_secret(file: Option<&Path>, var: &str) -> anyhow::Result<Option<Secret>> {
-    let from_env = std::env::var(var).ok();
-    let text = match (file, from_env) {
-        (Some(_), Some(_)) => anyhow::bail!("give it once: {var} or the file flag, not both"),
-        (Some(path), None) => {
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
-        }
-        (None, Some(text)) => text,
-        (None, None) => return Ok(None),
-    };
-    Ok(Some(Secret::from_text(&text).with_context(|| format!("{var}: the value is empty"))?))
-}
-
 /// Parses `:PORT`, `HOST:PORT`, `IP:PORT` and `[IPv6]:PORT`.
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     if let Some(port) = text.strip_prefix(':') {
@@ -245,7 +230,8 @@ impl Args {
         config.pending_timeout = self.pending_timeout;
         anyhow::ensure!(!self.heartbeat_interval.is_zero(), "--heartbeat-interval must be positive");
         config.heartbeat_interval = self.heartbeat_interval;
-        let shared = load_secret(self.secret_file.as_deref(), "FERRY_SECRET").context("agent secret")?;
+        let shared = load_secret(self.secret_file.as_deref(), "--secret-file", "FERRY_SECRET")
+            .context("agent secret")?;
         config.auth = match (shared, self.auth_file) {
             (Some(_), Some(_)) => anyhow::bail!("FERRY_SECRET and --auth-file exclude each other"),
             (Some(secret), None) => AuthSource::Shared(secret),
@@ -253,7 +239,8 @@ impl Args {
             (None, None) => AuthSource::Open,
         };
         config.admin_token =
-            load_secret(self.admin_token_file.as_deref(), "FERRY_ADMIN_TOKEN").context("admin token")?;
+            load_secret(self.admin_token_file.as_deref(), "--admin-token-file", "FERRY_ADMIN_TOKEN")
+                .context("admin token")?;
         config.admin_loopback = !self.no_loopback_admin;
         config.header_read_timeout = self.header_read_timeout;
         config.stream_open_timeout = self.stream_open_timeout;
@@ -309,7 +296,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(ferry_transport::cli::cancel_on_signal(shutdown.clone(), "shutting down"));
     let gateway = Gateway::new(config, shutdown).context("cannot start the gateway")?;
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), auth_file, tls));
@@ -342,28 +329,6 @@ async fn reload_on_sighup(gateway: std::sync::Arc<Gateway>, auth_file: bool, tls
             );
         }
     }
-}
-
-/// Cancels `token` on SIGINT or SIGTERM.
-async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("signal received; shutting down");
-    token.cancel();
 }
 
 #[cfg(test)]

@@ -1,9 +1,83 @@
-//! Shared by the two binaries' command lines: byte sizes, and config files whose keys are the
-//! long flags (`listen = ":3000"` for `--listen :3000`), with flags given on the command line
-//! taking precedence over the file.
+//! Shared by the two binaries' command lines: byte sizes, secrets from a file or the
+//! environment, the shutdown signals, and config files whose keys are the long flags
+//! (`listen = ":3000"` for `--listen :3000`), with flags given on the command line taking
+//! precedence over the file.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use ferry_codec::Secret;
+use tokio_util::sync::CancellationToken;
+
+/// Why a secret could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretSourceError {
+    /// Both the file flag and the environment variable are set.
+    #[error("give it once: {var} or {flag}, not both")]
+    Both {
+        /// The environment variable.
+        var: String,
+        /// The file flag.
+        flag: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file or variable holds only white space.
+    #[error("{0}: the value is empty")]
+    Empty(String),
+}
+
+/// A secret from `file` (given as `flag`) or the environment variable `var`, not both; `None`
+/// when neither is set. Surrounding white space (a trailing newline) is not part of it.
+///
+/// # Errors
+/// Both are set, the file cannot be read, or the value is empty.
+pub fn load_secret(file: Option<&Path>, flag: &str, var: &str) -> Result<Option<Secret>, SecretSourceError> {
+    let from_env = std::env::var(var).ok();
+    let (text, source) = match (file, from_env) {
+        (Some(_), Some(_)) => {
+            return Err(SecretSourceError::Both { var: var.to_owned(), flag: flag.to_owned() });
+        }
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| SecretSourceError::Read { path: path.to_owned(), source })?;
+            (text, path.display().to_string())
+        }
+        (None, Some(text)) => (text, var.to_owned()),
+        (None, None) => return Ok(None),
+    };
+    Secret::from_text(&text).map(Some).map_err(|_| SecretSourceError::Empty(source))
+}
+
+/// Cancels `token` on SIGINT or SIGTERM, logging `what` happens next.
+pub async fn cancel_on_signal(token: CancellationToken, what: &'static str) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("signal received; {what}");
+    token.cancel();
+}
 
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +304,28 @@ mod tests {
         assert!(matches!(
             args_with_config_file::<Sample>(os(&["bin", "--config"]), |_, _| None),
             Err(ConfigFileError::MissingPath)
+        ));
+    }
+
+    #[test]
+    fn secrets_come_from_a_file_trimmed() {
+        let unset = "FERRY_TEST_SECRET_NEVER_SET";
+        assert!(load_secret(None, "--secret-file", unset).unwrap().is_none());
+        let path = std::env::temp_dir().join(format!("ferry-cli-secret-{}", std::process::id()));
+        std::fs::write(&path, "  s3cret\n").unwrap();
+        let secret = load_secret(Some(&path), "--secret-file", unset).unwrap().unwrap();
+        assert_eq!(secret.expose(), b"s3cret");
+        std::fs::write(&path, " \n").unwrap();
+        assert!(matches!(load_secret(Some(&path), "--secret-file", unset), Err(SecretSourceError::Empty(_))));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            load_secret(Some(&path), "--secret-file", unset),
+            Err(SecretSourceError::Read { .. })
+        ));
+        // PATH is set in any test environment: file and variable together are refused.
+        assert!(matches!(
+            load_secret(Some(&path), "--secret-file", "PATH"),
+            Err(SecretSourceError::Both { .. })
         ));
     }
 

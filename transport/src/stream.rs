@@ -121,8 +121,8 @@ pub struct FrameWriter {
     buf: BytesMut,
 }
 
-/// Queued bytes beyond which [`FrameWriter::queue`] callers should flush: one yamux frame.
-pub const FLUSH_THRESHOLD: usize = DEFAULT_DATA_CHUNK;
+/// Queued body bytes beyond which [`FrameWriter::send_data`] writes them: one yamux frame.
+const FLUSH_THRESHOLD: usize = DEFAULT_DATA_CHUNK;
 /// Body chunks at least this large are written from where they are instead of being copied into
 /// the queue: a second, 5-byte yamux frame for the header costs less than copying 16 KiB.
 const DIRECT_WRITE: usize = 16 * 1024;
@@ -148,11 +148,6 @@ impl FrameWriter {
         }
     }
 
-    /// Bytes queued and not yet written.
-    pub fn queued(&self) -> usize {
-        self.buf.len()
-    }
-
     /// Sends body bytes as `Data` frames. Small chunks are queued (see [`FrameWriter::queue`]) and
     /// written once a yamux frame's worth waits; a large chunk is written straight from `data`,
     /// each piece after its 5-byte header, so body bytes are not copied into our buffer (yamux
@@ -171,7 +166,7 @@ impl FrameWriter {
         for piece in data.chunks(DEFAULT_DATA_CHUNK) {
             self.buf.extend_from_slice(&data_header(piece.len())?);
             self.flush().await?;
-            self.write_all(piece).await?;
+            write_all(&self.stream, piece).await?;
         }
         Ok(())
     }
@@ -185,32 +180,13 @@ impl FrameWriter {
         Ok(())
     }
 
-    async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), TransportError> {
-        while !bytes.is_empty() {
-            let n = poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_write(cx, bytes)).await?;
-            if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-            }
-            bytes = &bytes[n..];
-        }
-        Ok(())
-    }
-
     /// Writes everything queued. Waits for yamux credit: this is where a slow reader on the other
     /// side slows the writer down.
     ///
     /// # Errors
     /// The stream failed.
     pub async fn flush(&mut self) -> Result<(), TransportError> {
-        let mut written = 0;
-        while written < self.buf.len() {
-            let n =
-                poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_write(cx, &self.buf[written..])).await?;
-            if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-            }
-            written += n;
-        }
+        write_all(&self.stream, &self.buf).await?;
         self.buf.clear();
         // Keep a small buffer around, not the largest one ever needed (thousands of idle streams).
         if self.buf.capacity() > 2 * FLUSH_THRESHOLD {
@@ -228,6 +204,18 @@ impl FrameWriter {
         poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_close(cx)).await?;
         Ok(())
     }
+}
+
+/// Writes all of `bytes` to the stream, waiting for yamux credit as needed.
+async fn write_all(stream: &Shared, mut bytes: &[u8]) -> Result<(), TransportError> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *lock(stream)).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
 }
 
 /// After `101 Switching Protocols`: copies bytes both ways between the stream and `other` until
