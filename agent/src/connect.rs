@@ -1,5 +1,5 @@
-//! Dialling the gateway: TCP, TLS for `wss://`, the WebSocket upgrade to `/ws` with subprotocol `ferry.v1`, and the
-//! ferry handshake. Reconnect policy (backoff) lives in [`crate::run`].
+//! Dialling the gateway: TCP, TLS for `wss://`, the WebSocket upgrade to `/ws` with subprotocol
+//! `ferry.v1`, and the ferry handshake. Reconnect policy (backoff) lives in [`crate::run`].
 
 use ferry_codec::handshake::{AuthAccepted, check_version};
 use ferry_codec::{AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello, Transcript};

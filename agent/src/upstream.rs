@@ -37,7 +37,8 @@ pub(crate) fn client(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<Up
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_connect_timeout));
     http.enforce_http(false);
-    let roots = if config.upstream.scheme == http::uri::Scheme::HTTPS {
+    // Any route may lead to an https upstream, not only the default one.
+    let roots = if config.upstreams().iter().any(|u| u.scheme == http::uri::Scheme::HTTPS) {
         crate::tls::root_store(extra_ca, "--upstream-ca-file")?
     } else {
         rustls::RootCertStore::empty()
@@ -94,7 +95,7 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
             return;
         }
         let (mut reader, mut writer) = split(stream);
-        let head = match reader.next().await {
+        let mut head = match reader.next().await {
             Some(Ok(Frame::Head(Head::Request(head)))) => head,
             Some(Ok(other)) => {
                 debug!(kind = other.kind().name(), "stream did not start with a request head");
@@ -119,7 +120,8 @@ pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Str
             refusal.send(&mut writer, &head.request_id).await;
             return;
         }
-        let request_id = head.request_id.clone();
+        // The upstream request does not need it; only a refusal made after this point does.
+        let request_id = std::mem::take(&mut head.request_id);
         match proxy(&upstream, head, reader, &mut writer).await {
             Ok(None) => {}
             Ok(Some((upstream_io, reader))) => match pipe(reader, writer, upstream_io).await {

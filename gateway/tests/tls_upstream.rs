@@ -94,3 +94,25 @@ async fn https_upstream_with_an_unknown_certificate_is_refused() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_route_may_lead_to_an_https_upstream_when_the_default_is_plain() {
+    bounded(async {
+        let shutdown = CancellationToken::new();
+        let (port, pem) = tls_upstream(shutdown.clone()).await;
+        let ca = ca_file(&pem);
+        let env = TestEnv::start_with(GatewayConfig::default(), |config| {
+            let route = format!("/bytes=https://localhost:{port}");
+            config.routes = vec![ferry_agent::config::Route::parse(&route).unwrap()];
+            config.upstream_ca = Some(ca.clone());
+        })
+        .await;
+        let (response, body) = get(&env.url("/bytes/1000")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(body.len(), 1000);
+        assert_eq!(get(&env.url("/headers")).await.0.status(), StatusCode::OK);
+        std::fs::remove_file(ca).unwrap();
+        shutdown.cancel();
+    })
+    .await;
+}
