@@ -131,7 +131,14 @@ impl fmt::Display for Rate {
 #[derive(Debug)]
 pub(crate) struct RateLimiter<K> {
     rate: Rate,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    buckets: Mutex<Buckets<K>>,
+}
+
+#[derive(Debug)]
+struct Buckets<K> {
+    by_key: HashMap<K, Bucket>,
+    /// No sweep before this: a sweep scans every bucket, so it runs at most once a period.
+    next_sweep: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -142,23 +149,32 @@ struct Bucket {
 
 /// Buckets kept before full ones (keys that went quiet) are swept out.
 const SWEEP_AT: usize = 4096;
+/// Most buckets kept at once (a few MiB). A new key beyond it, with every bucket still in use,
+/// is refused for a period: memory stays bounded when very many addresses send at once.
+const MAX_BUCKETS: usize = 65_536;
 
 impl<K: Eq + Hash + Clone> RateLimiter<K> {
     pub(crate) fn new(rate: Rate) -> Self {
-        Self { rate, buckets: Mutex::default() }
+        Self { rate, buckets: Mutex::new(Buckets { by_key: HashMap::new(), next_sweep: Instant::now() }) }
     }
 
     /// Takes a token for `key` at `now`; `Err(wait)` when the bucket is empty.
     pub(crate) fn check(&self, key: &K, now: Instant) -> Result<(), Duration> {
         let capacity = f64::from(self.rate.count);
         let refill = self.rate.tokens_per_second();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= SWEEP_AT && !buckets.contains_key(key) {
-            buckets.retain(|_, b| {
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let buckets = &mut *guard;
+        let known = buckets.by_key.contains_key(key);
+        if !known && buckets.by_key.len() >= SWEEP_AT && now >= buckets.next_sweep {
+            buckets.by_key.retain(|_, b| {
                 b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * refill < capacity
             });
+            buckets.next_sweep = now + self.rate.per;
         }
-        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: capacity, updated: now });
+        if !known && buckets.by_key.len() >= MAX_BUCKETS {
+            return Err(self.rate.per);
+        }
+        let bucket = buckets.by_key.entry(key.clone()).or_insert(Bucket { tokens: capacity, updated: now });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * refill).min(capacity);
         bucket.updated = now;
@@ -208,6 +224,22 @@ mod rate_tests {
             limiter.check(&key, start).unwrap();
         }
         limiter.check(&usize::MAX, start + Duration::from_secs(2)).unwrap();
-        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        assert_eq!(limiter.buckets.lock().unwrap().by_key.len(), 1);
+        // The next sweep waits a period: a burst of new keys does not rescan every bucket.
+        assert!(limiter.buckets.lock().unwrap().next_sweep >= start + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn buckets_stay_bounded_when_every_key_is_busy() {
+        let limiter = RateLimiter::new(Rate::parse("1/h").unwrap());
+        let start = Instant::now();
+        for key in 0..MAX_BUCKETS {
+            limiter.check(&key, start).unwrap();
+        }
+        // Every bucket is still refilling: nothing can be swept, a new key is refused.
+        assert!(limiter.check(&usize::MAX, start + Duration::from_secs(1)).is_err());
+        assert_eq!(limiter.buckets.lock().unwrap().by_key.len(), MAX_BUCKETS);
+        // A known key is still served by its own bucket (empty here).
+        assert!(limiter.check(&0, start + Duration::from_secs(1)).is_err());
     }
 }

@@ -107,11 +107,13 @@ pub(crate) async fn forward(
     // upload ends. A known-empty body is just `End`, without a task.
     // A body that grows past the limit without announcing its length is cut there; if the
     // response has not started, the client gets 413.
-    let (over_limit, mut over_limit_rx) = oneshot::channel();
+    let mut over_limit_rx = None;
     let upload = if body_len == Some(0) {
         writer.send(&Frame::End).await.map_err(|_| ProxyError::SessionLost)?;
         Upload::Done(writer)
     } else {
+        let (over_limit, rx) = oneshot::channel();
+        over_limit_rx = Some(rx);
         let body = Limited::new(body, usize::try_from(body_limit).unwrap_or(usize::MAX));
         let metrics_gateway = Arc::clone(gateway);
         gateway.tracker.spawn(
@@ -131,8 +133,14 @@ pub(crate) async fn forward(
         Upload::Running
     };
 
+    let over_limit = async {
+        match over_limit_rx {
+            Some(rx) => rx.await,
+            None => std::future::pending().await,
+        }
+    };
     let first = tokio::select! {
-        Ok(()) = &mut over_limit_rx => return Err(ProxyError::PayloadTooLarge),
+        Ok(()) = over_limit => return Err(ProxyError::PayloadTooLarge),
         first = tokio::time::timeout(response_timeout, reader.next()) => first,
     };
     let head = match first {
