@@ -59,14 +59,11 @@ impl Refusal {
         )
     }
 
-    /// 503: the upstream is failing and the circuit breaker is open.
-    pub(crate) fn unhealthy(detail: &str) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream_unhealthy",
-            format!("the upstream service is unhealthy: {detail}"),
-        )
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"))
+    /// 503: the upstream is failing and the circuit breaker is open. What failed is for the
+    /// agent's log, not for the public client.
+    pub(crate) fn unhealthy() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "upstream_unhealthy", "the upstream service is unhealthy")
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"))
     }
 
     /// Sends the refusal as a complete response on `writer`.
@@ -110,14 +107,14 @@ pub(crate) fn target_path(target: &[u8]) -> &str {
     text.split(['?', '#']).next().unwrap_or("")
 }
 
-/// Whether a path could name something else once the upstream normalises it: dot segments, or
-/// percent-encoded dots, slashes and backslashes. Prefix rules cannot vouch for such a path.
+/// Whether a path could name something else once the upstream normalises it: dot segments;
+/// path parameters (`/public/..;/admin` is `/admin` to Tomcat, Jetty and Spring); percent-encoded
+/// dots, slashes, backslashes, semicolons, NULs or percent signs (double encoding). Prefix rules
+/// cannot vouch for such a path.
 fn ambiguous(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
+    ["%2e", "%2f", "%5c", "%3b", "%00", "%25"].iter().any(|encoded| lower.contains(encoded))
+        || path.contains(['\\', ';'])
         || path.split('/').any(|segment| segment == "." || segment == "..")
 }
 
@@ -197,8 +194,19 @@ mod tests {
         assert_eq!(refused.status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(refused.headers[header::ALLOW], "GET, HEAD");
         assert_eq!(filters.check(&head("GET", "/admin", None)).unwrap_err().status, StatusCode::FORBIDDEN);
-        for sneaky in ["/api/../admin", "/api/%2e%2e/admin", "/api/..%2Fadmin", "/api\\..\\admin", "/api/./x"]
-        {
+        for sneaky in [
+            "/api/../admin",
+            "/api/%2e%2e/admin",
+            "/api/..%2Fadmin",
+            "/api\\..\\admin",
+            "/api/./x",
+            "/api/..;/admin",
+            "/api;x=1/../admin",
+            "/api/%2e%2e;/admin",
+            "/api/..%3Badmin",
+            "/api/%252e%252e/admin",
+            "/api/x%00.html",
+        ] {
             assert_eq!(
                 filters.check(&head("GET", sneaky, None)).unwrap_err().status,
                 StatusCode::FORBIDDEN,

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use ferry_codec::control::GoAwayReason;
 use ferry_transport::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use config::AgentConfig;
@@ -84,13 +85,30 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             health::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, probes).await;
         });
     }
+    // Sessions the gateway sent away, finishing their requests beside the current one.
+    let draining = TaskTracker::new();
+    let result = serve_until_shutdown(&config, gateway_tls.as_ref(), &upstream, &shutdown, &draining).await;
+    draining.close();
+    if tokio::time::timeout(config.drain_timeout, draining.wait()).await.is_err() {
+        warn!("sessions the gateway sent away still had requests at the drain deadline");
+    }
+    result
+}
+
+async fn serve_until_shutdown(
+    config: &Arc<AgentConfig>,
+    gateway_tls: Option<&tokio_rustls::TlsConnector>,
+    upstream: &Arc<upstream::Upstream>,
+    shutdown: &CancellationToken,
+    draining: &TaskTracker,
+) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
     info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");
     loop {
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            attempt = connect::connect(&config, gateway_tls.as_ref()) => attempt,
+            attempt = connect::connect(config, gateway_tls) => attempt,
         };
         let delay = match attempt {
             Ok((ws, accepted)) => {
@@ -100,20 +118,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     info!(%url, "public URL");
                 }
                 let started = Instant::now();
-                let end = tunnel::serve(&upstream, ws, &accepted, &shutdown).await;
+                let end = tunnel::serve(upstream, ws, &accepted, shutdown).await;
                 if started.elapsed() >= HEALTHY_SESSION {
                     backoff.reset();
                 }
                 match end {
                     Ok(SessionEnd::Shutdown) => return Ok(()),
-                    // An operator asked for a fresh session: come back at once.
-                    Ok(SessionEnd::GoAway(GoAwayReason::AdminDrain)) => {
-                        info!("session drained on the gateway's request; reconnecting");
-                        Duration::ZERO
-                    }
-                    Ok(SessionEnd::GoAway(reason)) => {
-                        info!(?reason, "session closed on the gateway's request; reconnecting");
-                        backoff.next_delay()
+                    Ok(SessionEnd::GoAway { reason, draining: rest }) => {
+                        draining.spawn(rest);
+                        if reason == GoAwayReason::AdminDrain {
+                            // An operator asked for a fresh session: come back at once.
+                            info!("session drained on the gateway's request; reconnecting");
+                            Duration::ZERO
+                        } else {
+                            info!(?reason, "session closed on the gateway's request; reconnecting");
+                            backoff.next_delay()
+                        }
                     }
                     Ok(SessionEnd::Lost) => {
                         warn!("the gateway closed the session; reconnecting");

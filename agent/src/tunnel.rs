@@ -1,8 +1,11 @@
 //! One session with the gateway: the yamux session over the WebSocket, the control stream
 //! (heartbeats both ways), a task per inbound request stream, and the two ways a session ends on
 //! purpose — our shutdown (tell the gateway to drain, finish what is in flight, close) and the
-//! gateway's go-away (finish what is in flight, close, reconnect).
+//! gateway's go-away (a new session takes over at once while this one finishes what is in flight
+//! in the background, then closes).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +13,7 @@ use ferry_codec::ControlMessage;
 use ferry_codec::control::GoAwayReason;
 use ferry_codec::handshake::AuthAccepted;
 use ferry_transport::control::{self, ControlError, Heartbeat};
-use ferry_transport::session::session;
+use ferry_transport::session::{SessionConfig, session};
 use ferry_transport::{IoCounters, TransportError, WsIo, yamux};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,16 +26,44 @@ use crate::upstream::{Upstream, serve_stream};
 const HEARTBEAT_MISSES: u32 = 3;
 /// Longest go-away grace the agent honours, whatever the gateway asks.
 const MAX_GO_AWAY_GRACE: Duration = Duration::from_secs(300);
+/// Most streams the agent lets the gateway hold open on one session, whatever it announces.
+const MAX_INBOUND_STREAMS: usize = 1 << 18;
+
+/// The yamux limits of a session with a gateway that may open `announced` streams at once. yamux
+/// ends the session when the peer opens one over its limit, and a stream the gateway already let
+/// go may still be finishing here (its upstream not answered yet), so the agent allows twice as
+/// many, and never fewer than its own configuration says.
+fn session_config(own: &SessionConfig, announced: u32) -> SessionConfig {
+    let announced = usize::try_from(announced).unwrap_or(usize::MAX);
+    let streams =
+        announced.saturating_mul(2).clamp(own.max_streams, MAX_INBOUND_STREAMS.max(own.max_streams));
+    SessionConfig::with_max_streams(streams)
+}
+
+/// The rest of a session the gateway sent away: it finishes its requests (within the grace the
+/// gateway gave) and closes. The caller runs it beside the next session.
+pub(crate) type Draining = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// How a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SessionEnd {
     /// We shut down (and drained).
     Shutdown,
-    /// The gateway asked us to go (and we drained).
-    GoAway(GoAwayReason),
+    /// The gateway asked us to go; `draining` finishes what is in flight.
+    GoAway { reason: GoAwayReason, draining: Draining },
     /// The gateway or the network ended it.
     Lost,
+}
+
+impl std::fmt::Debug for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shutdown => f.write_str("Shutdown"),
+            Self::GoAway { reason, .. } => {
+                f.debug_struct("GoAway").field("reason", reason).finish_non_exhaustive()
+            }
+            Self::Lost => f.write_str("Lost"),
+        }
+    }
 }
 
 /// Serves one session until it ends.
@@ -43,7 +74,8 @@ pub(crate) async fn serve(
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, TransportError> {
     let counters = Arc::new(IoCounters::default());
-    let (driver, opener) = session(WsIo::new(ws, counters), yamux::Mode::Client, &upstream.config.session);
+    let config = session_config(&upstream.config.session, accepted.limits.max_streams);
+    let (driver, opener) = session(WsIo::new(ws, counters), yamux::Mode::Client, &config);
     let streams = TaskTracker::new();
     let stop = CancellationToken::new();
 
@@ -53,8 +85,8 @@ pub(crate) async fn serve(
     let control_stop = stop.clone();
     let control_task = tokio::spawn(
         async move {
-            let stream = match opener.open().await {
-                Ok(stream) => stream,
+            let (stream, _slot) = match opener.open().await {
+                Ok(opened) => opened,
                 Err(err) => {
                     debug!(%err, "could not open the control stream");
                     control_stop.cancel();
@@ -86,8 +118,7 @@ pub(crate) async fn serve(
     let on_inbound = move |stream: yamux::Stream| {
         stream_tracker.spawn(serve_stream(Arc::clone(&stream_upstream), stream).in_current_span());
     };
-    let run = driver.run(on_inbound, stop.clone());
-    tokio::pin!(run);
+    let mut run = Box::pin(driver.run(on_inbound, stop.clone()));
 
     let mut events_open = true;
     let end = loop {
@@ -101,7 +132,7 @@ pub(crate) async fn serve(
                 let grace = upstream.config.drain_timeout;
                 info!(in_flight = streams.len(), grace_secs = grace.as_secs(), "draining: the gateway stops routing here; finishing requests in flight");
                 let _ = control.send(ControlMessage::Drain { grace }).await;
-                break (SessionEnd::Shutdown, grace);
+                break (None, grace);
             }
             changed = health.changed(), if health_open => match changed {
                 Ok(()) => {
@@ -113,8 +144,8 @@ pub(crate) async fn serve(
             event = events.recv(), if events_open => match event {
                 Some(ControlMessage::GoAway { reason, grace }) => {
                     let grace = grace.min(MAX_GO_AWAY_GRACE);
-                    info!(?reason, in_flight = streams.len(), grace_secs = grace.as_secs(), "the gateway asked this session to go away");
-                    break (SessionEnd::GoAway(reason), grace);
+                    info!(?reason, in_flight = streams.len(), grace_secs = grace.as_secs(), "the gateway asked this session to go away; it finishes its requests while a new one takes over");
+                    break (Some(reason), grace);
                 }
                 Some(other) => debug!(?other, "control message"),
                 // The control loop ended; `stop` is cancelled and `run` ends next.
@@ -122,22 +153,40 @@ pub(crate) async fn serve(
             },
         }
     };
-    let (end, grace) = end;
+    let (go_away, grace) = end;
     streams.close();
-    let drained = async {
-        if tokio::time::timeout(grace, streams.wait()).await.is_err() {
-            warn!(left = streams.len(), "drain deadline passed; closing anyway");
-        }
+    let finish = async move {
+        let drained = async {
+            if tokio::time::timeout(grace, streams.wait()).await.is_err() {
+                warn!(left = streams.len(), "drain deadline passed; closing anyway");
+            }
+        };
+        let result = tokio::select! {
+            result = &mut run => result,
+            () = drained => {
+                stop.cancel();
+                run.await
+            }
+        };
+        control_task.abort();
+        // The control handle lives as long as the session: dropping it earlier would end the
+        // control loop (and with it the heartbeat) while requests still finish.
+        drop(control);
+        result
     };
-    tokio::select! {
-        result = &mut run => {
-            control_task.abort();
-            return result.map(|()| end);
+    match go_away {
+        None => finish.await.map(|()| SessionEnd::Shutdown),
+        Some(reason) => {
+            let draining = Box::pin(
+                async move {
+                    match finish.await {
+                        Ok(()) => debug!("drained session closed"),
+                        Err(err) => debug!(%err, "drained session ended with an error"),
+                    }
+                }
+                .in_current_span(),
+            );
+            Ok(SessionEnd::GoAway { reason, draining })
         }
-        () = drained => {}
     }
-    stop.cancel();
-    let result = run.await;
-    control_task.abort();
-    result.map(|()| end)
 }

@@ -185,7 +185,7 @@ async fn proxy(
 
     // A known-empty body is a lone `End`: take it now, give hyper an empty body (no chunked
     // encoding on a GET) and keep the reader for a possible upgrade.
-    let (body, raw_reader) = if head.body_len == Some(0) {
+    let (body, mut raw_reader) = if head.body_len == Some(0) {
         match reader.next().await {
             Some(Ok(Frame::End)) => (FrameBody::empty(), Some(reader)),
             _ => {
@@ -218,9 +218,25 @@ async fn proxy(
     let _trial = match upstream.health.admit() {
         Admission::Go => None,
         Admission::Trial(guard) => Some(guard),
-        Admission::Refuse(detail) => return Err(Failure::Refuse(Box::new(Refusal::unhealthy(&detail)))),
+        Admission::Refuse(detail) => {
+            debug!(%detail, "circuit breaker open; refusing");
+            return Err(Failure::Refuse(Box::new(Refusal::unhealthy())));
+        }
     };
-    let result = tokio::time::timeout(config.upstream_timeout, upstream.client.request(request)).await;
+    let request = tokio::time::timeout(config.upstream_timeout, upstream.client.request(request));
+    // With the whole request sent (a known-empty body), the gateway sends nothing more on the
+    // stream until our answer: anything it does now means it gave up (client gone, its own
+    // deadline), and the upstream request is cancelled with it instead of running on for nobody.
+    let result = match raw_reader {
+        Some(ref mut reader) => tokio::select! {
+            result = request => result,
+            gone = reader.next() => {
+                debug!(frame = ?gone.map(|f| f.map(|f| f.kind().name())), "the gateway gave up on the request; upstream request cancelled");
+                return Ok(None);
+            }
+        },
+        None => request.await,
+    };
     match &result {
         Ok(Err(err)) if err.is_connect() => upstream.health.record(Err(&error_chain(err))),
         Ok(_) => upstream.health.record(Ok(())),
@@ -230,11 +246,8 @@ async fn proxy(
     let response = match result {
         Ok(Ok(response)) => response,
         Ok(Err(err)) if err.is_connect() => {
-            debug!(%err, upstream = %target, "upstream unreachable");
-            return Err(Failure::Abort(
-                AbortCode::UpstreamUnreachable,
-                format!("cannot connect to {target}"),
-            ));
+            debug!(err = %error_chain(&err), upstream = %target, "upstream unreachable");
+            return Err(Failure::Abort(AbortCode::UpstreamUnreachable, "cannot reach the upstream".into()));
         }
         Ok(Err(err)) if caused_by::<LengthLimitError>(&err) => {
             return Err(Failure::Refuse(Box::new(Refusal::too_large(limit.unwrap_or(u64::MAX)))));

@@ -31,18 +31,19 @@ pub(crate) fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &body)
 }
 
+/// Headers a proxy adds: a loopback peer that sends one speaks for someone else (a reverse proxy
+/// on this host, or a tunnel whose upstream is this gateway), so loopback trust does not apply.
+const PROXIED: [header::HeaderName; 3] =
+    [header::VIA, header::FORWARDED, header::HeaderName::from_static("x-forwarded-for")];
+
 /// Whether the request may use the admin endpoints.
 ///
 /// # Errors
 /// [`ProxyError::Unauthorized`].
 pub(crate) fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr) -> Result<(), ProxyError> {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => {
-            v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
-        }
-        v4 => v4,
-    };
-    if gateway.config.admin_loopback && ip.is_loopback() {
+    let ip = crate::limits::client_ip(peer.ip());
+    let proxied = PROXIED.iter().any(|name| headers.contains_key(name));
+    if gateway.config.admin_loopback && ip.is_loopback() && !proxied {
         return Ok(());
     }
     let Some(token) = &gateway.config.admin_token else {

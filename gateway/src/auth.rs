@@ -119,9 +119,10 @@ impl Secrets {
     /// Parses an auth file's text.
     ///
     /// # Errors
-    /// A message naming the problem and, for TOML errors, the line.
+    /// A message naming the problem and, for TOML errors, the line and key — never the text of
+    /// the file, which holds secrets (toml's own message quotes the offending line and values).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: AuthFile = toml::from_str(text).map_err(|err| err.to_string().trim_end().to_owned())?;
+        let file: AuthFile = toml::from_str(text).map_err(|err| describe_toml_error(text, &err))?;
         let mut tunnels = HashMap::with_capacity(file.tunnels.len());
         for (id, entry) in file.tunnels {
             let tunnel: TunnelId = id.parse().map_err(|err| format!("tunnels.{id}: {err}"))?;
@@ -200,6 +201,40 @@ impl Secrets {
     }
 }
 
+/// Where a TOML error is and what kind it is, without quoting anything from the file but key
+/// names the format defines.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let at = err.span().map(|span| span.start.min(text.len()));
+    let line = at.map(|at| text[..at].matches('\n').count() + 1);
+    let message = err.message();
+    let what = if let Some(rest) = message.strip_prefix("unknown field") {
+        // "unknown field `secret`, expected `secrets`": the key the file used, and the one it means.
+        let expected = rest.split_once("expected").map(|(_, e)| e.trim()).unwrap_or("");
+        format!("unknown key (expected {expected})")
+    } else if message.starts_with("missing field") {
+        message.to_owned()
+    } else if message.starts_with("invalid type") {
+        // "invalid type: string \"...\", expected a sequence": the quoted value may be a secret.
+        let expected = message.split_once("expected").map(|(_, e)| e.trim()).unwrap_or("another type");
+        format!("a value has the wrong type (expected {expected})")
+    } else {
+        "invalid TOML".to_owned()
+    };
+    // The key on that line, when the line is `key = ...`.
+    let key = at.and_then(|at| {
+        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[start..].lines().next()?;
+        let (key, _) = line.split_once('=')?;
+        let key = key.trim();
+        key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)).then(|| key.to_owned())
+    });
+    match (line, key) {
+        (Some(line), Some(key)) => format!("line {line}, key `{key}`: {what}"),
+        (Some(line), None) => format!("line {line}: {what}"),
+        _ => what,
+    }
+}
+
 /// The gateway's answer MAC for an accepted agent.
 pub fn server_mac(
     secret: &Secret,
@@ -265,6 +300,25 @@ mod tests {
         assert!(Secrets::parse("[tunnels.web]\nsecrets = [\"a\"]\n").unwrap_err().contains("tunnels.web"));
         assert!(Secrets::parse(&format!("[tunnels.{ID}]\nsecrets = [\"\"]\n")).is_err());
         assert!(Secrets::parse("[other]\n").is_err());
+    }
+
+    #[test]
+    fn auth_file_errors_never_quote_the_file() {
+        let secret = "s3cr3t-that-must-not-be-logged";
+        for text in [
+            format!("[tunnels.{ID}]\nsecrets = \"{secret}\"\n"),
+            format!("[tunnels.{ID}]\nsecrets = [\"{secret}\", 5]\n"),
+            format!("[tunnels.{ID}]\nsecrets = [\"{secret}\"\n"),
+            format!("[tunnels.{ID}]\nsecret = [\"{secret}\"]\n"),
+            format!("[tunnels.{ID}]\nsecrets = [\"{secret}\"] extra\n"),
+            format!("[tunnels.{ID}]\nsecrets = [\"a\\q{secret}\"]\n"),
+        ] {
+            let err = Secrets::parse(&text).unwrap_err();
+            assert!(!err.contains(secret) && !err.contains("s3cr3t"), "{err}");
+            assert!(err.contains("line 2"), "{err}");
+        }
+        let err = Secrets::parse(&format!("[tunnels.{ID}]\nsecrets = \"{secret}\"\n")).unwrap_err();
+        assert!(err.contains("`secrets`") && err.contains("wrong type"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,13 @@ pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent may take to send the response head before 504 `upstream_timeout`. The
 /// agent has its own, shorter upstream timeout; this one catches an agent that says nothing.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a client may take to send its request head (slowloris protection).
+/// How long a client may take to send its request head (slowloris protection); for the first
+/// request of a connection, counted from accept (a TLS handshake included), whatever the protocol.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a response may wait on a client that takes none of it before the connection is
+/// closed (and the stream to the agent reset). Long enough for a phone that lost signal for a
+/// while; short enough that non-reading clients cannot pile up.
+pub const SEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Heartbeat period announced to agents (both sides ping this often on the control stream).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 /// Heartbeats a peer may miss before it is declared dead (so 60 s by default).
@@ -47,6 +52,10 @@ pub const MAX_URI_LEN: usize = 16 * 1024;
 /// Most requests in flight at once for one tunnel, over all its sessions, before 503
 /// `tunnel_at_capacity` with `Retry-After`.
 pub const MAX_TUNNEL_REQUESTS: usize = 10_240;
+/// Most requests in flight at once from one client (IPv4 address or IPv6 /64) to one tunnel,
+/// before 429 `client_at_capacity`. As many as that client may have connections, so a browser or
+/// a load test from one host is never refused, while one host cannot take a whole tunnel.
+pub const MAX_CLIENT_REQUESTS: usize = 1024;
 /// Most concurrent HTTP/2 streams per public connection.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Most HTTP/2 streams a client may reset before the gateway has answered them, at once (the
@@ -140,6 +149,10 @@ pub struct GatewayConfig {
     pub max_request_body: Option<u64>,
     /// See [`MAX_TUNNEL_REQUESTS`].
     pub max_tunnel_requests: usize,
+    /// See [`MAX_CLIENT_REQUESTS`].
+    pub max_client_requests: usize,
+    /// See [`SEND_IDLE_TIMEOUT`].
+    pub send_idle_timeout: Duration,
     /// Per-tunnel settings that replace the gateway-wide ones.
     pub tunnel_overrides: HashMap<TunnelId, TunnelOverrides>,
     /// Requests per tunnel (all clients together); `None`: no limit. Over it: 429.
@@ -178,6 +191,8 @@ impl Default for GatewayConfig {
             max_uri_len: MAX_URI_LEN,
             max_request_body: None,
             max_tunnel_requests: MAX_TUNNEL_REQUESTS,
+            max_client_requests: MAX_CLIENT_REQUESTS,
+            send_idle_timeout: SEND_IDLE_TIMEOUT,
             tunnel_overrides: HashMap::new(),
             tunnel_rate: None,
             client_rate: None,

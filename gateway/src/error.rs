@@ -24,6 +24,9 @@ pub enum GatewayError {
 }
 
 /// Why the gateway answered a public request itself. Each maps to a status and a stable code.
+///
+/// What public clients see is the code and a fixed message: never an upstream's address, an
+/// error chain or anything else the agent reported (that goes to the logs where it is known).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProxyError {
@@ -49,8 +52,11 @@ pub enum ProxyError {
     #[error("the gateway is busy; retry shortly")]
     GatewayBusy,
     /// Every agent of the tunnel reports its upstream unhealthy.
-    #[error("the upstream service is unhealthy: {0}")]
-    UpstreamUnhealthy(String),
+    #[error("the upstream service is unhealthy")]
+    UpstreamUnhealthy,
+    /// This client has as many requests in flight to the tunnel as it may.
+    #[error("too many requests in flight from this client; retry shortly")]
+    ClientAtCapacity,
     /// The request target is longer than the gateway accepts.
     #[error("the request target is too long")]
     UriTooLong,
@@ -61,14 +67,14 @@ pub enum ProxyError {
     #[error("the connection to the agent was lost before it answered")]
     SessionLost,
     /// The agent could not reach its upstream (refused, reset, DNS, TLS).
-    #[error("the agent could not reach the upstream service: {0}")]
-    UpstreamUnreachable(String),
+    #[error("the agent could not reach the upstream service")]
+    UpstreamUnreachable,
     /// The upstream (or the agent) did not answer in time.
     #[error("the upstream service did not answer in time")]
     UpstreamTimeout,
     /// The agent refused the request.
-    #[error("the agent refused the request: {0}")]
-    AgentRefused(String),
+    #[error("the agent refused the request")]
+    AgentRefused,
     /// The body is over a limit.
     #[error("the request body is too large")]
     PayloadTooLarge,
@@ -102,15 +108,15 @@ impl ProxyError {
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::AtCapacity
             | Self::GatewayBusy
-            | Self::AgentRefused(_)
+            | Self::AgentRefused
             | Self::AgentShuttingDown
-            | Self::UpstreamUnhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::UpstreamUnhealthy => StatusCode::SERVICE_UNAVAILABLE,
             Self::AgentUnresponsive | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::SessionLost | Self::UpstreamUnreachable(_) | Self::AgentError => StatusCode::BAD_GATEWAY,
+            Self::SessionLost | Self::UpstreamUnreachable | Self::AgentError => StatusCode::BAD_GATEWAY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
             Self::TunnelOffline => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::ClientAtCapacity => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
@@ -125,13 +131,14 @@ impl ProxyError {
             Self::BadRequest(_) => "bad_request",
             Self::AtCapacity => "tunnel_at_capacity",
             Self::GatewayBusy => "gateway_busy",
-            Self::UpstreamUnhealthy(_) => "upstream_unhealthy",
+            Self::UpstreamUnhealthy => "upstream_unhealthy",
+            Self::ClientAtCapacity => "client_at_capacity",
             Self::UriTooLong => "uri_too_long",
             Self::AgentUnresponsive => "agent_unresponsive",
             Self::SessionLost => "session_lost",
-            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
-            Self::AgentRefused(_) => "agent_refused",
+            Self::AgentRefused => "agent_refused",
             Self::PayloadTooLarge => "payload_too_large",
             Self::AgentShuttingDown => "agent_shutting_down",
             Self::AgentError => "agent_error",
@@ -145,19 +152,22 @@ impl ProxyError {
     /// Seconds after which a retry may succeed, for `Retry-After`.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::AtCapacity | Self::GatewayBusy | Self::AgentShuttingDown => Some(1),
-            Self::AgentRefused(_) | Self::TunnelOffline | Self::UpstreamUnhealthy(_) => Some(5),
+            Self::AtCapacity | Self::GatewayBusy | Self::AgentShuttingDown | Self::ClientAtCapacity => {
+                Some(1)
+            }
+            Self::AgentRefused | Self::TunnelOffline | Self::UpstreamUnhealthy => Some(5),
             Self::RateLimited(seconds) => Some(*seconds),
             _ => None,
         }
     }
 
-    /// The error for an `Abort` the agent sent before any response head.
-    pub fn from_abort(code: AbortCode, message: String) -> Self {
+    /// The error for an `Abort` the agent sent before any response head (its message is for
+    /// the log, not for the client).
+    pub fn from_abort(code: AbortCode) -> Self {
         match code {
-            AbortCode::UpstreamUnreachable | AbortCode::UpstreamReset => Self::UpstreamUnreachable(message),
+            AbortCode::UpstreamUnreachable | AbortCode::UpstreamReset => Self::UpstreamUnreachable,
             AbortCode::UpstreamTimeout => Self::UpstreamTimeout,
-            AbortCode::Refused => Self::AgentRefused(message),
+            AbortCode::Refused => Self::AgentRefused,
             AbortCode::TooLarge => Self::PayloadTooLarge,
             AbortCode::ShuttingDown => Self::AgentShuttingDown,
             _ => Self::AgentError,

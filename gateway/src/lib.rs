@@ -100,6 +100,8 @@ pub struct Gateway {
     tunnel_rates: Option<limits::RateLimiter<TunnelId>>,
     /// Request rate per client address, when limited.
     client_rates: Option<limits::RateLimiter<std::net::IpAddr>>,
+    /// Requests in flight per client and tunnel.
+    client_load: limits::ClientLoad,
 }
 
 impl Gateway {
@@ -120,6 +122,10 @@ impl Gateway {
         ));
         let tunnel_rates = config.tunnel_rate.map(limits::RateLimiter::new);
         let client_rates = config.client_rate.map(limits::RateLimiter::new);
+        if config.max_client_requests == 0 {
+            return Err(GatewayError::Config("the requests in flight per client must be positive".into()));
+        }
+        let client_load = limits::ClientLoad::new(config.max_client_requests);
         let mut random = [0u8; 4];
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
         let instance = u32::from_be_bytes(random);
@@ -142,6 +148,7 @@ impl Gateway {
             handshakes,
             tunnel_rates,
             client_rates,
+            client_load,
         }))
     }
 
@@ -267,7 +274,13 @@ impl Gateway {
         self: &Arc<Self>,
         request: Request<Incoming>,
         peer: SocketAddr,
+        conn: &server::ConnWatch,
     ) -> Response<ResponseBody> {
+        // A request that already passed through this gateway (an agent whose upstream leads back
+        // here) goes nowhere, not even to the gateway's own pages, where it would look local.
+        if self.seen_before(request.headers()) {
+            return ProxyError::LoopDetected.to_response(&self.next_request_id()).map(Either::Left);
+        }
         let host = request
             .headers()
             .get(header::HOST)
@@ -282,7 +295,7 @@ impl Gateway {
         let route = route(self.config.domain.as_deref(), host.as_deref(), path_and_query);
         let request_id = self.next_request_id();
         if let Route::Tunnel { id, target } = route {
-            let response = match proxy::forward(self, request, peer, &id, target, &request_id).await {
+            let response = match proxy::forward(self, request, peer, conn, &id, target, &request_id).await {
                 Ok(response) => response,
                 Err(err) => {
                     debug!(%err, tunnel_id = %id, request_id, "request answered by the gateway");

@@ -116,7 +116,17 @@ struct Args {
     #[arg(long, default_value_t = ferry_gateway::config::MAX_TUNNEL_REQUESTS, value_name = "N")]
     max_tunnel_requests: usize,
 
-    /// Most open connections from one client address; more are closed at accept.
+    /// Most requests in flight at once from one client (IPv4 address or IPv6 /64) to one tunnel
+    /// before 429 `client_at_capacity`.
+    #[arg(long, default_value_t = ferry_gateway::config::MAX_CLIENT_REQUESTS, value_name = "N")]
+    max_client_requests: usize,
+
+    /// How long a response may wait on a client that takes none of it before the connection is
+    /// closed and the request's stream reset.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    send_idle_timeout: Duration,
+
+    /// Most open connections from one client (IPv4 address or IPv6 /64); more are closed at accept.
     #[arg(long, default_value_t = ferry_gateway::config::MAX_CONNECTIONS_PER_ADDRESS, value_name = "N")]
     max_connections_per_address: usize,
 
@@ -170,6 +180,8 @@ struct ConfigFile {
     max_uri_length: Option<u64>,
     max_request_body: Option<toml::Value>,
     max_tunnel_requests: Option<u64>,
+    max_client_requests: Option<u64>,
+    send_idle_timeout: Option<String>,
     max_connections_per_address: Option<u64>,
     max_handshakes: Option<u64>,
     tunnel_override: Option<Vec<TunnelOverrideTable>>,
@@ -255,6 +267,10 @@ impl Args {
         config.max_request_body = self.max_request_body;
         anyhow::ensure!(self.max_tunnel_requests > 0, "--max-tunnel-requests must be positive");
         config.max_tunnel_requests = self.max_tunnel_requests;
+        anyhow::ensure!(self.max_client_requests > 0, "--max-client-requests must be positive");
+        config.max_client_requests = self.max_client_requests;
+        anyhow::ensure!(!self.send_idle_timeout.is_zero(), "--send-idle-timeout must be positive");
+        config.send_idle_timeout = self.send_idle_timeout;
         anyhow::ensure!(
             self.max_connections_per_address > 0,
             "--max-connections-per-address must be positive"

@@ -37,10 +37,16 @@ pub enum Limit {
     TunnelRate,
     /// A request over its client address's rate (429).
     ClientRate,
+    /// A request over its client's share of a tunnel (429).
+    ClientConcurrency,
+    /// A connection that sent no request head in time, closed.
+    HeadDeadline,
+    /// A connection whose client stopped taking a response, closed.
+    SendIdle,
 }
 
 impl Limit {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 10] = [
         Self::ConnectionsPerAddress,
         Self::Handshakes,
         Self::UriLength,
@@ -48,6 +54,9 @@ impl Limit {
         Self::TunnelConcurrency,
         Self::TunnelRate,
         Self::ClientRate,
+        Self::ClientConcurrency,
+        Self::HeadDeadline,
+        Self::SendIdle,
     ];
 
     fn as_str(self) -> &'static str {
@@ -59,6 +68,9 @@ impl Limit {
             Self::TunnelConcurrency => "tunnel_concurrency",
             Self::TunnelRate => "tunnel_rate",
             Self::ClientRate => "client_rate",
+            Self::ClientConcurrency => "client_concurrency",
+            Self::HeadDeadline => "head_deadline",
+            Self::SendIdle => "send_idle",
         }
     }
 }
@@ -130,6 +142,7 @@ impl Metrics {
     pub fn render(&self, registry: &Registry) -> String {
         let sessions = registry.all();
         let in_flight: u64 = sessions.iter().map(|s| s.in_flight()).sum();
+        let streams_open: u64 = sessions.iter().map(|s| s.open_streams() as u64).sum();
         let live_to: u64 = sessions.iter().map(|s| s.counters.tx.load(Ordering::Relaxed)).sum();
         let live_from: u64 = sessions.iter().map(|s| s.counters.rx.load(Ordering::Relaxed)).sum();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -153,6 +166,12 @@ impl Metrics {
             "gauge",
             "Requests in flight through tunnels.",
             &[(String::new(), in_flight)],
+        );
+        metric(
+            "ferry_streams_open",
+            "gauge",
+            "Streams the gateway holds open to agents (a request's stream lives until both its directions are done).",
+            &[(String::new(), streams_open)],
         );
         let classes: Vec<(String, u64)> =
             (0..5).map(|i| (format!("{{class=\"{}xx\"}}", i + 1), load(&self.requests[i]))).collect();

@@ -13,8 +13,8 @@ use ferry_transport::body::{BodyError, SendBodyError, send_body};
 use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
-use ferry_transport::stream::{FrameReader, FrameWriter, split};
-use ferry_transport::{FrameBody, TransportError, yamux};
+use ferry_transport::stream::{FrameReader, FrameWriter, split_counted};
+use ferry_transport::{FrameBody, TransportError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
@@ -28,8 +28,9 @@ use tracing::{Instrument, debug};
 
 use crate::Gateway;
 use crate::error::ProxyError;
-use crate::limits::client_ip;
+use crate::limits::{ClientSlot, client_ip, client_key};
 use crate::metrics::Limit;
+use crate::server::{ConnWatch, SendClock};
 use crate::session::{InFlight, Session};
 
 /// The body of every response the gateway sends.
@@ -39,22 +40,34 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// What a request holds while it is in flight: its place in its session's count and in its
+/// client's share of the tunnel, and (while its body is still being sent) the upload task, which
+/// ends when this is dropped, so a request that is over never keeps its stream open.
+#[derive(Debug)]
+struct Admitted {
+    _in_flight: InFlight,
+    _client: ClientSlot,
+    _upload: Option<oneshot::Sender<()>>,
+}
+
 /// Sends `request` to tunnel `id` with the upstream target `target`.
 pub(crate) async fn forward(
     gateway: &Arc<Gateway>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
+    conn: &ConnWatch,
     id: &TunnelId,
     target: String,
     request_id: &str,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    if gateway.seen_before(request.headers()) {
-        return Err(ProxyError::LoopDetected);
-    }
-    check_rates(gateway, id, peer)?;
-    let mut session = pick_session(gateway, id).await?;
+    let (session, client_slot) = admit(gateway, id, peer)?;
+    let mut session = match session {
+        Some(session) => session,
+        None => wait_for_session(gateway, id).await?,
+    };
     if session.is_unhealthy() {
-        return Err(ProxyError::UpstreamUnhealthy(session.health_detail()));
+        debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
+        return Err(ProxyError::UpstreamUnhealthy);
     }
     let max_requests = u64::try_from(gateway.config.max_tunnel_requests).unwrap_or(u64::MAX);
     if gateway.registry.in_flight(id) >= max_requests {
@@ -79,11 +92,12 @@ pub(crate) async fn forward(
     // Nothing has reached an agent until the head is written: a session that closed before that
     // is skipped and the request goes to another (or waits for one to come back).
     let mut attempts = 0;
-    let (stream, in_flight) = loop {
+    let (stream, slot, in_flight) = loop {
         let in_flight = session.begin_request();
         match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await {
-            Ok(Ok(stream)) => break (stream, in_flight),
-            Ok(Err(TransportError::Yamux(yamux::ConnectionError::TooManyStreams))) => {
+            Ok(Ok((stream, slot))) => break (stream, slot, in_flight),
+            Ok(Err(TransportError::TooManyStreams)) => {
+                gateway.metrics.limited(Limit::TunnelConcurrency);
                 return Err(ProxyError::AtCapacity);
             }
             Ok(Err(err)) if attempts < MAX_OPEN_ATTEMPTS => {
@@ -99,7 +113,8 @@ pub(crate) async fn forward(
             Err(_) => return Err(ProxyError::AgentUnresponsive),
         }
     };
-    let (mut reader, mut writer) = split(stream);
+    let mut admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
+    let (mut reader, mut writer) = split_counted(stream, slot);
     // The head leaves with the body's first bytes (or with `End`) in one write.
     writer.queue(&Frame::Head(Head::Request(head))).map_err(|_| ProxyError::AgentError)?;
 
@@ -114,11 +129,22 @@ pub(crate) async fn forward(
     } else {
         let (over_limit, rx) = oneshot::channel();
         over_limit_rx = Some(rx);
+        let (request_over, mut request_over_rx) = oneshot::channel::<()>();
+        admitted._upload = Some(request_over);
         let body = Limited::new(body, usize::try_from(body_limit).unwrap_or(usize::MAX));
         let metrics_gateway = Arc::clone(gateway);
         gateway.tracker.spawn(
             async move {
-                match send_body(body, &mut writer, AbortCode::ClientGone).await {
+                let sent = tokio::select! {
+                    sent = send_body(body, &mut writer, AbortCode::ClientGone) => sent,
+                    // The request is over (answered, failed, or its client left): the rest of
+                    // its body is not wanted, and dropping the writer lets the stream go.
+                    _ = &mut request_over_rx => {
+                        debug!("request over before its body was sent; upload dropped");
+                        return;
+                    }
+                };
+                match sent {
                     Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
                         debug!("request body over the limit; cut");
                         metrics_gateway.metrics.limited(Limit::BodySize);
@@ -147,7 +173,8 @@ pub(crate) async fn forward(
         Err(_) => return Err(ProxyError::UpstreamTimeout),
         Ok(Some(Ok(Frame::Head(Head::Response(head))))) => head,
         Ok(Some(Ok(Frame::Abort(abort)))) => {
-            return Err(ProxyError::from_abort(abort.code, abort.message));
+            debug!(code = ?abort.code, detail = %abort.message, "the agent aborted the request");
+            return Err(ProxyError::from_abort(abort.code));
         }
         Ok(Some(Ok(other))) => {
             debug!(kind = other.kind().name(), "agent answered without a response head");
@@ -170,27 +197,42 @@ pub(crate) async fn forward(
             debug!("101 without an upgrade request (or with a request body)");
             return Err(ProxyError::AgentError);
         };
-        gateway.tracker.spawn(pipe(on_upgrade, reader, writer, in_flight).in_current_span());
+        gateway.tracker.spawn(pipe(on_upgrade, reader, writer, admitted).in_current_span());
         return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
     }
-    let body = TunnelBody { inner: FrameBody::new(reader, None), _in_flight: in_flight };
+    let body = TunnelBody { inner: FrameBody::new(reader, None), clock: conn.clock(), _request: admitted };
     Ok(build_response(status, headers, Either::Right(body)))
 }
 
-/// Takes a token from the client's and the tunnel's buckets (when those limits are on).
-fn check_rates(gateway: &Gateway, id: &TunnelId, peer: SocketAddr) -> Result<(), ProxyError> {
+/// The checks a request meets before a session is chosen, in order: its client's rate, whether
+/// the tunnel exists at all (a request for an unknown tunnel costs no tunnel state), the
+/// tunnel's rate, and its client's share of the tunnel. Returns the least-loaded session if one
+/// is live now (`None`: the agent is expected back, wait for it).
+fn admit(
+    gateway: &Gateway,
+    id: &TunnelId,
+    peer: SocketAddr,
+) -> Result<(Option<Arc<Session>>, ClientSlot), ProxyError> {
     let now = std::time::Instant::now();
     let refuse = |wait: std::time::Duration, limit: Limit| {
         gateway.metrics.limited(limit);
         ProxyError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
     };
     if let Some(clients) = &gateway.client_rates {
-        clients.check(&client_ip(peer.ip()), now).map_err(|wait| refuse(wait, Limit::ClientRate))?;
+        clients.check(&client_key(peer.ip()), now).map_err(|wait| refuse(wait, Limit::ClientRate))?;
+    }
+    let session = gateway.registry.pick(id);
+    if session.is_none() && !gateway.registry.expects_agent(id) {
+        return Err(ProxyError::TunnelNotFound);
     }
     if let Some(tunnels) = &gateway.tunnel_rates {
         tunnels.check(id, now).map_err(|wait| refuse(wait, Limit::TunnelRate))?;
     }
-    Ok(())
+    let Some(slot) = gateway.client_load.try_begin(id, peer.ip()) else {
+        gateway.metrics.limited(Limit::ClientConcurrency);
+        return Err(ProxyError::ClientAtCapacity);
+    };
+    Ok((session, slot))
 }
 
 /// Sessions tried for one request whose stream could not be opened (each closed under it).
@@ -205,6 +247,12 @@ async fn pick_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, 
     if !gateway.registry.expects_agent(id) {
         return Err(ProxyError::TunnelNotFound);
     }
+    wait_for_session(gateway, id).await
+}
+
+/// Waits (bounded in time and in number of waiters) for a session of a tunnel whose agent is
+/// expected back.
+async fn wait_for_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, ProxyError> {
     let Some(_slot) = gateway.registry.pending_slot(id, gateway.config.max_pending) else {
         gateway.metrics.pending(false);
         return Err(ProxyError::TunnelOffline);
@@ -244,6 +292,7 @@ fn request_head(
     body_len: Option<u64>,
 ) -> RequestHead {
     let mut headers = parts.headers;
+    join_cookies(&mut headers);
     // HTTP/2 clients send the host as `:authority`; the upstream (HTTP/1.1) needs `Host`.
     let host = headers.get(header::HOST).cloned().or_else(|| {
         parts.uri.authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
@@ -283,6 +332,22 @@ fn request_head(
     }
 }
 
+/// HTTP/2 clients may split `Cookie` into one field per cookie; an HTTP/1.1 upstream expects one
+/// field, so the pieces are joined with `"; "` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut pieces = headers.get_all(header::COOKIE).iter();
+    if pieces.next().is_none() || pieces.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    match HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        Ok(value) => {
+            headers.insert(header::COOKIE, value);
+        }
+        Err(_) => debug!("cookie fields that cannot be joined; left as they are"),
+    }
+}
+
 /// Appends `value` to a comma-separated list field (one field, as proxies conventionally do).
 fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
@@ -295,7 +360,7 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 }
 
 /// After `101`: bytes both ways between the public client and the stream, until both close.
-async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _in_flight: InFlight) {
+async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _request: Admitted) {
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => {
@@ -310,11 +375,13 @@ async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _
 }
 
 /// A response body read from the tunnel; keeps the request counted in flight until hyper is done
-/// with it (sent, or dropped because the client went away).
+/// with it (sent, or dropped because the client went away), and tells its connection's watch
+/// whether the client is taking what it is given.
 #[derive(Debug)]
 pub(crate) struct TunnelBody {
     inner: FrameBody,
-    _in_flight: InFlight,
+    clock: Arc<SendClock>,
+    _request: Admitted,
 }
 
 impl Body for TunnelBody {
@@ -325,10 +392,13 @@ impl Body for TunnelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        self.clock.polled();
         let result = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(err))) = &result {
+        match &result {
+            Poll::Ready(Some(Ok(_))) => self.clock.handed_over(),
             // hyper now cuts the response short: the client sees it incomplete, never complete.
-            debug!(%err, "response body broken");
+            Poll::Ready(Some(Err(err))) => debug!(%err, "response body broken"),
+            _ => {}
         }
         result
     }

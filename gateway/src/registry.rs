@@ -53,12 +53,13 @@ pub struct Inserted {
 
 impl Registry {
     /// Adds a session that finished its handshake; a stale session of the same agent instance is
-    /// taken out.
+    /// taken out. A draining one stays: the agent opened this session to take over while the old
+    /// one finishes its requests.
     pub fn insert(&self, session: Arc<Session>) -> Inserted {
         let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
         let sessions = tunnels.entry(session.tunnel_id.clone()).or_default();
         let (replaced, kept): (Vec<_>, Vec<_>) =
-            sessions.drain(..).partition(|s| s.instance_id == session.instance_id);
+            sessions.drain(..).partition(|s| s.instance_id == session.instance_id && s.accepts_requests());
         *sessions = kept;
         sessions.push(Arc::clone(&session));
         drop(tunnels);

@@ -1,10 +1,17 @@
 //! The accept loop and per-connection serving: HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN over
 //! TLS) on one port, with upgrades, bounded connection count, and graceful drain on shutdown.
+//!
+//! Each connection is watched by the task that serves it ([`ConnWatch`]): it must deliver its first
+//! request head within the head deadline (TLS handshake included; hyper's own timer covers only
+//! HTTP/1 heads, not the HTTP/2 preface nor the bytes before the protocol is known), and a
+//! response body the client stops taking for the send-idle timeout closes the connection (hyper
+//! stops polling a body whose client does not read, so only someone outside it can tell).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,6 +24,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::Gateway;
 use crate::config::{GatewayConfig, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESETS};
 use crate::limits::AddressSlot;
+use crate::metrics::Limit;
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -42,6 +50,77 @@ pub(crate) fn http_builder(config: &GatewayConfig) -> auto::Builder<TokioExecuto
     builder
 }
 
+/// What the requests of one public connection tell the task serving it.
+#[derive(Debug)]
+pub(crate) struct ConnWatch {
+    /// A request head arrived: the connection met its head deadline.
+    seen_request: AtomicBool,
+    /// Response bodies on this connection (several with HTTP/2), for the send-idle check.
+    bodies: Mutex<Vec<Weak<SendClock>>>,
+    started: Instant,
+}
+
+/// When a response body last handed hyper data that hyper has not come back for: the client
+/// has not taken it yet.
+#[derive(Debug)]
+pub(crate) struct SendClock {
+    started: Instant,
+    /// Milliseconds after `started`, plus one; 0 while hyper is not owing us a poll.
+    waiting_since: AtomicU64,
+}
+
+impl SendClock {
+    /// hyper took what we gave it and asks for more.
+    pub(crate) fn polled(&self) {
+        self.waiting_since.store(0, Ordering::Relaxed);
+    }
+
+    /// We gave hyper data; until it polls again, the client owes us progress.
+    pub(crate) fn handed_over(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.waiting_since.store(now + 1, Ordering::Relaxed);
+    }
+}
+
+/// Dead weak references are pruned when this many have gathered.
+const PRUNE_AT: usize = 32;
+
+impl ConnWatch {
+    fn new() -> Self {
+        Self { seen_request: AtomicBool::new(false), bodies: Mutex::default(), started: Instant::now() }
+    }
+
+    /// Called for every request head.
+    pub(crate) fn request(&self) {
+        if !self.seen_request.load(Ordering::Relaxed) {
+            self.seen_request.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A clock for a new response body on this connection.
+    pub(crate) fn clock(&self) -> Arc<SendClock> {
+        let clock = Arc::new(SendClock { started: self.started, waiting_since: AtomicU64::new(0) });
+        let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+        if bodies.len() >= PRUNE_AT {
+            bodies.retain(|body| body.strong_count() > 0);
+        }
+        bodies.push(Arc::downgrade(&clock));
+        clock
+    }
+
+    /// Whether a body has waited on the client for `idle` or longer.
+    fn stalled(&self, idle: Duration) -> bool {
+        let now = self.started.elapsed().as_millis();
+        let idle = idle.as_millis();
+        let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+        bodies.retain(|body| body.strong_count() > 0);
+        bodies.iter().filter_map(Weak::upgrade).any(|clock| {
+            let since = u128::from(clock.waiting_since.load(Ordering::Relaxed));
+            since > 0 && now + 1 >= since + idle
+        })
+    }
+}
+
 /// Accepts connections until shutdown; each is served in its own tracked task.
 pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
     let limit = Arc::new(Semaphore::new(gateway.config.max_connections.min(Semaphore::MAX_PERMITS)));
@@ -63,12 +142,12 @@ pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
         };
         let Some(slot) = gateway.addresses.try_open(peer.ip()) else {
             debug!(%peer, "too many connections from this address; closing");
-            gateway.metrics.limited(crate::metrics::Limit::ConnectionsPerAddress);
+            gateway.metrics.limited(Limit::ConnectionsPerAddress);
             continue;
         };
         let conn_gateway = Arc::clone(&gateway);
         gateway.tracker.spawn(
-            serve_connection(conn_gateway, socket, peer, (permit, slot))
+            serve_connection(conn_gateway, socket, peer, (permit, slot), Instant::now())
                 .instrument(info_span!("conn", %peer)),
         );
     }
@@ -79,17 +158,21 @@ async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
     _slots: (OwnedSemaphorePermit, AddressSlot),
+    accepted: Instant,
 ) {
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");
     }
+    // From accept to the first complete request head, whatever the protocol.
+    let head_deadline = tokio::time::Instant::from_std(accepted + gateway.config.header_read_timeout);
     let Some(tls) = &gateway.tls else {
-        return serve_http(gateway, socket, peer).await;
+        return serve_http(gateway, socket, peer, head_deadline).await;
     };
     let handshake = tls.acceptor().accept(socket);
+    let tls_deadline = tokio::time::Instant::from_std(accepted + gateway.config.tls_handshake_timeout);
     let stream = tokio::select! {
         () = gateway.shutdown.cancelled() => return,
-        result = tokio::time::timeout(gateway.config.tls_handshake_timeout, handshake) => match result {
+        result = tokio::time::timeout_at(tls_deadline.min(head_deadline), handshake) => match result {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
                 debug!(%err, "TLS handshake failed");
@@ -101,32 +184,62 @@ async fn serve_connection(
             }
         },
     };
-    serve_http(gateway, stream, peer).await;
+    serve_http(gateway, stream, peer, head_deadline).await;
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes or the drain ends.
-async fn serve_http<I>(gateway: Arc<Gateway>, io: I, peer: SocketAddr)
+/// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes, it misses its
+/// head deadline, a response stalls on the client, or the drain ends.
+async fn serve_http<I>(gateway: Arc<Gateway>, io: I, peer: SocketAddr, head_deadline: tokio::time::Instant)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let watch = Arc::new(ConnWatch::new());
     let service_gateway = Arc::clone(&gateway);
+    let service_watch = Arc::clone(&watch);
     let service = service_fn(move |request| {
         let gateway = Arc::clone(&service_gateway);
-        async move { Ok::<_, Infallible>(gateway.handle(request, peer).await) }
+        let watch = Arc::clone(&service_watch);
+        async move {
+            watch.request();
+            Ok::<_, Infallible>(gateway.handle(request, peer, &watch).await)
+        }
     });
     let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = gateway.shutdown.cancelled() => {
-            // Finish the requests in flight, refuse new ones, keep polling until done.
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(gateway.config.drain_timeout, conn.as_mut()).await {
-                Ok(result) => result,
-                Err(_) => {
-                    debug!("connection still busy at the drain deadline; closing it");
+    let send_idle = gateway.config.send_idle_timeout;
+    // Checked four times per period: a stall is cut between 1 and 1.25 periods after it began.
+    let mut stall_check = tokio::time::interval((send_idle / 4).max(Duration::from_millis(10)));
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let head_timer = tokio::time::sleep_until(head_deadline);
+    tokio::pin!(head_timer);
+    let mut head_pending = true;
+    let mut drain_deadline = None;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = &mut head_timer, if head_pending => {
+                if !watch.seen_request.load(Ordering::Relaxed) {
+                    debug!("no request head before the deadline; closing");
+                    gateway.metrics.limited(Limit::HeadDeadline);
                     return;
                 }
+                head_pending = false;
+            }
+            _ = stall_check.tick() => {
+                if watch.stalled(send_idle) {
+                    debug!(idle_ms = send_idle.as_millis() as u64, "the client stopped taking a response; closing");
+                    gateway.metrics.limited(Limit::SendIdle);
+                    return;
+                }
+            }
+            () = gateway.shutdown.cancelled(), if drain_deadline.is_none() => {
+                // Finish the requests in flight, refuse new ones, keep polling until done.
+                conn.as_mut().graceful_shutdown();
+                drain_deadline = Some(Box::pin(tokio::time::sleep(gateway.config.drain_timeout)));
+            }
+            () = async { drain_deadline.as_mut().expect("guarded").await }, if drain_deadline.is_some() => {
+                debug!("connection still busy at the drain deadline; closing it");
+                return;
             }
         }
     };

@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferry_codec::control::{GoAwayReason, HealthState};
 use ferry_codec::{ControlMessage, InstanceId, SessionId, TunnelId};
 use ferry_transport::control::ControlHandle;
-use ferry_transport::{IoCounters, StreamOpener, TransportError, yamux};
+use ferry_transport::{IoCounters, StreamOpener, StreamSlot, TransportError, yamux};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Fingerprint;
@@ -165,15 +165,20 @@ impl Session {
         InFlight { session: Arc::clone(self) }
     }
 
-    /// Opens a stream to the agent.
+    /// Opens a stream to the agent; it counts against the session's limit while its slot lives.
     ///
     /// # Errors
     /// The session is closed or at its stream limit.
     ///
     /// # Cancel safety
     /// Cancel safe.
-    pub async fn open_stream(&self) -> Result<yamux::Stream, TransportError> {
+    pub async fn open_stream(&self) -> Result<(yamux::Stream, StreamSlot), TransportError> {
         self.opener.open().await
+    }
+
+    /// Streams open to the agent now (requests in flight, and uploads still being sent).
+    pub fn open_streams(&self) -> usize {
+        self.opener.open_streams()
     }
 
     /// The `/connections` entry.
@@ -195,6 +200,7 @@ impl Session {
             "connected_since": rfc3339(since),
             "connected_for_secs": self.started.elapsed().as_secs(),
             "in_flight": self.in_flight(),
+            "streams_open": self.open_streams(),
             "requests_total": self.streams_total.load(Ordering::Relaxed),
             "bytes_to_agent": self.counters.tx.load(Ordering::Relaxed),
             "bytes_from_agent": self.counters.rx.load(Ordering::Relaxed),

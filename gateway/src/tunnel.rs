@@ -41,6 +41,9 @@ use crate::session::{Identity, Session};
 /// Largest WebSocket message before the handshake completes: a `ClientAuth` is under 250 bytes,
 /// so an unauthenticated peer cannot make the gateway buffer more than this.
 const MAX_HANDSHAKE_MESSAGE: usize = 4 * 1024;
+/// How long telling a refused agent why may take (the verdict, the close frame, its answer): a
+/// peer that does not read must not keep the task and its socket.
+const REJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Answers `GET /ws`: checks the upgrade request, returns `101`, and runs the session in a tracked
 /// task once hyper hands over the connection.
@@ -49,7 +52,7 @@ pub(crate) fn accept(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
-    if let Some(wait) = gateway.failures.blocked(peer.ip()) {
+    if let Some(wait) = gateway.failures.blocked(crate::limits::client_key(peer.ip())) {
         return Err(ProxyError::RateLimited(wait.as_secs().max(1)));
     }
     let headers = request.headers();
@@ -136,24 +139,27 @@ async fn serve(
         handshake(&gateway, &mut ws, peer, host.as_deref()),
     );
     let result = handshake.await;
-    drop(handshake_slot);
     let (identity, heartbeat_interval) = match result {
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
             warn!(code = failure.code.as_str(), detail = %failure.detail, %peer, "agent handshake failed");
-            gateway.failures.record(peer.ip());
+            gateway.failures.record(crate::limits::client_key(peer.ip()));
             gateway.metrics.handshake_failure(failure.code);
+            // Still counted as a handshake in progress until the socket is let go.
             reject(ws, failure.code).await;
+            drop(handshake_slot);
             return;
         }
         Err(_) => {
             warn!(%peer, "agent handshake timed out");
-            gateway.failures.record(peer.ip());
+            gateway.failures.record(crate::limits::client_key(peer.ip()));
             gateway.metrics.handshake_failure(AuthErrorCode::HandshakeTimeout);
             reject(ws, AuthErrorCode::HandshakeTimeout).await;
+            drop(handshake_slot);
             return;
         }
     };
+    drop(handshake_slot);
     let span = tracing::Span::current();
     span.record("tunnel_id", identity.tunnel_id.as_str());
     span.record("session_id", tracing::field::display(identity.id));
@@ -195,6 +201,15 @@ async fn serve(
         };
         let inserted = gateway.registry.insert(Arc::clone(&session));
         gateway.metrics.session_started(inserted.reconnect);
+        // The secret may have been revoked between its check and now, while this session was
+        // in no list a reload sweeps; now that it is listed, either the reload sees it or this
+        // sees the reload.
+        if !gateway.secrets().still_allows(&session.tunnel_id, session.secret.as_ref()) {
+            warn!("secret revoked during the handshake; closing the session");
+            session.go_away(GoAwayReason::CredentialsRevoked, std::time::Duration::ZERO).await;
+            cancel.cancel();
+            return;
+        }
         for stale in inserted.replaced {
             info!(stale_session = %stale.id, "replacing the stale session of the same agent");
             stale.go_away(GoAwayReason::Replaced, std::time::Duration::ZERO).await;
@@ -269,12 +284,11 @@ async fn handshake(
     let mut nonce = [0u8; 32];
     getrandom::fill(&mut nonce).map_err(|err| HandshakeFailure::new(AuthErrorCode::Overloaded, err))?;
     let nonce = Nonce::from_bytes(nonce);
-    let secrets = gateway.secrets();
     let hello = ServerHello {
         version: PROTOCOL_VERSION,
         nonce,
         gateway_version: concat!("ferry-gateway ", env!("CARGO_PKG_VERSION")).into(),
-        auth_required: secrets.required(),
+        auth_required: gateway.secrets().required(),
     };
     send_message(ws, hello.encode()).await?;
     let message = recv_message(ws).await?;
@@ -284,7 +298,9 @@ async fn handshake(
     })?;
     check_version(auth.version)
         .map_err(|err| HandshakeFailure::new(AuthErrorCode::UnsupportedVersion, err))?;
-    let matched = secrets
+    // The secrets in force now, not when the challenge went out: a reload in between counts.
+    let matched = gateway
+        .secrets()
         .verify(&nonce, &auth.tunnel_id, &auth.instance_id, auth.mac.as_ref())
         .map_err(|code| HandshakeFailure::new(code, format!("tunnel {}", auth.tunnel_id)))?;
 
@@ -315,14 +331,17 @@ async fn handshake(
     Ok((identity, heartbeat_interval))
 }
 
-/// Tells the agent why, closes with 1008 and the code as the reason.
+/// Tells the agent why, closes with 1008 and the code as the reason, and waits briefly for the
+/// agent to acknowledge the close (so it reads the reason); all within [`REJECT_TIMEOUT`].
 async fn reject(mut ws: AgentWs, code: AuthErrorCode) {
-    let result = AuthResult::Rejected(AuthRejected::from(code)).encode();
-    let _ = ws.send(Message::Binary(result)).await;
-    let close = CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() };
-    let _ = ws.close(Some(close)).await;
-    // Wait briefly for the agent to acknowledge the close, so it reads the reason.
-    let _ =
-        tokio::time::timeout(std::time::Duration::from_secs(1), async { while ws.next().await.is_some() {} })
-            .await;
+    let telling = async {
+        let result = AuthResult::Rejected(AuthRejected::from(code)).encode();
+        let _ = ws.send(Message::Binary(result)).await;
+        let close = CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() };
+        let _ = ws.close(Some(close)).await;
+        while ws.next().await.is_some() {}
+    };
+    if tokio::time::timeout(REJECT_TIMEOUT, telling).await.is_err() {
+        debug!("the refused agent did not take its answer; dropping the connection");
+    }
 }

@@ -227,7 +227,8 @@ async fn misbehaving_agents_only_kill_their_own_session() {
         );
         let driving = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));
         for _ in 0..50 {
-            let Ok(mut stream) = opener.open().await else { break };
+            let Ok((mut stream, slot)) = opener.open().await else { break };
+            std::mem::forget(slot);
             // A stream exists for the peer once a frame crosses.
             if futures_util::io::AsyncWriteExt::write_all(&mut stream, b"x").await.is_err() {
                 break;
@@ -274,7 +275,7 @@ async fn the_same_agent_instance_replaces_its_stale_session() {
             &SessionConfig::default(),
         );
         let stale = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));
-        let mut control = opener.open().await.unwrap();
+        let (mut control, _slot) = opener.open().await.unwrap();
         let mut hello = bytes::BytesMut::new();
         ferry_codec::ControlMessage::Ping { nonce: 1 }.encode(&mut hello).unwrap();
         futures_util::io::AsyncWriteExt::write_all(&mut control, &hello).await.unwrap();

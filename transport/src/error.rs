@@ -18,6 +18,9 @@ pub enum TransportError {
     /// The yamux session failed.
     #[error("multiplexer error")]
     Yamux(#[from] yamux::ConnectionError),
+    /// The session already has as many streams open as it may; it goes on.
+    #[error("too many streams open on the session")]
+    TooManyStreams,
     /// The session is closed; no stream can be opened on it.
     #[error("session closed")]
     SessionClosed,

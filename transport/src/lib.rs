@@ -35,7 +35,7 @@ pub mod ws;
 
 pub use body::{BodyError, FrameBody, send_body};
 pub use error::TransportError;
-pub use session::{SessionConfig, SessionDriver, StreamOpener};
+pub use session::{SessionConfig, SessionDriver, StreamOpener, StreamSlot};
 pub use stream::{FrameReader, FrameWriter, TunnelStream};
 pub use ws::{IoCounters, WsIo};
 /// The multiplexer, re-exported so the gateway and agent use the exact version this crate drives.

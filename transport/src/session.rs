@@ -5,9 +5,17 @@
 //! streams through a cloneable [`StreamOpener`] that sends a request over a bounded channel and waits
 //! for the stream on a oneshot. Inbound streams are handed to a callback the owner provides (the
 //! agent spawns a task per stream there), so the driver never waits on a slow consumer.
+//!
+//! yamux ends the *whole connection* when a stream would go over its limit, outbound or inbound.
+//! So the limit a caller sees is ours: the opener counts the streams it handed out that are still
+//! alive ([`StreamSlot`]) and refuses one over [`SessionConfig::max_streams`] without asking
+//! yamux, whose own limit has headroom for streams that were dropped but not yet collected.
 
 use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
@@ -28,15 +36,26 @@ pub const STREAM_WINDOW: usize = 256 * 1024;
 pub const WINDOW_GROWTH_BUDGET: usize = 64 * 1024 * 1024;
 /// Default stream limit per session.
 pub const MAX_STREAMS: usize = 10_240;
+/// How long closing a session may take (flushing what is queued, saying goodbye): a peer that
+/// stopped reading must not hold the task and its socket.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// yamux's stream limit for a session whose callers may hold `max_streams` at once. yamux counts
+/// a dropped stream until its driver gets round to it (after the frames queued before it are
+/// written), and counts the peer's streams too; going over ends the connection, so it gets room.
+fn yamux_streams(max_streams: usize) -> usize {
+    max_streams.saturating_add(max_streams / 4).saturating_add(64)
+}
 
 /// Limits of one yamux session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionConfig {
-    /// Most streams open at once; yamux refuses more (the opener gets an error, an inbound stream
-    /// over the limit is reset).
+    /// Most streams our side may have open at once through its [`StreamOpener`]; one more gets
+    /// [`TransportError::TooManyStreams`]. yamux's own limit (which also bounds the peer's
+    /// streams) is somewhat higher, see the module docs.
     pub max_streams: usize,
-    /// Most bytes all stream receive windows may add up to. Must be at least
-    /// `max_streams × 256 KiB` (checked by [`SessionConfig::validate`]); what is above that is
+    /// Most bytes all stream receive windows may add up to. Must be at least 256 KiB for each
+    /// stream yamux may count (checked by [`SessionConfig::validate`]); what is above that is
     /// what fast streams may grow their windows into.
     pub max_connection_window: usize,
     /// Largest yamux data frame we send; bigger writes are split.
@@ -56,7 +75,7 @@ impl SessionConfig {
     pub fn with_max_streams(max_streams: usize) -> Self {
         Self {
             max_streams,
-            max_connection_window: max_streams
+            max_connection_window: yamux_streams(max_streams)
                 .saturating_mul(STREAM_WINDOW)
                 .saturating_add(WINDOW_GROWTH_BUDGET),
             split_send_size: 64 * 1024,
@@ -71,11 +90,11 @@ impl SessionConfig {
         if self.max_streams == 0 {
             return Err("max streams must be at least 1".into());
         }
-        if self.max_connection_window < self.max_streams.saturating_mul(STREAM_WINDOW) {
+        let needed = yamux_streams(self.max_streams).saturating_mul(STREAM_WINDOW);
+        if self.max_connection_window < needed {
             return Err(format!(
-                "the connection window ({} bytes) must be at least max streams × 256 KiB ({} bytes)",
+                "the connection window ({} bytes) must be at least 256 KiB per stream ({needed} bytes)",
                 self.max_connection_window,
-                self.max_streams.saturating_mul(STREAM_WINDOW)
             ));
         }
         if self.split_send_size < 1024 {
@@ -89,7 +108,7 @@ impl SessionConfig {
         // Order matters: each setter asserts window ≥ streams × 256 KiB against the other value.
         config
             .set_max_connection_receive_window(Some(self.max_connection_window.max(yamux_default_window())));
-        config.set_max_num_streams(self.max_streams);
+        config.set_max_num_streams(yamux_streams(self.max_streams));
         config.set_max_connection_receive_window(Some(self.max_connection_window));
         config.set_split_send_size(self.split_send_size);
         config
@@ -107,6 +126,22 @@ type OpenReply = oneshot::Sender<Result<yamux::Stream, TransportError>>;
 #[derive(Debug, Clone)]
 pub struct StreamOpener {
     tx: mpsc::Sender<OpenReply>,
+    /// Streams handed out and still alive.
+    open: Arc<AtomicUsize>,
+    max: usize,
+}
+
+/// One stream handed out by a [`StreamOpener`]: it counts against the session's limit until
+/// this is dropped. Keep it as long as the stream (see [`crate::stream::split_counted`]).
+#[derive(Debug)]
+pub struct StreamSlot {
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl StreamOpener {
@@ -115,20 +150,32 @@ impl StreamOpener {
     /// The peer learns of the stream with its first frame, so write to it promptly.
     ///
     /// # Errors
-    /// [`TransportError::SessionClosed`] when the session is gone; a yamux error (for example too
-    /// many streams) otherwise.
+    /// [`TransportError::TooManyStreams`] when [`SessionConfig::max_streams`] streams are open
+    /// (the session goes on); [`TransportError::SessionClosed`] when the session is gone; a yamux
+    /// error otherwise.
     ///
     /// # Cancel safety
     /// Cancel safe: a stream opened for a cancelled call is dropped (and reset) by the driver.
-    pub async fn open(&self) -> Result<yamux::Stream, TransportError> {
+    pub async fn open(&self) -> Result<(yamux::Stream, StreamSlot), TransportError> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(TransportError::TooManyStreams);
+        }
+        let slot = StreamSlot { open: Arc::clone(&self.open) };
         let (reply, rx) = oneshot::channel();
         self.tx.send(reply).await.map_err(|_| TransportError::SessionClosed)?;
-        rx.await.map_err(|_| TransportError::SessionClosed)?
+        let stream = rx.await.map_err(|_| TransportError::SessionClosed)??;
+        Ok((stream, slot))
     }
 
     /// Whether the driver has stopped.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// Streams opened here that are still alive.
+    pub fn open_streams(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 }
 
@@ -155,7 +202,8 @@ where
 {
     let (tx, open_rx) = mpsc::channel(OPEN_QUEUE);
     let conn = yamux::Connection::new(io, config.yamux(), mode);
-    (SessionDriver { conn, open_rx, pending_open: None }, StreamOpener { tx })
+    let opener = StreamOpener { tx, open: Arc::default(), max: config.max_streams };
+    (SessionDriver { conn, open_rx, pending_open: None }, opener)
 }
 
 impl<T> SessionDriver<T>
@@ -163,7 +211,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     /// Drives the session until the peer closes it, it fails, or `shutdown` fires (then it closes
-    /// the session cleanly: pending frames are flushed and the peer is told).
+    /// the session cleanly: pending frames are flushed and the peer is told, within
+    /// [`CLOSE_TIMEOUT`]).
     ///
     /// Every inbound stream is passed to `on_inbound`, which must not block.
     ///
@@ -181,9 +230,10 @@ where
         // Refuse further opens, then say goodbye if the connection is still up.
         self.open_rx.close();
         if result.is_ok() {
-            match poll_fn(|cx| self.conn.poll_close(cx)).await {
-                Ok(()) | Err(yamux::ConnectionError::Closed) => {}
-                Err(err) => debug!(%err, "closing the session failed"),
+            match tokio::time::timeout(CLOSE_TIMEOUT, poll_fn(|cx| self.conn.poll_close(cx))).await {
+                Ok(Ok(()) | Err(yamux::ConnectionError::Closed)) => {}
+                Ok(Err(err)) => debug!(%err, "closing the session failed"),
+                Err(_) => debug!("the peer did not take the session's goodbye in time; dropping it"),
             }
         }
         result

@@ -20,16 +20,24 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::TransportError;
+use crate::session::StreamSlot;
 
 /// A whole yamux stream with tokio's I/O traits (for raw byte pipes).
 pub type TunnelStream = Compat<yamux::Stream>;
 
 /// The two halves share the stream; the lock is held only inside one `poll_*` call, never across
 /// an `.await`, and the halves rarely contend (one reads, one writes).
-type Shared = Arc<Mutex<yamux::Stream>>;
+type Shared = Arc<SharedStream>;
+
+#[derive(Debug)]
+struct SharedStream {
+    stream: Mutex<yamux::Stream>,
+    /// Counts the stream against its session's limit while either half (or a pipe) lives.
+    slot: Option<StreamSlot>,
+}
 
 fn lock(stream: &Shared) -> MutexGuard<'_, yamux::Stream> {
-    stream.lock().unwrap_or_else(|e| e.into_inner())
+    stream.stream.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Acknowledges an inbound stream at once, before anything else is written on it.
@@ -47,7 +55,17 @@ pub async fn acknowledge(stream: &mut yamux::Stream) -> std::io::Result<()> {
 
 /// Splits a yamux stream into its frame reader and writer.
 pub fn split(stream: yamux::Stream) -> (FrameReader, FrameWriter) {
-    let shared = Arc::new(Mutex::new(stream));
+    split_with(stream, None)
+}
+
+/// Splits a stream from [`crate::StreamOpener::open`]; it counts against the session's limit
+/// until both halves (or the pipe made of them) are gone.
+pub fn split_counted(stream: yamux::Stream, slot: StreamSlot) -> (FrameReader, FrameWriter) {
+    split_with(stream, Some(slot))
+}
+
+fn split_with(stream: yamux::Stream, slot: Option<StreamSlot>) -> (FrameReader, FrameWriter) {
+    let shared = Arc::new(SharedStream { stream: Mutex::new(stream), slot });
     (
         FrameReader { stream: Arc::clone(&shared), buf: BytesMut::new(), eof: false },
         FrameWriter { stream: shared, buf: BytesMut::new() },
@@ -230,10 +248,9 @@ where
 {
     let (shared, leftover) = reader.into_raw();
     drop(writer);
-    let stream = Arc::try_unwrap(shared)
-        .map_err(|_| std::io::Error::other("stream halves still shared"))?
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
+    let SharedStream { stream, slot: _slot } =
+        Arc::try_unwrap(shared).map_err(|_| std::io::Error::other("stream halves still shared"))?;
+    let stream = stream.into_inner().unwrap_or_else(|e| e.into_inner());
     other.write_all(&leftover).await?;
     let mut stream = stream.compat();
     let (from_stream, to_stream) = tokio::io::copy_bidirectional(&mut stream, &mut other).await?;

@@ -59,7 +59,7 @@ async fn frames_and_a_large_body_cross_both_ways() {
 
         let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
         let payload = Bytes::from(payload);
-        let stream = opener.open().await.unwrap();
+        let (stream, _slot) = opener.open().await.unwrap();
         let (reader, mut writer) = split(stream);
         let upload = tokio::spawn({
             let payload = payload.clone();
@@ -99,7 +99,7 @@ async fn many_concurrent_streams_are_independent() {
             }
         });
         // One stream never finishes; the others must not wait for it.
-        let stalled = opener.open().await.unwrap();
+        let (stalled, _slot) = opener.open().await.unwrap();
         let (_stalled_reader, mut stalled_writer) = split(stalled);
         stalled_writer.send(&Frame::Data(Bytes::from_static(b"hello"))).await.unwrap();
 
@@ -107,7 +107,7 @@ async fn many_concurrent_streams_are_independent() {
         for i in 0..500u32 {
             let opener = opener.clone();
             tasks.push(tokio::spawn(async move {
-                let (mut reader, mut writer) = split(opener.open().await.unwrap());
+                let (mut reader, mut writer) = split(opener.open().await.unwrap().0);
                 let data = Frame::Data(Bytes::from(i.to_be_bytes().to_vec()));
                 writer.send(&data).await.unwrap();
                 writer.send(&Frame::End).await.unwrap();
@@ -134,7 +134,7 @@ async fn a_stream_cut_before_end_is_an_error_not_a_short_body() {
             writer.send(&Frame::Data(Bytes::from_static(b"partial"))).await.unwrap();
             // Dropping the stream without `End` resets it.
         });
-        let (reader, mut writer) = split(opener.open().await.unwrap());
+        let (reader, mut writer) = split(opener.open().await.unwrap().0);
         writer.send(&Frame::End).await.unwrap();
         let mut body = FrameBody::new(reader, None);
         let first = body.frame().await.unwrap().unwrap();

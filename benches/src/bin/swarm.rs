@@ -113,7 +113,7 @@ async fn session_task(
     handle
         .send(ControlMessage::UpstreamHealth { state: HealthState::Unknown, detail: String::new() })
         .await?;
-    let stream = opener.open().await?;
+    let (stream, _slot) = opener.open().await?;
     up.fetch_add(1, Ordering::SeqCst);
     drop(permit);
     let heartbeat = Heartbeat { interval: accepted.heartbeat_interval, misses: 3 };
