@@ -188,8 +188,12 @@ pub struct AgentConfig {
     pub upstream_ca: Option<PathBuf>,
     /// The gateway's agent endpoint.
     pub gateway: GatewayUrl,
-    /// Extra CA certificates (PEM) to trust for a `wss://` gateway, besides the system roots.
+    /// Extra CA certificates (PEM) to trust for a `wss://` gateway, besides the system roots; a
+    /// certificate in it may also be the gateway's own (self-signed) certificate.
     pub ca_file: Option<PathBuf>,
+    /// Keys the `wss://` gateway may present (SHA-256 of the SubjectPublicKeyInfo); when set,
+    /// they replace every other check of its certificate.
+    pub pins: Vec<crate::tls::Pin>,
     /// Allow `ws://` (no TLS) to a gateway that is not on loopback. The secret never crosses the
     /// wire, but requests and responses do, readable by anyone on the path.
     pub insecure_plaintext: bool,
@@ -268,6 +272,14 @@ impl AgentConfig {
         if self.ca_file.is_some() && !self.gateway.tls {
             return Err("--ca-file is for a wss:// gateway; this one is ws://".into());
         }
+        if !self.pins.is_empty() && !self.gateway.tls {
+            return Err("--pin-sha256 is for a wss:// gateway; this one is ws://".into());
+        }
+        if !self.pins.is_empty() && self.ca_file.is_some() {
+            return Err(
+                "--pin-sha256 replaces every other check of the gateway's certificate: drop --ca-file".into(),
+            );
+        }
         Ok(())
     }
 
@@ -281,6 +293,7 @@ impl AgentConfig {
             upstream_ca: None,
             gateway,
             ca_file: None,
+            pins: Vec::new(),
             insecure_plaintext: false,
             secret: None,
             instance_id: InstanceId(uuid::Uuid::new_v4()),

@@ -45,10 +45,10 @@ async fn connect_inner(
     let stream = match tls {
         None => Either::Left(tcp),
         Some(connector) => {
-            let name = ServerName::try_from(gateway.host.clone()).map_err(|_| {
-                ConnectError::Tls(std::io::Error::other("the gateway host is not a valid TLS name"))
-            })?;
-            Either::Right(connector.connect(name, tcp).await.map_err(ConnectError::Tls)?)
+            let tls_error = |source| ConnectError::Tls { host: gateway.host.clone(), source };
+            let name = ServerName::try_from(gateway.host.clone())
+                .map_err(|_| tls_error(std::io::Error::other("the gateway host is not a valid TLS name")))?;
+            Either::Right(connector.connect(name, tcp).await.map_err(tls_error)?)
         }
     };
 

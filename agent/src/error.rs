@@ -38,8 +38,14 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// The TLS handshake with the gateway failed (often: its certificate is not trusted).
-    #[error("TLS handshake with the gateway failed")]
-    Tls(#[source] std::io::Error),
+    #[error("TLS handshake with the gateway {host} failed")]
+    Tls {
+        /// The host dialled.
+        host: String,
+        /// What failed (a `rustls::Error` inside when the certificate was refused).
+        #[source]
+        source: std::io::Error,
+    },
     /// The whole connect took longer than the connect timeout.
     #[error("connecting to the gateway timed out")]
     Timeout,
@@ -75,8 +81,8 @@ impl ConnectError {
             Self::Dial { .. } | Self::Timeout => {
                 "check that the gateway is running and reachable (--gateway / GATEWAY_URL)"
             }
-            Self::Tls(_) => {
-                "the gateway's certificate must match its host name and chain to a trusted CA (system roots, or --ca-file)"
+            Self::Tls { .. } => {
+                "the gateway's certificate must match its host name and chain to a trusted CA (system roots, or --ca-file with the CA); a self-signed certificate can be given itself with --ca-file, or its key pinned with --pin-sha256"
             }
             Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
             Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
@@ -105,7 +111,7 @@ impl ConnectError {
             Self::SecretRequired | Self::GatewayNotAuthenticated => true,
             // A certificate the agent does not trust stays untrusted until someone acts; a
             // handshake cut short by the network is worth the usual retry.
-            Self::Tls(err) => err.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+            Self::Tls { source, .. } => source.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
             _ => false,
         }
     }

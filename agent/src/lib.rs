@@ -18,7 +18,7 @@
 //! - `upstream` — proxying one stream to the upstream.
 //! - [`filter`] — the agent's own checks (methods, paths, body size, concurrency).
 //! - `health` — the upstream health probe and circuit breaker.
-//! - `tls` — trust for `wss://` and `https` upstreams.
+//! - [`tls`] — trust for `wss://` (CAs, the gateway's own certificate, key pins) and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
@@ -28,7 +28,7 @@ mod connect;
 pub mod error;
 pub mod filter;
 mod health;
-mod tls;
+pub mod tls;
 mod tunnel;
 mod upstream;
 
@@ -62,7 +62,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let client = upstream::client(&config, extra_ca.as_deref())?;
     let gateway_tls = if config.gateway.tls {
         let ca = tls::read_ca(config.ca_file.as_deref(), "--ca-file").await?;
-        Some(tls::gateway_connector(ca.as_deref())?)
+        Some(tls::gateway_connector(ca.as_deref(), &config.pins)?)
     } else {
         None
     };

@@ -87,6 +87,13 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     ca_file: Option<std::path::PathBuf>,
 
+    /// Trust a wss:// gateway that presents this key: base64 of the SHA-256 of its
+    /// SubjectPublicKeyInfo (`sha256//` prefix optional; repeatable, for key rotation). Replaces
+    /// every other check of its certificate. Get it with: openssl x509 -in cert.pem -pubkey
+    /// -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64
+    #[arg(long, value_parser = ferry_agent::tls::parse_pin, value_name = "BASE64")]
+    pin_sha256: Vec<ferry_agent::tls::Pin>,
+
     /// Allow plain ws:// to a gateway that is not on loopback. Requests and responses then cross
     /// the network unencrypted; only for paths something else protects (VPN, SSH tunnel).
     #[arg(long)]
@@ -140,6 +147,7 @@ struct ConfigFile {
     upstream_ca_file: Option<std::path::PathBuf>,
     gateway: Option<String>,
     ca_file: Option<std::path::PathBuf>,
+    pin_sha256: Option<Vec<String>>,
     insecure_plaintext: Option<bool>,
     secret_file: Option<std::path::PathBuf>,
     max_retries: Option<u64>,
@@ -211,6 +219,7 @@ impl Args {
         config.secret = secret;
         config.upstream_ca = self.upstream_ca_file;
         config.ca_file = self.ca_file;
+        config.pins = self.pin_sha256;
         config.insecure_plaintext = self.insecure_plaintext;
         config.max_retries = self.max_retries;
         config.upstream_timeout = self.upstream_timeout;

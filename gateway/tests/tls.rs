@@ -54,6 +54,22 @@ impl Pki {
         std::fs::write(self.dir.join("key.pem"), key.serialize_pem()).unwrap();
     }
 
+    /// Replaces the files with a self-signed certificate for `localhost` that says it is a CA,
+    /// as `openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -addext
+    /// subjectAltName=DNS:localhost` makes it; returns the pin of its key.
+    fn issue_self_signed(&self) -> String {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(self.dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(self.dir.join("key.pem"), key.serialize_pem()).unwrap();
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)))
+    }
+
     fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
@@ -204,10 +220,103 @@ async fn agent_refuses_a_certificate_it_cannot_verify() {
             config.max_retries = Some(1);
             let err = spawn_agent(config).task.await.unwrap().unwrap_err();
             let AgentError::GaveUp { last, .. } = err else { panic!("unexpected error: {err}") };
-            assert!(matches!(last, ConnectError::Tls(_)), "{last}");
+            assert!(matches!(last, ConnectError::Tls { .. }), "{last}");
             assert!(last.needs_attention(), "an untrusted certificate needs a person");
+            let chain = error_chain(&last);
+            for says in ["localhost", "--ca-file", "--pin-sha256"] {
+                assert!(chain.contains(says), "the error does not say {says:?}: {chain}");
+            }
         }
         assert!(env.gateway.registry.all().is_empty());
+    })
+    .await;
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text = format!("{text}: {err}");
+        source = err.source();
+    }
+    text
+}
+
+/// An agent for `env`'s TLS gateway with `tweak` applied, that gives up after one attempt.
+async fn dial(env: &TestEnv, tweak: impl FnOnce(&mut ferry_agent::AgentConfig)) -> Result<(), ConnectError> {
+    let mut config = env.agent_config();
+    config.gateway = GatewayUrl::parse(&format!("wss://localhost:{}/ws", env.gateway_addr.port())).unwrap();
+    tweak(&mut config);
+    let mut agent = spawn_agent(config);
+    let id = env.tunnel_id.clone();
+    let up = env.gateway.registry.wait_until(|r| !r.of(&id).is_empty());
+    tokio::select! {
+        () = up => {
+            agent.kill();
+            Ok(())
+        }
+        ended = &mut agent.task => match ended.unwrap() {
+            Err(AgentError::GaveUp { last, .. }) => Err(last),
+            other => panic!("unexpected end: {other:?}"),
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_self_signed_gateway_certificate_given_as_ca_file_is_trusted() {
+    bounded(async {
+        let pki = Pki::new("self-signed");
+        pki.issue_self_signed();
+        let env = TestEnv::start_without_agent(pki.gateway_config()).await;
+        let cert = pki.dir.join("cert.pem");
+        dial(&env, |c| {
+            c.ca_file = Some(cert.clone());
+            c.max_retries = Some(1);
+        })
+        .await
+        .expect("the gateway's own certificate, given as --ca-file, is trusted");
+        // Dialled by a name it does not carry, the same certificate is refused.
+        let mut config = env.agent_config();
+        config.gateway =
+            GatewayUrl::parse(&format!("wss://127.0.0.1:{}/ws", env.gateway_addr.port())).unwrap();
+        config.ca_file = Some(cert);
+        config.max_retries = Some(1);
+        let err = spawn_agent(config).task.await.unwrap().unwrap_err();
+        assert!(error_chain(&err).contains("not valid for name"), "{}", error_chain(&err));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pinned_key_is_trusted_and_a_wrong_pin_refused() {
+    bounded(async {
+        let pki = Pki::new("pinned");
+        let pin = pki.issue_self_signed();
+        let env = TestEnv::start_without_agent(pki.gateway_config()).await;
+        for spelling in [pin.clone(), format!("sha256//{pin}")] {
+            let parsed = ferry_agent::tls::parse_pin(&spelling).unwrap();
+            dial(&env, |c| {
+                c.pins = vec![parsed];
+                c.max_retries = Some(1);
+            })
+            .await
+            .expect("the pinned key is trusted");
+            env.gateway.registry.wait_until(|r| r.is_empty()).await;
+        }
+        let wrong = ferry_agent::tls::parse_pin(&base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            [9u8; 32],
+        ))
+        .unwrap();
+        let err = dial(&env, |c| {
+            c.pins = vec![wrong];
+            c.max_retries = Some(1);
+        })
+        .await
+        .unwrap_err();
+        assert!(err.needs_attention());
+        let chain = error_chain(&err);
+        assert!(chain.contains("--pin-sha256") && chain.contains(&pin), "{chain}");
     })
     .await;
 }
