@@ -113,7 +113,14 @@ impl Registry {
             return None;
         }
         *count += 1;
+        drop(pending);
+        self.touch();
         Some(PendingSlot { registry: self, tunnel_id: tunnel_id.clone() })
+    }
+
+    /// Requests waiting now for the tunnel's agent to come back.
+    pub fn waiting(&self, tunnel_id: &TunnelId) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).get(tunnel_id).copied().unwrap_or(0)
     }
 
     /// Wakes waiters after a session changed in a way that matters to routing (it started

@@ -2,12 +2,13 @@
 //! duplex pipe, exchanging frames and bodies.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_codec::{AbortCode, Frame};
 use ferry_transport::body::{BodyError, send_body};
-use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::session::{STREAM_WINDOW, SessionConfig, session};
 use ferry_transport::stream::split;
 use ferry_transport::ws::websocket_config;
 use ferry_transport::{FrameBody, IoCounters, StreamOpener, WsIo};
@@ -82,7 +83,9 @@ async fn frames_and_a_large_body_cross_both_ways() {
 async fn many_concurrent_streams_are_independent() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let (opener, mut inbound, _shutdown) = pair().await;
+        // The "agent" never reads the first stream; it echoes every other one.
         tokio::spawn(async move {
+            let unread = inbound.recv().await.unwrap();
             while let Some(stream) = inbound.recv().await {
                 tokio::spawn(async move {
                     let (mut reader, mut writer) = split(stream);
@@ -97,17 +100,45 @@ async fn many_concurrent_streams_are_independent() {
                     writer.finish().await.unwrap();
                 });
             }
+            drop(unread);
         });
-        // One stream never finishes; the others must not wait for it.
+        // Far more than a stream window goes into the unread stream: the writer fills the window
+        // (and every buffer of the session on the way) and then waits.
         let (stalled, _slot) = opener.open().await.unwrap();
         let (_stalled_reader, mut stalled_writer) = split(stalled);
-        stalled_writer.send(&Frame::Data(Bytes::from_static(b"hello"))).await.unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&written);
+        let stalled_task = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+            for _ in 0..64 {
+                stalled_writer.send_data(&chunk).await.unwrap();
+                stalled_writer.flush().await.unwrap();
+                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = written.load(Ordering::Relaxed);
+            if now == last && now > 0 {
+                break;
+            }
+            last = now;
+        }
+        assert!(!stalled_task.is_finished(), "4 MiB went into a stream nobody reads");
+        // Counted per finished 64 KiB chunk: the one that waits for credit is not counted.
+        assert!(
+            last + 64 * 1024 >= STREAM_WINDOW as u64,
+            "the stalled stream did not fill its window: {last}"
+        );
 
+        // 500 streams opened now, each with its own deadline, all get their echo.
         let mut tasks = Vec::new();
         for i in 0..500u32 {
             let opener = opener.clone();
             tasks.push(tokio::spawn(async move {
-                let (mut reader, mut writer) = split(opener.open().await.unwrap().0);
+                let (stream, _slot) = opener.open().await.unwrap();
+                let (mut reader, mut writer) = split(stream);
                 let data = Frame::Data(Bytes::from(i.to_be_bytes().to_vec()));
                 writer.send(&data).await.unwrap();
                 writer.send(&Frame::End).await.unwrap();
@@ -117,8 +148,13 @@ async fn many_concurrent_streams_are_independent() {
             }));
         }
         for task in tasks {
-            task.await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("a stream waited behind the unread one")
+                .unwrap();
         }
+        assert!(!stalled_task.is_finished());
+        assert_eq!(written.load(Ordering::Relaxed), last, "the stalled stream stayed stalled");
     })
     .await
     .expect("test timed out");
