@@ -20,8 +20,14 @@ pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the upstream may take to send its response head. Shorter than the gateway's 60 s
 /// so the client gets a precise `upstream_timeout` from us rather than a generic one.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(55);
+/// How long the upstream may pause in the middle of a response body (no byte at all) before the
+/// response is cut (the client sees it incomplete) and the upstream connection closed. Longer than
+/// the keep-alive comments server-sent-event streams send (15-30 s) and a typical long poll.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Idle pooled upstream connections are closed after this.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A session that lasted this long resets the reconnect backoff.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// First reconnect delay (full jitter: the actual wait is uniform in `0..delay`).
 pub const RECONNECT_INITIAL: Duration = Duration::from_secs(1);
 /// Largest reconnect delay.
@@ -209,6 +215,10 @@ pub struct AgentConfig {
     pub upstream_connect_timeout: Duration,
     /// See [`UPSTREAM_TIMEOUT`].
     pub upstream_timeout: Duration,
+    /// See [`UPSTREAM_IDLE_TIMEOUT`].
+    pub upstream_idle_timeout: Duration,
+    /// A session that lasted this long resets the reconnect backoff.
+    pub healthy_session: Duration,
     /// Stop after this many failed connection attempts in a row; `None` retries forever.
     pub max_retries: Option<u32>,
     /// See [`RECONNECT_INITIAL`].
@@ -301,6 +311,8 @@ impl AgentConfig {
             connect_timeout: CONNECT_TIMEOUT,
             upstream_connect_timeout: UPSTREAM_CONNECT_TIMEOUT,
             upstream_timeout: UPSTREAM_TIMEOUT,
+            upstream_idle_timeout: UPSTREAM_IDLE_TIMEOUT,
+            healthy_session: HEALTHY_SESSION,
             max_retries: None,
             reconnect_initial: RECONNECT_INITIAL,
             reconnect_max: RECONNECT_MAX,

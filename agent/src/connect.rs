@@ -60,7 +60,7 @@ async fn connect_inner(
     let (mut ws, _response) =
         tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()))
             .await
-            .map_err(ConnectError::WebSocket)?;
+            .map_err(refused_or_failed)?;
 
     let hello = ServerHello::decode(recv_message(&mut ws).await?)?;
     check_version(hello.version)?;
@@ -101,4 +101,23 @@ async fn connect_inner(
             Err(ConnectError::Rejected { code: rejected.code, message: rejected.message })
         }
     }
+}
+
+/// A refused upgrade that says when to come back (429 after too many failed handshakes, 503
+/// while the gateway is busy) is [`ConnectError::Busy`]; anything else a WebSocket failure.
+fn refused_or_failed(err: tokio_tungstenite::tungstenite::Error) -> ConnectError {
+    use tokio_tungstenite::tungstenite::Error;
+    if let Error::Http(response) = &err {
+        let status = response.status();
+        if status == http::StatusCode::TOO_MANY_REQUESTS || status == http::StatusCode::SERVICE_UNAVAILABLE {
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(std::time::Duration::from_secs);
+            return ConnectError::Busy { status: status.as_u16(), retry_after };
+        }
+    }
+    ConnectError::WebSocket(err)
 }

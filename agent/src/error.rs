@@ -52,6 +52,15 @@ pub enum ConnectError {
     /// The WebSocket upgrade failed (not a ferry gateway, wrong path, proxy in the way).
     #[error("WebSocket upgrade to the gateway failed")]
     WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The gateway refused the upgrade for now (429: too many failed attempts from here; 503:
+    /// busy), saying when to try again.
+    #[error("the gateway is refusing connections for now (HTTP {status})")]
+    Busy {
+        /// The status it answered.
+        status: u16,
+        /// Its `Retry-After`, if any: the agent waits at least this long.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The handshake broke off.
     #[error("handshake with the gateway failed")]
     Handshake(#[from] TransportError),
@@ -75,6 +84,14 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// How long the gateway asked us to wait before the next attempt.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::Busy { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// What the operator should do about it.
     pub fn hint(&self) -> &'static str {
         match self {
@@ -85,6 +102,7 @@ impl ConnectError {
                 "the gateway's certificate must match its host name and chain to a trusted CA (system roots, or --ca-file with the CA); a self-signed certificate can be given itself with --ca-file, or its key pinned with --pin-sha256"
             }
             Self::WebSocket(_) => "check that --gateway points at a ferry gateway's /ws endpoint",
+            Self::Busy { .. } => "the gateway asked to wait; the agent retries after the time it gave",
             Self::Handshake(_) | Self::Protocol(_) => "the gateway may run an incompatible ferry version",
             Self::SecretRequired => "set FERRY_SECRET or --secret-file to the tunnel's secret",
             Self::GatewayNotAuthenticated => {

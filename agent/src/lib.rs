@@ -45,8 +45,6 @@ pub use config::AgentConfig;
 pub use error::{AgentError, ConnectError};
 use tunnel::SessionEnd;
 
-/// A session that lasted this long resets the reconnect backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// Wait before retrying after an error a person has to fix (bad secret, unknown tunnel): no point
 /// hammering the gateway, but pick up a fix without a restart.
 const ATTENTION_RETRY: Duration = Duration::from_secs(30);
@@ -119,7 +117,7 @@ async fn serve_until_shutdown(
                 }
                 let started = Instant::now();
                 let end = tunnel::serve(upstream, ws, &accepted, shutdown).await;
-                if started.elapsed() >= HEALTHY_SESSION {
+                if started.elapsed() >= config.healthy_session {
                     backoff.reset();
                 }
                 match end {
@@ -155,7 +153,8 @@ async fn serve_until_shutdown(
                     error!(err = %error_chain(&err), hint = err.hint(), retry_in_secs = ATTENTION_RETRY.as_secs(), "connection refused by the gateway");
                     ATTENTION_RETRY
                 } else {
-                    let delay = backoff.next_delay();
+                    // Never sooner than the gateway asked.
+                    let delay = backoff.next_delay().max(err.retry_after().unwrap_or_default());
                     warn!(err = %error_chain(&err), hint = err.hint(), retry_in_ms = delay.as_millis() as u64, "cannot connect to the gateway");
                     delay
                 }

@@ -112,6 +112,11 @@ struct Args {
     #[arg(long, default_value = "55s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     upstream_timeout: Duration,
 
+    /// How long the upstream may pause in the middle of a response body before the response is
+    /// cut (the client sees it incomplete).
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    upstream_idle_timeout: Duration,
+
     /// Worker threads. 1 runs everything on one thread (least overhead per request); more help
     /// when the machine has cores to spare for this process.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -152,6 +157,7 @@ struct ConfigFile {
     secret_file: Option<std::path::PathBuf>,
     max_retries: Option<u64>,
     upstream_timeout: Option<String>,
+    upstream_idle_timeout: Option<String>,
     threads: Option<u64>,
     drain_timeout: Option<String>,
 }
@@ -223,6 +229,8 @@ impl Args {
         config.insecure_plaintext = self.insecure_plaintext;
         config.max_retries = self.max_retries;
         config.upstream_timeout = self.upstream_timeout;
+        anyhow::ensure!(!self.upstream_idle_timeout.is_zero(), "--upstream-idle-timeout must be positive");
+        config.upstream_idle_timeout = self.upstream_idle_timeout;
         config.drain_timeout = self.drain_timeout;
         Ok(config)
     }

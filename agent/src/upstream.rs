@@ -302,12 +302,14 @@ async fn proxy(
     if writer.queue(&Frame::Head(Head::Response(head))).is_err() {
         return Err(Failure::Abort(AbortCode::Internal, "response head over the frame limit".into()));
     }
+    // An upstream that goes quiet mid-body is given up on: the client sees the response cut.
+    let body = ferry_transport::body::IdleTimeout::new(body, config.upstream_idle_timeout);
     match send_body(body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {
             let _ = writer.finish().await;
         }
         Err(SendBodyError::Body(err)) => {
-            debug!(err = %error_chain(&err), "upstream body failed mid-way")
+            debug!(err = %error_chain(&*err), "upstream body failed mid-way")
         }
         Err(SendBodyError::Stream(err)) => debug!(%err, "gateway stopped reading the response"),
     }

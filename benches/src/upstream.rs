@@ -18,12 +18,15 @@
 //! | `GET /trailers` | a chunked body followed by trailers |
 //! | `GET /reset?declared=N&after=M` | announces `N` bytes (none: chunked), sends `M`, then drops the connection |
 //! | `GET /ws` | WebSocket echo |
+//! | `GET /drip?n=N&chunk=C&interval_ms=I` | `N` bytes with `Content-Length`, `C` bytes every `I` ms |
+//! | `GET /stall?after=N` | announces 1 GiB, sends `N` bytes, then nothing (the connection stays open) |
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,6 +52,9 @@ use tokio_util::task::TaskTracker;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// How many request targets [`UpstreamStats::targets`] keeps.
+pub const TARGETS_KEPT: usize = 1024;
+
 /// Body chunk size of `/bytes`: large enough to be cheap, small enough to stream.
 const CHUNK: usize = 64 * 1024;
 /// The byte pattern repeats every 251 bytes (a prime, so chunk boundaries never line up with it).
@@ -67,6 +73,11 @@ pub struct UpstreamStats {
     pub slow_peak: AtomicU64,
     /// Requests received.
     pub requests: AtomicU64,
+    /// The targets (path and query) of the last [`TARGETS_KEPT`] requests, oldest first.
+    pub targets: Mutex<VecDeque<String>>,
+    /// Response bodies dropped before their end (`/drip`, `/stall`, `/bytes`): the client or
+    /// the tunnel gave up on them, and the upstream saw it.
+    pub cancelled: AtomicU64,
     /// `/hold` requests waiting now (watchable, so a test can wait for a count).
     pub held: watch::Sender<u64>,
     /// `/hold` requests each take one permit to finish; `/sse?gated=1` takes one per event
@@ -82,6 +93,8 @@ impl Default for UpstreamStats {
             slow_in_flight: AtomicU64::new(0),
             slow_peak: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            targets: Mutex::default(),
+            cancelled: AtomicU64::new(0),
             held: watch::Sender::new(0),
             gate: Semaphore::new(0),
         }
@@ -183,6 +196,14 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 
 async fn handle(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Response<Body> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
+    {
+        let target = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let mut targets = stats.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if targets.len() == TARGETS_KEPT {
+            targets.pop_front();
+        }
+        targets.push_back(target);
+    }
     let path = request.uri().path().to_owned();
     let params = query(&request);
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
@@ -252,8 +273,70 @@ async fn handle(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Respon
             reset(declared, number(&params, "after", 1000), stats)
         }
         (Method::GET, ["ws"]) => websocket(request),
+        (Method::GET, ["drip"]) => drip(
+            number(&params, "n", 1 << 20),
+            number(&params, "chunk", CHUNK as u64).clamp(1, CHUNK as u64) as usize,
+            number(&params, "interval_ms", 10),
+            stats,
+        ),
+        (Method::GET, ["stall"]) => stall(number(&params, "after", 1024).min(CHUNK as u64) as usize, stats),
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found"),
     }
+}
+
+/// Counts a body dropped before its end in [`UpstreamStats::cancelled`].
+struct CancelWatch {
+    stats: Arc<UpstreamStats>,
+    done: bool,
+}
+
+impl CancelWatch {
+    fn finished(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `n` pattern bytes, `chunk` bytes every `interval_ms`.
+fn drip(n: u64, chunk: usize, interval_ms: u64, stats: Arc<UpstreamStats>) -> Response<Body> {
+    let watch = CancelWatch { stats, done: false };
+    let frames = stream::unfold((0u64, watch), move |(offset, mut watch)| async move {
+        if offset >= n {
+            watch.finished();
+            return None;
+        }
+        if offset > 0 {
+            tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        }
+        let data = pattern(offset, (n - offset).min(chunk as u64) as usize);
+        watch.stats.produced.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let next = offset + data.len() as u64;
+        Some((Ok::<_, BoxError>(Frame::data(data)), (next, watch)))
+    });
+    let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    response
+}
+
+/// Announces 1 GiB, sends `after` bytes, then waits forever (until the body is dropped).
+fn stall(after: usize, stats: Arc<UpstreamStats>) -> Response<Body> {
+    let watch = CancelWatch { stats, done: false };
+    let frames = stream::unfold((false, watch), move |(sent, watch)| async move {
+        if sent {
+            std::future::pending::<()>().await;
+        }
+        Some((Ok::<_, BoxError>(Frame::data(pattern(0, after))), (true, watch)))
+    });
+    let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(1u64 << 30));
+    response
 }
 
 /// `n` pattern bytes in `chunk`-byte frames, produced only as hyper asks for them.

@@ -52,6 +52,9 @@ pub const MAX_URI_LEN: usize = 16 * 1024;
 /// Most requests in flight at once for one tunnel, over all its sessions, before 503
 /// `tunnel_at_capacity` with `Retry-After`.
 pub const MAX_TUNNEL_REQUESTS: usize = 10_240;
+/// How long a client may pause in the middle of its request body (no byte at all) before the
+/// request is cut (408 if no response started) and the upstream's request aborted.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most requests in flight at once from one client (IPv4 address or IPv6 /64) to one tunnel,
 /// before 429 `client_at_capacity`. As many as that client may have connections, so a browser or
 /// a load test from one host is never refused, while one host cannot take a whole tunnel.
@@ -153,6 +156,8 @@ pub struct GatewayConfig {
     pub max_client_requests: usize,
     /// See [`SEND_IDLE_TIMEOUT`].
     pub send_idle_timeout: Duration,
+    /// See [`BODY_IDLE_TIMEOUT`].
+    pub body_idle_timeout: Duration,
     /// Per-tunnel settings that replace the gateway-wide ones.
     pub tunnel_overrides: HashMap<TunnelId, TunnelOverrides>,
     /// Requests per tunnel (all clients together); `None`: no limit. Over it: 429.
@@ -193,6 +198,7 @@ impl Default for GatewayConfig {
             max_tunnel_requests: MAX_TUNNEL_REQUESTS,
             max_client_requests: MAX_CLIENT_REQUESTS,
             send_idle_timeout: SEND_IDLE_TIMEOUT,
+            body_idle_timeout: BODY_IDLE_TIMEOUT,
             tunnel_overrides: HashMap::new(),
             tunnel_rate: None,
             client_rate: None,

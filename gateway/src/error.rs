@@ -75,6 +75,9 @@ pub enum ProxyError {
     /// The agent refused the request.
     #[error("the agent refused the request")]
     AgentRefused,
+    /// The client stopped sending its request body.
+    #[error("the request body stopped arriving")]
+    RequestTimeout,
     /// The body is over a limit.
     #[error("the request body is too large")]
     PayloadTooLarge,
@@ -114,6 +117,7 @@ impl ProxyError {
             Self::AgentUnresponsive | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::SessionLost | Self::UpstreamUnreachable | Self::AgentError => StatusCode::BAD_GATEWAY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
             Self::TunnelOffline => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) | Self::ClientAtCapacity => StatusCode::TOO_MANY_REQUESTS,
@@ -140,6 +144,7 @@ impl ProxyError {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::AgentRefused => "agent_refused",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::AgentShuttingDown => "agent_shutting_down",
             Self::AgentError => "agent_error",
             Self::LoopDetected => "loop_detected",
@@ -183,6 +188,10 @@ impl ProxyError {
         let mut response = json_response(self.status(), &body);
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::RequestTimeout) {
+            // The rest of the body is not coming: the connection cannot carry another request.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if matches!(self, Self::Unauthorized) {
             response

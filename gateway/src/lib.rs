@@ -222,7 +222,8 @@ impl Gateway {
         self.registry.touch();
         self.tracker.close();
         if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
-            warn!("drain deadline passed with requests still in flight");
+            let left: u64 = self.registry.all().iter().map(|s| s.in_flight()).sum();
+            warn!(left, "drain deadline passed; cutting the requests still in flight");
         }
         // Requests are done: now the agents can go.
         self.sessions.cancel();
@@ -281,11 +282,18 @@ impl Gateway {
         if self.seen_before(request.headers()) {
             return ProxyError::LoopDetected.to_response(&self.next_request_id()).map(Either::Left);
         }
+        // One Host, or the request is ambiguous about where it goes (RFC 9112 §3.2: 400). The
+        // target's authority, when it has one (absolute form, HTTP/2), is the one that counts.
+        if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return ProxyError::BadRequest("more than one Host header")
+                .to_response(&self.next_request_id())
+                .map(Either::Left);
+        }
         let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str()))
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
             .map(normalize_host);
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
         if path_and_query.len() > self.config.max_uri_len {

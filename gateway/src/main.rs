@@ -126,6 +126,11 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     send_idle_timeout: Duration,
 
+    /// How long a client may pause in the middle of its request body before the request is cut
+    /// (408) and the upstream's request aborted.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    body_idle_timeout: Duration,
+
     /// Most open connections from one client (IPv4 address or IPv6 /64); more are closed at accept.
     #[arg(long, default_value_t = ferry_gateway::config::MAX_CONNECTIONS_PER_ADDRESS, value_name = "N")]
     max_connections_per_address: usize,
@@ -182,6 +187,7 @@ struct ConfigFile {
     max_tunnel_requests: Option<u64>,
     max_client_requests: Option<u64>,
     send_idle_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
     max_connections_per_address: Option<u64>,
     max_handshakes: Option<u64>,
     tunnel_override: Option<Vec<TunnelOverrideTable>>,
@@ -271,6 +277,8 @@ impl Args {
         config.max_client_requests = self.max_client_requests;
         anyhow::ensure!(!self.send_idle_timeout.is_zero(), "--send-idle-timeout must be positive");
         config.send_idle_timeout = self.send_idle_timeout;
+        anyhow::ensure!(!self.body_idle_timeout.is_zero(), "--body-idle-timeout must be positive");
+        config.body_idle_timeout = self.body_idle_timeout;
         anyhow::ensure!(
             self.max_connections_per_address > 0,
             "--max-connections-per-address must be positive"

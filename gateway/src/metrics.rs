@@ -43,10 +43,12 @@ pub enum Limit {
     HeadDeadline,
     /// A connection whose client stopped taking a response, closed.
     SendIdle,
+    /// A request whose client stopped sending its body (408).
+    BodyIdle,
 }
 
 impl Limit {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 11] = [
         Self::ConnectionsPerAddress,
         Self::Handshakes,
         Self::UriLength,
@@ -57,6 +59,7 @@ impl Limit {
         Self::ClientConcurrency,
         Self::HeadDeadline,
         Self::SendIdle,
+        Self::BodyIdle,
     ];
 
     fn as_str(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Limit {
             Self::ClientConcurrency => "client_concurrency",
             Self::HeadDeadline => "head_deadline",
             Self::SendIdle => "send_idle",
+            Self::BodyIdle => "body_idle",
         }
     }
 }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use ferry_codec::{AbortCode, Frame, Head, RequestHead, TunnelId};
-use ferry_transport::body::{BodyError, SendBodyError, send_body};
+use ferry_transport::body::{BodyError, IdleError, IdleTimeout, SendBodyError, send_body};
 use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
@@ -122,15 +122,18 @@ pub(crate) async fn forward(
     // upload ends. A known-empty body is just `End`, without a task.
     // A body that grows past the limit without announcing its length is cut there; if the
     // response has not started, the client gets 413.
-    let mut over_limit_rx = None;
+    let mut upload_failed_rx = None;
     let upload = if body_len == Some(0) {
         writer.send(&Frame::End).await.map_err(|_| ProxyError::SessionLost)?;
         Upload::Done(writer)
     } else {
-        let (over_limit, rx) = oneshot::channel();
-        over_limit_rx = Some(rx);
+        // How the upload failed, when the client should hear about it (if no response has
+        // started): its body grew past the limit (413), or it went quiet (408).
+        let (upload_failed, rx) = oneshot::channel();
+        upload_failed_rx = Some(rx);
         let (request_over, mut request_over_rx) = oneshot::channel::<()>();
         admitted._upload = Some(request_over);
+        let body = IdleTimeout::new(body, gateway.config.body_idle_timeout);
         let body = Limited::new(body, usize::try_from(body_limit).unwrap_or(usize::MAX));
         let metrics_gateway = Arc::clone(gateway);
         gateway.tracker.spawn(
@@ -148,7 +151,12 @@ pub(crate) async fn forward(
                     Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
                         debug!("request body over the limit; cut");
                         metrics_gateway.metrics.limited(Limit::BodySize);
-                        let _ = over_limit.send(());
+                        let _ = upload_failed.send(ProxyError::PayloadTooLarge);
+                    }
+                    Err(SendBodyError::Body(err)) if err.is::<IdleError>() => {
+                        debug!("the client stopped sending its body; cut");
+                        metrics_gateway.metrics.limited(Limit::BodyIdle);
+                        let _ = upload_failed.send(ProxyError::RequestTimeout);
                     }
                     Err(err) => debug!(%err, "request body not fully sent"),
                     Ok(_) => {}
@@ -159,14 +167,14 @@ pub(crate) async fn forward(
         Upload::Running
     };
 
-    let over_limit = async {
-        match over_limit_rx {
+    let upload_failed = async {
+        match upload_failed_rx {
             Some(rx) => rx.await,
             None => std::future::pending().await,
         }
     };
     let first = tokio::select! {
-        Ok(()) = over_limit => return Err(ProxyError::PayloadTooLarge),
+        Ok(err) = upload_failed => return Err(err),
         first = tokio::time::timeout(response_timeout, reader.next()) => first,
     };
     let head = match first {
@@ -180,6 +188,10 @@ pub(crate) async fn forward(
             debug!(kind = other.kind().name(), "agent answered without a response head");
             return Err(ProxyError::AgentError);
         }
+        Ok(Some(Err(TransportError::Codec(err)))) => {
+            debug!(%err, "the agent sent a response head that does not decode");
+            return Err(ProxyError::AgentError);
+        }
         Ok(Some(Err(err))) => {
             debug!(%err, "reading the response head failed");
             return Err(ProxyError::SessionLost);
@@ -188,6 +200,11 @@ pub(crate) async fn forward(
     };
     let status = StatusCode::from_u16(head.status).map_err(|_| ProxyError::AgentError)?;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    if status.is_informational() && !switching {
+        // The agent sends interim responses never; one here would be a final 1xx.
+        debug!(%status, "the agent answered with an interim status as the final one");
+        return Err(ProxyError::AgentError);
+    }
     let mut headers = headers_from_wire(head.headers);
     // The agent strips these too; a misbehaving agent must not steer our framing.
     strip_hop_by_hop(&mut headers, switching);
@@ -199,6 +216,11 @@ pub(crate) async fn forward(
         };
         gateway.tracker.spawn(pipe(on_upgrade, reader, writer, admitted).in_current_span());
         return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
+    }
+    if on_upgrade.is_some() {
+        // An upgrade the upstream declined: whatever the client sent after its head was meant
+        // for the other protocol, so it must not be read as a next request.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let body = TunnelBody { inner: FrameBody::new(reader, None), clock: conn.clock(), _request: admitted };
     Ok(build_response(status, headers, Either::Right(body)))
@@ -294,9 +316,13 @@ fn request_head(
     let mut headers = parts.headers;
     join_cookies(&mut headers);
     // HTTP/2 clients send the host as `:authority`; the upstream (HTTP/1.1) needs `Host`.
-    let host = headers.get(header::HOST).cloned().or_else(|| {
-        parts.uri.authority().and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-    });
+    // The target's authority wins over `Host` (absolute form; HTTP/2's `:authority`), so the
+    // upstream sees the host the request was routed by.
+    let host = parts
+        .uri
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+        .or_else(|| headers.get(header::HOST).cloned());
     strip_hop_by_hop(&mut headers, upgrade);
     let client_ip = client_ip(peer.ip());
     append_list(&mut headers, X_FORWARDED_FOR, &client_ip.to_string());
@@ -311,7 +337,7 @@ fn request_head(
             forwarded.push_str(&format!(";host=\"{text}\""));
         }
         headers.insert(X_FORWARDED_HOST, host.clone());
-        headers.entry(header::HOST).or_insert(host);
+        headers.insert(header::HOST, host);
     }
     append_list(&mut headers, header::FORWARDED, &forwarded);
     let received = match parts.version {

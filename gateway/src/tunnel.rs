@@ -146,7 +146,7 @@ async fn serve(
             gateway.failures.record(crate::limits::client_key(peer.ip()));
             gateway.metrics.handshake_failure(failure.code);
             // Still counted as a handshake in progress until the socket is let go.
-            reject(ws, failure.code).await;
+            reject(ws, failure.code, failure.close).await;
             drop(handshake_slot);
             return;
         }
@@ -154,7 +154,7 @@ async fn serve(
             warn!(%peer, "agent handshake timed out");
             gateway.failures.record(crate::limits::client_key(peer.ip()));
             gateway.metrics.handshake_failure(AuthErrorCode::HandshakeTimeout);
-            reject(ws, AuthErrorCode::HandshakeTimeout).await;
+            reject(ws, AuthErrorCode::HandshakeTimeout, None).await;
             drop(handshake_slot);
             return;
         }
@@ -177,14 +177,19 @@ async fn serve(
     let (control_tx, control_rx) = oneshot::channel();
     let mut control_slot = Some(control_tx);
     let violation = cancel.clone();
+    let violation_gateway = Arc::clone(&gateway);
     let on_inbound = move |stream: yamux::Stream| match control_slot.take() {
         Some(slot) => {
             let _ = slot.send(stream);
         }
-        None => {
-            warn!("agent opened a stream it may not open; closing its session");
+        None if !violation.is_cancelled() => {
+            warn!(%peer, "agent opened a stream it may not open; closing its session");
+            // Counted (once) like a failed handshake: an agent that misbehaves cannot come back
+            // to do it again and again.
+            violation_gateway.failures.record(crate::limits::client_key(peer.ip()));
             violation.cancel();
         }
+        None => {}
     };
 
     let (handle, control_loop, mut events) = control::channel();
@@ -257,21 +262,27 @@ async fn serve(
     }
 }
 
-/// A failed handshake: the code for the agent, the detail for our log.
+/// A failed handshake: the code for the agent, the detail for our log, and the WebSocket close
+/// frame when the peer broke the WebSocket protocol itself (1009, 1002) rather than ferry's.
 struct HandshakeFailure {
     code: AuthErrorCode,
     detail: String,
+    close: Option<CloseFrame>,
 }
 
 impl HandshakeFailure {
     fn new(code: AuthErrorCode, detail: impl std::fmt::Display) -> Self {
-        Self { code, detail: detail.to_string() }
+        Self { code, detail: detail.to_string(), close: None }
     }
 }
 
 impl From<TransportError> for HandshakeFailure {
     fn from(err: TransportError) -> Self {
-        Self::new(AuthErrorCode::Malformed, err)
+        let close = match &err {
+            TransportError::WebSocket(ws) => ferry_transport::ws::close_frame_for(ws),
+            _ => None,
+        };
+        Self { close, ..Self::new(AuthErrorCode::Malformed, err) }
     }
 }
 
@@ -331,13 +342,19 @@ async fn handshake(
     Ok((identity, heartbeat_interval))
 }
 
-/// Tells the agent why, closes with 1008 and the code as the reason, and waits briefly for the
-/// agent to acknowledge the close (so it reads the reason); all within [`REJECT_TIMEOUT`].
-async fn reject(mut ws: AgentWs, code: AuthErrorCode) {
+/// Tells the agent why, closes with 1008 and the code as the reason (or with `broken`, for a
+/// peer that broke the WebSocket protocol), and waits briefly for the agent to acknowledge the
+/// close (so it reads the reason); all within [`REJECT_TIMEOUT`].
+async fn reject(mut ws: AgentWs, code: AuthErrorCode, broken: Option<CloseFrame>) {
     let telling = async {
-        let result = AuthResult::Rejected(AuthRejected::from(code)).encode();
-        let _ = ws.send(Message::Binary(result)).await;
-        let close = CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() };
+        let close = match broken {
+            Some(close) => close,
+            None => {
+                let result = AuthResult::Rejected(AuthRejected::from(code)).encode();
+                let _ = ws.send(Message::Binary(result)).await;
+                CloseFrame { code: CloseCode::Policy, reason: code.as_str().into() }
+            }
+        };
         let _ = ws.close(Some(close)).await;
         while ws.next().await.is_some() {}
     };

@@ -5,6 +5,7 @@
 //! gets, so a slow reader stops us reading the stream, yamux stops granting credit, and the writer
 //! on the other side waits: backpressure end to end, with at most a stream window in flight.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -190,4 +191,110 @@ where
     }
     writer.send(&Frame::End).await?;
     Ok(sent)
+}
+
+/// A body that gives up when its source goes quiet: `idle` spent waiting for the next frame
+/// (time the consumer spends elsewhere does not count) ends it with [`IdleError`]. For bodies
+/// whose sender may stall forever: a client that pauses its upload, an upstream that stops
+/// mid-response. The consumer then aborts the other side, so the stall becomes a visible failure
+/// instead of a stream held open for nobody.
+#[derive(Debug)]
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: std::time::Duration,
+    /// Armed while `inner` is pending.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+/// The body's source sent nothing for the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body bytes for {0:?}")]
+pub struct IdleError(pub std::time::Duration);
+
+impl<B> IdleTimeout<B> {
+    /// Wraps `inner`; a wait longer than `idle` for its next frame fails it.
+    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+        Self { inner, idle, timer: None, waiting: false }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|result| result.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                if !this.waiting {
+                    this.waiting = true;
+                    match this.timer.as_mut() {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                let timer = this.timer.as_mut().expect("armed above");
+                ready!(timer.as_mut().poll(cx));
+                this.waiting = false;
+                Poll::Ready(Some(Err(Box::new(IdleError(this.idle)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_source_fails_after_the_idle_time_and_a_slow_consumer_does_not() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+        let mut body = IdleTimeout::new(StreamBody::new(Box::pin(stream)), Duration::from_secs(10));
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"a")))).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // The consumer takes a minute before asking again: that is not the source's silence.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"b")))).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // 9 s of silence is fine, then the source speaks; then 10 s of silence is not.
+        let started = tokio::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"c")))).await.unwrap();
+            tx
+        });
+        assert!(body.frame().await.unwrap().is_ok());
+        let _tx = sender.await.unwrap();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<IdleError>());
+        assert_eq!(started.elapsed(), Duration::from_secs(19));
+    }
 }

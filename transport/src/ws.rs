@@ -18,7 +18,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::TransportError;
@@ -66,6 +67,17 @@ pub struct WsIo<S> {
     dirty: bool,
     read_closed: bool,
     counters: Arc<IoCounters>,
+}
+
+/// The close frame that tells a peer why its WebSocket traffic was refused, if the error is
+/// one of its own making.
+pub fn close_frame_for(err: &WsError) -> Option<CloseFrame> {
+    let (code, reason) = match err {
+        WsError::Capacity(_) => (CloseCode::Size, "message too big"),
+        WsError::Protocol(_) => (CloseCode::Protocol, "protocol error"),
+        _ => return None,
+    };
+    Some(CloseFrame { code, reason: reason.into() })
 }
 
 impl<S> WsIo<S>
@@ -136,7 +148,17 @@ where
                 }
                 Some(Ok(Message::Close(_))) | None => this.read_closed = true,
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => this.read_closed = true,
-                Some(Err(err)) => return Poll::Ready(Err(ws_to_io(err))),
+                Some(Err(err)) => {
+                    // Best effort, at once (the session ends with this error and never closes the
+                    // WebSocket cleanly): a peer that broke the protocol hears why.
+                    if let Some(frame) = close_frame_for(&err)
+                        && let Poll::Ready(Ok(())) = this.ws.poll_ready_unpin(cx)
+                        && this.ws.start_send_unpin(Message::Close(Some(frame))).is_ok()
+                    {
+                        let _ = this.ws.poll_flush_unpin(cx);
+                    }
+                    return Poll::Ready(Err(ws_to_io(err)));
+                }
             }
         }
     }
