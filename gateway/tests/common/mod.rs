@@ -3,7 +3,7 @@
 //! at the gateway (an explicit readiness signal, no sleeps). Helpers for lifecycle tests: agents
 //! that can be stopped or killed, a gateway that can be restarted on the same port, a raw agent
 //! that speaks the handshake by hand, and a TCP proxy that can stop forwarding without closing.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -341,5 +341,170 @@ async fn forward(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// Runs the tests of one binary that take it one at a time: their timing and process-wide
+/// oracles (RSS, open files, the witness's latency) are not shared with another fault.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The second tunnel of "keeps serving": an agent of its own on the same gateway and upstream,
+/// and a client that asks it for a small body every 10 ms while a fault runs.
+pub const WITNESS: &str = "agent_99999999-8888-7777-6666-555555555555_witness";
+
+pub struct Witness {
+    stop: CancellationToken,
+    task: JoinHandle<(Vec<Duration>, Vec<String>)>,
+    agent: AgentRun,
+}
+
+impl Witness {
+    /// Starts the witness tunnel and its client; returns once the first request was served.
+    pub async fn start(env: &TestEnv) -> Self {
+        let mut config = env.agent_config();
+        config.tunnel_id = WITNESS.parse().unwrap();
+        let agent = spawn_agent(config);
+        let id: TunnelId = WITNESS.parse().unwrap();
+        env.gateway.registry.wait_until(|r| !r.of(&id).is_empty()).await;
+        let url = format!("http://{}/t/{WITNESS}/bytes/64", env.gateway_addr);
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let client = client();
+            let (mut latencies, mut failures) = (Vec::new(), Vec::new());
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            while !token.is_cancelled() {
+                tick.tick().await;
+                let started = std::time::Instant::now();
+                let request = Request::get(&url).body(empty()).unwrap();
+                let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+                    let response = client.request(request).await?;
+                    let status = response.status();
+                    let body = response.into_body().collect().await?.to_bytes();
+                    Ok::<_, BoxError>((status, body.len()))
+                })
+                .await;
+                match outcome {
+                    Ok(Ok((status, 64))) if status.is_success() => latencies.push(started.elapsed()),
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (latencies, failures)
+        });
+        Self { stop, task, agent }
+    }
+
+    /// Stops the client and checks the witness was served throughout: every request answered,
+    /// p99 under 100 ms.
+    pub async fn finish(self) {
+        // "During and after": a few more requests once the fault is over.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.stop.cancel();
+        let (mut latencies, failures) = self.task.await.unwrap();
+        self.agent.kill();
+        assert!(failures.is_empty(), "the second tunnel failed {} times: {failures:?}", failures.len());
+        latencies.sort();
+        assert!(!latencies.is_empty(), "the second tunnel was never asked");
+        let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+        println!("second tunnel: {} requests, p99 {p99:?}", latencies.len());
+        assert!(p99 < Duration::from_millis(100), "the second tunnel's p99 was {p99:?}");
+    }
+}
+
+/// Resident memory and open files of this process.
+#[derive(Debug, Clone, Copy)]
+pub struct Vitals {
+    pub rss: u64,
+    pub fds: usize,
+}
+
+impl Vitals {
+    pub fn now() -> Self {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+        Self { rss: pages * 4096, fds }
+    }
+
+    /// Waits (up to 10 s) until open files are back within 10 % of `baseline` (and 4 files) and
+    /// RSS within 10 % (and 16 MiB: the allocator keeps freed memory for reuse, which is not a
+    /// leak); then returns the reading.
+    pub async fn settle_back_to(baseline: Self) -> Self {
+        let fd_limit = baseline.fds + (baseline.fds / 10).max(4);
+        let rss_limit = baseline.rss + (baseline.rss / 10).max(16 << 20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = Self::now();
+            if now.fds <= fd_limit && now.rss <= rss_limit {
+                return now;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not back to baseline: {now:?} against {baseline:?} (limits {fd_limit} files, {rss_limit} bytes)"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Panics raised outside the tests' own code (in the gateway, the agent or a dependency) since
+/// the process started.
+pub fn panics_outside_tests() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info
+                .location()
+                .is_some_and(|l| !l.file().contains("/tests/") && !l.file().starts_with("tests/"))
+            {
+                COUNT.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+    COUNT.load(Ordering::SeqCst)
+}
+
+/// An agent made by hand: it passed the handshake and drives its yamux session itself, so a
+/// test can make it do what no real agent does.
+pub struct EvilAgent {
+    pub opener: ferry_transport::StreamOpener,
+    pub driver: JoinHandle<Result<(), ferry_transport::TransportError>>,
+    pub inbound: tokio::sync::mpsc::Receiver<ferry_transport::yamux::Stream>,
+}
+
+impl EvilAgent {
+    /// Authenticates as `tunnel` (no secret) and opens the control stream with a ping, so the
+    /// gateway registers the session; inbound request streams arrive on `inbound`.
+    pub async fn connect(gateway: SocketAddr, tunnel: &TunnelId) -> Self {
+        let (ws, _, _, result) =
+            raw_handshake(gateway, tunnel, InstanceId(uuid::Uuid::new_v4()), None, None).await;
+        assert!(matches!(result, AuthResult::Accepted(_)), "{result:?}");
+        let (driver, opener) = ferry_transport::session::session(
+            ferry_transport::WsIo::new(ws, Arc::default()),
+            ferry_transport::yamux::Mode::Client,
+            &ferry_transport::SessionConfig::default(),
+        );
+        let (tx, inbound) = tokio::sync::mpsc::channel(1024);
+        let driver = tokio::spawn(driver.run(
+            move |stream| {
+                let _ = tx.try_send(stream);
+            },
+            CancellationToken::new(),
+        ));
+        let (mut control, slot) = opener.open().await.unwrap();
+        std::mem::forget(slot);
+        let mut hello = bytes::BytesMut::new();
+        ferry_codec::ControlMessage::Ping { nonce: 1 }.encode(&mut hello).unwrap();
+        futures_util::io::AsyncWriteExt::write_all(&mut control, &hello).await.unwrap();
+        // Kept open (and never read): the control stream lives as long as the session.
+        std::mem::forget(control);
+        Self { opener, driver, inbound }
     }
 }
