@@ -213,6 +213,7 @@ async fn serve(
             warn!("secret revoked during the handshake; closing the session");
             session.go_away(GoAwayReason::CredentialsRevoked, std::time::Duration::ZERO).await;
             cancel.cancel();
+            gateway.registry.remove(&session.tunnel_id, session.id);
             return;
         }
         for stale in inserted.replaced {
@@ -249,6 +250,9 @@ async fn serve(
             () = cancel.cancelled() => {}
         }
         cancel.cancel();
+        // Out of the registry now, not once the connection is closed (which may wait on a peer
+        // that does not read): nothing is routed to a session that is over.
+        gateway.registry.remove(&session.tunnel_id, session.id);
     };
     let (result, ()) = tokio::join!(driver.run(on_inbound, cancel.clone()), lifecycle);
     gateway.registry.remove(&session.tunnel_id, session.id);

@@ -36,9 +36,9 @@ pub const STREAM_WINDOW: usize = 256 * 1024;
 pub const WINDOW_GROWTH_BUDGET: usize = 64 * 1024 * 1024;
 /// Default stream limit per session.
 pub const MAX_STREAMS: usize = 10_240;
-/// How long closing a session may take (flushing what is queued, saying goodbye): a peer that
-/// stopped reading must not hold the task and its socket.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a session that is told to stop goes on driving its connection (so what streams
+/// wrote last, and the deferred WebSocket flush, still go out) before it is dropped.
+pub const FLUSH_GRACE: Duration = Duration::from_millis(100);
 
 /// yamux's stream limit for a session whose callers may hold `max_streams` at once. yamux counts
 /// a dropped stream until its driver gets round to it (after the frames queued before it are
@@ -210,9 +210,13 @@ impl<T> SessionDriver<T>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Drives the session until the peer closes it, it fails, or `shutdown` fires (then it closes
-    /// the session cleanly: pending frames are flushed and the peer is told, within
-    /// [`CLOSE_TIMEOUT`]).
+    /// Drives the session until the peer closes it, it fails, or `shutdown` fires; then it
+    /// drives it [`FLUSH_GRACE`] longer (no new streams) so the last writes leave, and drops it.
+    ///
+    /// Dropping, not yamux's `poll_close`: a closing yamux connection forgets its streams
+    /// without waking them, so a request still waiting on one would hang until its own timeout
+    /// (and a peer that does not read would hold the close forever). Dropped, every stream sees
+    /// the session end at once; the peer sees the connection close.
     ///
     /// Every inbound stream is passed to `on_inbound`, which must not block.
     ///
@@ -224,17 +228,14 @@ where
         shutdown: CancellationToken,
     ) -> Result<(), TransportError> {
         let result = tokio::select! {
-            result = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound)) => result,
+            result = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound)) => return result,
             () = shutdown.cancelled() => Ok(()),
         };
-        // Refuse further opens, then say goodbye if the connection is still up.
+        // Refuse further opens; let what is queued go out.
         self.open_rx.close();
-        if result.is_ok() {
-            match tokio::time::timeout(CLOSE_TIMEOUT, poll_fn(|cx| self.conn.poll_close(cx))).await {
-                Ok(Ok(()) | Err(yamux::ConnectionError::Closed)) => {}
-                Ok(Err(err)) => debug!(%err, "closing the session failed"),
-                Err(_) => debug!("the peer did not take the session's goodbye in time; dropping it"),
-            }
+        let flushing = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound));
+        if let Ok(Err(err)) = tokio::time::timeout(FLUSH_GRACE, flushing).await {
+            debug!(%err, "the session failed while closing");
         }
         result
     }

@@ -477,6 +477,7 @@ pub struct EvilAgent {
     pub opener: ferry_transport::StreamOpener,
     pub driver: JoinHandle<Result<(), ferry_transport::TransportError>>,
     pub inbound: tokio::sync::mpsc::Receiver<ferry_transport::yamux::Stream>,
+    pause: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl EvilAgent {
@@ -492,12 +493,23 @@ impl EvilAgent {
             &ferry_transport::SessionConfig::default(),
         );
         let (tx, inbound) = tokio::sync::mpsc::channel(1024);
-        let driver = tokio::spawn(driver.run(
-            move |stream| {
-                let _ = tx.try_send(stream);
-            },
-            CancellationToken::new(),
-        ));
+        let (pause, paused) = tokio::sync::oneshot::channel::<()>();
+        let driver = tokio::spawn(async move {
+            let mut run = Box::pin(driver.run(
+                move |stream| {
+                    let _ = tx.try_send(stream);
+                },
+                CancellationToken::new(),
+            ));
+            tokio::select! {
+                ended = &mut run => return ended,
+                Ok(()) = paused => {}
+            }
+            // Paused: the session (and its socket) stays, but nothing reads or writes it.
+            std::future::pending::<()>().await;
+            drop(run);
+            Ok(())
+        });
         let (mut control, slot) = opener.open().await.unwrap();
         std::mem::forget(slot);
         let mut hello = bytes::BytesMut::new();
@@ -505,6 +517,14 @@ impl EvilAgent {
         futures_util::io::AsyncWriteExt::write_all(&mut control, &hello).await.unwrap();
         // Kept open (and never read): the control stream lives as long as the session.
         std::mem::forget(control);
-        Self { opener, driver, inbound }
+        Self { opener, driver, inbound, pause: Some(pause) }
+    }
+
+    /// From now on nothing reads the socket (nor writes it): the gateway's writes pile up in
+    /// the kernel's buffers and then wait.
+    pub fn stop_reading(&mut self) {
+        if let Some(pause) = self.pause.take() {
+            let _ = pause.send(());
+        }
     }
 }
