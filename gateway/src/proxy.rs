@@ -158,6 +158,13 @@ pub(crate) async fn forward(
                         metrics_gateway.metrics.limited(Limit::BodyIdle);
                         let _ = upload_failed.send(ProxyError::RequestTimeout);
                     }
+                    Err(SendBodyError::Body(err)) => {
+                        // Unreadable (bad chunked framing) or cut by a client that left: the
+                        // agent got an abort; a client still there hears it was its body.
+                        debug!(%err, "the request body could not be read");
+                        let _ =
+                            upload_failed.send(ProxyError::BadRequest("the request body could not be read"));
+                    }
                     Err(err) => debug!(%err, "request body not fully sent"),
                     Ok(_) => {}
                 }

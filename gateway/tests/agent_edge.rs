@@ -192,7 +192,7 @@ async fn the_circuit_breaker_opens_on_connection_failures_and_closes_on_recovery
         .await;
         for _ in 0..2 {
             let (response, body) = get(&env.url("/bytes/1")).await;
-            assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+            assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "{}", String::from_utf8_lossy(&body));
             assert_eq!(json(&body)["error"]["code"], "upstream_unreachable");
         }
         // Open: refused at once, by the agent or (once it heard) the gateway.

@@ -480,7 +480,7 @@ async fn public_errors_do_not_show_upstream_details() {
             let text = String::from_utf8_lossy(&body);
             assert_eq!(json(&body)["error"]["code"], expected, "{text}");
             assert!(response.status().is_server_error());
-            for secret in [port.as_str(), "127.0.0.1", "refused", "os error", "connect"] {
+            for secret in [port.as_str(), "127.0.0.", "refused", "os error", "connect"] {
                 assert!(!text.contains(secret), "the public body shows {secret:?}: {text}");
             }
         }

@@ -286,8 +286,9 @@ async fn heartbeats_detect_a_partition_without_fin() {
         env.wait_for_sessions(0).await;
         let detected = cut.elapsed();
         println!("gateway dropped the silent session after {detected:?} (heartbeat {interval:?} x 3)");
-        // Three silent intervals, checked on the next tick: 300-400 ms, with slack for a busy machine.
-        assert!(detected >= interval * 3, "detected too early: {detected:?}");
+        // Three silent intervals since the agent's last word (up to one interval before the
+        // cut), checked on the next tick; slack for a busy machine.
+        assert!(detected >= interval * 2, "detected too early: {detected:?}");
         assert!(detected < interval * 3 + Duration::from_millis(1500), "detected too late: {detected:?}");
 
         // Healed, the agent (which detected it too) comes back on a new session.

@@ -242,9 +242,10 @@ pub fn json(body: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|err| panic!("not JSON ({err}): {}", String::from_utf8_lossy(body)))
 }
 
-/// A port nothing listens on.
+/// An address nothing listens on. On a loopback address of its own, so that a listener another
+/// test binds meanwhile (on 127.0.0.1, perhaps with the same port) cannot answer there.
 pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.77:0").await.unwrap();
     listener.local_addr().unwrap()
 }
 
@@ -414,40 +415,64 @@ impl Witness {
     }
 }
 
-/// Resident memory and open files of this process.
+/// What the gateway holds: its connections (sockets on its port, as the kernel lists them) and
+/// the resident memory of this process (gateway, agents, upstream and clients together).
 #[derive(Debug, Clone, Copy)]
 pub struct Vitals {
     pub rss: u64,
-    pub fds: usize,
+    pub connections: usize,
+    port: u16,
 }
 
 impl Vitals {
-    pub fn now() -> Self {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
-        Self { rss: pages * 4096, fds }
+    pub fn of(env: &TestEnv) -> Self {
+        Self::at(env.gateway_addr.port())
     }
 
-    /// Waits (up to 10 s) until open files are back within 10 % of `baseline` (and 4 files) and
-    /// RSS within 10 % (and 16 MiB: the allocator keeps freed memory for reuse, which is not a
-    /// leak); then returns the reading.
+    fn at(port: u16) -> Self {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        Self { rss: pages * 4096, connections: connections_on(port), port }
+    }
+
+    /// Waits (up to 10 s) until the gateway's connections are back within 10 % of `baseline`
+    /// (and 2) and RSS within 10 % (and 32 MiB: the allocator keeps freed memory for reuse,
+    /// which is not a leak); then returns the reading.
     pub async fn settle_back_to(baseline: Self) -> Self {
-        let fd_limit = baseline.fds + (baseline.fds / 10).max(4);
-        let rss_limit = baseline.rss + (baseline.rss / 10).max(16 << 20);
+        let connection_limit = baseline.connections + (baseline.connections / 10).max(2);
+        let rss_limit = baseline.rss + (baseline.rss / 10).max(32 << 20);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let now = Self::now();
-            if now.fds <= fd_limit && now.rss <= rss_limit {
+            let now = Self::at(baseline.port);
+            if now.connections <= connection_limit && now.rss <= rss_limit {
                 return now;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "not back to baseline: {now:?} against {baseline:?} (limits {fd_limit} files, {rss_limit} bytes)"
+                "not back to baseline: {now:?} against {baseline:?} (limits {connection_limit} connections, {rss_limit} bytes)"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Sockets whose local port is `port`, other than the listener and those in TIME_WAIT (which
+/// hold nothing): the connections a server on that port has open.
+fn connections_on(port: u16) -> usize {
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1).unwrap_or("");
+            let state = fields.nth(1).unwrap_or("");
+            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && state != "0A" && state != "06" {
+                count += 1;
+            }
+        }
+    }
+    count
 }
 
 /// Panics raised outside the tests' own code (in the gateway, the agent or a dependency) since
