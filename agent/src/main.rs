@@ -248,12 +248,20 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_new(ferry_transport::cli::log_directives(
+                std::env::var("RUST_LOG").ok().as_deref(),
+            ))
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let shutdown = CancellationToken::new();
-    tokio::spawn(ferry_transport::cli::cancel_on_signal(shutdown.clone(), "draining"));
+    tokio::spawn(
+        ferry_transport::cli::cancel_on_signal(shutdown.clone(), "draining")
+            .context("cannot listen for SIGINT and SIGTERM")?,
+    );
     ferry_agent::run(args.into_config()?, shutdown).await.context("agent stopped")?;
     Ok(())
 }

@@ -123,6 +123,10 @@ impl Secrets {
     /// the file, which holds secrets (toml's own message quotes the offending line and values).
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: AuthFile = toml::from_str(text).map_err(|err| describe_toml_error(text, &err))?;
+        if file.tunnels.is_empty() {
+            // Fail closed, and loudly: a file that lists nobody refuses every agent.
+            return Err("the file lists no tunnel (add a [tunnels.<tunnel id>] table with secrets)".into());
+        }
         let mut tunnels = HashMap::with_capacity(file.tunnels.len());
         for (id, entry) in file.tunnels {
             let tunnel: TunnelId = id.parse().map_err(|err| format!("tunnels.{id}: {err}"))?;

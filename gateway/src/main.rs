@@ -309,7 +309,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_new(ferry_transport::cli::log_directives(
+                std::env::var("RUST_LOG").ok().as_deref(),
+            ))
+            .unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -320,10 +325,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(ferry_transport::cli::cancel_on_signal(shutdown.clone(), "shutting down"));
+    tokio::spawn(
+        ferry_transport::cli::cancel_on_signal(shutdown.clone(), "shutting down")
+            .context("cannot listen for SIGINT and SIGTERM")?,
+    );
     let gateway = Gateway::new(config, shutdown).context("cannot start the gateway")?;
+    // Always handled: SIGHUP's default action would end the process.
     #[cfg(unix)]
-    tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), auth_file, tls));
+    {
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot listen for SIGHUP (which reloads the auth file and certificate)")?;
+        tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), hangups, auth_file, tls));
+    }
     gateway.serve(listener).await;
     Ok(())
 }
@@ -331,15 +344,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// Reloads the auth file and the TLS certificate on every SIGHUP; a bad file leaves the old one
 /// in force.
 #[cfg(unix)]
-async fn reload_on_sighup(gateway: std::sync::Arc<Gateway>, auth_file: bool, tls: bool) {
-    if !auth_file && !tls {
-        return;
-    }
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::error!("cannot listen for SIGHUP; files will not be reloaded");
-        return;
-    };
+async fn reload_on_sighup(
+    gateway: std::sync::Arc<Gateway>,
+    mut hangups: tokio::signal::unix::Signal,
+    auth_file: bool,
+    tls: bool,
+) {
     while hangups.recv().await.is_some() {
+        if !auth_file && !tls {
+            tracing::info!("SIGHUP: nothing to reload (no --auth-file, no TLS)");
+            continue;
+        }
+        tracing::info!("SIGHUP: reloading");
         if auth_file && let Err(err) = gateway.reload_auth().await {
             tracing::error!(
                 err = format!("{:#}", anyhow::Error::new(err)),

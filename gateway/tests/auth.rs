@@ -108,7 +108,7 @@ async fn agent_refuses_a_gateway_that_cannot_prove_the_secret() {
 }
 
 #[tokio::test]
-async fn replayed_handshake_is_refused() {
+async fn t12b_replayed_handshake() {
     bounded(async {
         let env = TestEnv::start_without_agent(shared("replay me")).await;
         let key = secret("replay me");

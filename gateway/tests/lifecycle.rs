@@ -383,3 +383,41 @@ async fn the_same_agent_instance_replaces_its_stale_session() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn requests_waiting_for_an_agent_are_capped() {
+    bounded(async {
+        let config = GatewayConfig {
+            max_pending: 3,
+            pending_timeout: Duration::from_secs(30),
+            ..GatewayConfig::default()
+        };
+        let mut env = TestEnv::start_with(config, |_| {}).await;
+        env.agent.take().unwrap().stop().await.unwrap();
+        env.wait_for_sessions(0).await;
+        // Three wait for the agent to come back...
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let url = env.url("/bytes/1");
+                tokio::spawn(async move { get(&url).await })
+            })
+            .collect();
+        let id = env.tunnel_id.clone();
+        env.gateway.registry.wait_until(|r| r.waiting(&id) == 3).await;
+        // ...the fourth is told at once.
+        let started = Instant::now();
+        let (response, body) = get(&env.url("/bytes/1")).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json(&body)["error"]["code"], "tunnel_offline");
+        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+        // The agent comes back: the three are served.
+        env.agent = Some(spawn_agent(env.agent_config()));
+        for request in waiting {
+            assert_eq!(request.await.unwrap().0.status(), StatusCode::OK);
+        }
+        let metrics = env.gateway.metrics.render(&env.gateway.registry);
+        assert!(metrics.contains("ferry_pending_requests_total{outcome=\"served\"} 3"), "{metrics}");
+        assert!(metrics.contains("ferry_pending_requests_total{outcome=\"expired\"} 1"), "{metrics}");
+    })
+    .await;
+}

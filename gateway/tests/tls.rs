@@ -206,7 +206,7 @@ async fn https_get(env: &TestEnv, ca: &Path, path: &str) -> StatusCode {
 }
 
 #[tokio::test]
-async fn agent_refuses_a_certificate_it_cannot_verify() {
+async fn t28_untrusted_gateway_certificate() {
     bounded(async {
         let pki = Pki::new("refuse");
         let other = Pki::new("refuse-other");

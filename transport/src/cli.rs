@@ -57,26 +57,51 @@ pub fn load_secret(file: Option<&Path>, flag: &str, var: &str) -> Result<Option<
     Secret::from_text(&text).map(Some).map_err(|_| SecretSourceError::Empty(source))
 }
 
-/// Cancels `token` on SIGINT or SIGTERM, logging `what` happens next.
-pub async fn cancel_on_signal(token: CancellationToken, what: &'static str) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Crates that log whole frames (payloads: request heads, cookies, bodies) at `trace`.
+const FRAME_DUMPERS: [&str; 3] = ["tungstenite", "tokio_tungstenite", "h2"];
+
+/// The log filter for a binary: `RUST_LOG` (default `info`), with the crates that dump frame
+/// payloads at `trace` held at `debug` unless `RUST_LOG` names them itself. `RUST_LOG=trace` is
+/// for debugging ferry; it must not write public clients' credentials and cookies to disk.
+pub fn log_directives(rust_log: Option<&str>) -> String {
+    let base = rust_log.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("info");
+    let mut directives = base.to_owned();
+    for name in FRAME_DUMPERS {
+        let named = base.split(',').any(|d| d.trim().split(['=', '[', ':']).next() == Some(name));
+        if !named {
+            directives.push_str(&format!(",{name}=debug"));
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = term => {}
     }
-    tracing::info!("signal received; {what}");
-    token.cancel();
+    directives
+}
+
+/// Cancels `token` on SIGINT or SIGTERM, logging `what` happens next.
+///
+/// The handlers are installed before this returns (not when the future is first polled), so a
+/// signal that arrives once the caller has said it is ready is never the default, fatal one.
+///
+/// # Errors
+/// The handlers could not be installed.
+pub fn cancel_on_signal(
+    token: CancellationToken,
+    what: &'static str,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    let (mut interrupt, mut terminate) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("signal received; {what}");
+        token.cancel();
+    })
 }
 
 /// Why a config file could not be used.
@@ -221,6 +246,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn frame_dumpers_stay_at_debug_unless_named() {
+        assert_eq!(log_directives(None), "info,tungstenite=debug,tokio_tungstenite=debug,h2=debug");
+        assert_eq!(log_directives(Some("trace")), "trace,tungstenite=debug,tokio_tungstenite=debug,h2=debug");
+        assert_eq!(
+            log_directives(Some("debug,tungstenite=trace,h2[conn]=trace")),
+            "debug,tungstenite=trace,h2[conn]=trace,tokio_tungstenite=debug"
+        );
+    }
     use super::*;
 
     fn os(args: &[&str]) -> Vec<OsString> {

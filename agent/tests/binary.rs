@@ -1,0 +1,174 @@
+//! The real `agent` binary, as an operator runs it: the secret from `FERRY_SECRET`, SIGTERM and
+//! SIGINT drain and exit 0, and a secret source that is configured but empty stops it at start.
+//! The gateway runs in this process; the upstream is a small hyper server.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_codec::{Secret, TunnelId};
+use ferry_gateway::auth::AuthSource;
+use ferry_gateway::{Gateway, GatewayConfig};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+const TUNNEL: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An upstream: `/hold` waits for a permit of the gate (and says it arrived), anything else is
+/// `ok`.
+async fn upstream(gate: Arc<Semaphore>, arrived: Arc<Notify>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (gate, arrived) = (Arc::clone(&gate), Arc::clone(&arrived));
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (gate, arrived) = (Arc::clone(&gate), Arc::clone(&arrived));
+                    async move {
+                        if request.uri().path() == "/hold" {
+                            arrived.notify_one();
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn gateway(config: GatewayConfig) -> (Arc<Gateway>, SocketAddr, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let gateway = Gateway::new(config, stop.clone()).unwrap();
+    let serving = Arc::clone(&gateway);
+    tokio::spawn(async move { serving.serve(listener).await });
+    (gateway, addr, stop)
+}
+
+fn agent(gateway: SocketAddr, upstream: SocketAddr, secret: Option<&str>) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
+    command
+        .args(["--tunnel-id", TUNNEL, "--upstream", &upstream.to_string()])
+        .args(["--gateway", &format!("ws://{gateway}/ws"), "--drain-timeout", "10s"])
+        .env_remove("FERRY_SECRET")
+        .env_remove("GATEWAY_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(secret) = secret {
+        command.env("FERRY_SECRET", secret);
+    }
+    command.spawn().unwrap()
+}
+
+async fn get(url: String) -> (StatusCode, Bytes) {
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = client.request(Request::get(url).body(Empty::new()).unwrap()).await.unwrap();
+    let status = response.status();
+    (status, response.into_body().collect().await.unwrap().to_bytes())
+}
+
+fn signal(child: &Child, name: &str) {
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success());
+}
+
+#[tokio::test]
+async fn the_secret_comes_from_the_environment_and_signals_drain() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let gate = Arc::new(Semaphore::new(0));
+        let arrived = Arc::new(Notify::new());
+        let up = upstream(Arc::clone(&gate), Arc::clone(&arrived)).await;
+        let config = GatewayConfig {
+            auth: AuthSource::Shared(Secret::new("from the environment").unwrap()),
+            ..GatewayConfig::default()
+        };
+        let (gateway, addr, _stop) = gateway(config).await;
+        let id: TunnelId = TUNNEL.parse().unwrap();
+        for signal_name in ["TERM", "INT"] {
+            let mut child = agent(addr, up, Some("from the environment"));
+            gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+            let url = format!("http://{addr}/t/{TUNNEL}/hold");
+            let held = tokio::spawn(get(url));
+            arrived.notified().await;
+            let started = Instant::now();
+            signal(&child, signal_name);
+            // The gateway hears the drain and stops routing to this agent...
+            gateway.registry.wait_until(|r| r.of(&id).iter().all(|s| !s.accepts_requests())).await;
+            // ...the request in flight completes, and the agent exits 0.
+            gate.add_permits(1);
+            assert_eq!(held.await.unwrap(), (StatusCode::OK, Bytes::from_static(b"ok")));
+            let status = child.wait().await.unwrap();
+            println!("SIG{signal_name}: agent drained and exited {status} after {:?}", started.elapsed());
+            assert!(status.success(), "SIG{signal_name}: {status}");
+            gateway.registry.wait_until(|r| r.of(&id).is_empty()).await;
+        }
+        // The wrong secret in the environment: refused, and the agent says so.
+        let mut child = agent(addr, up, Some("another one"));
+        let mut stderr = child.stderr.take().unwrap();
+        let mut log = Vec::new();
+        let reading = async {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 4096];
+            while !String::from_utf8_lossy(&log).contains("bad_credentials") {
+                let n = stderr.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the agent ended without saying why");
+                log.extend(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reading).await.unwrap();
+        assert!(gateway.registry.of(&id).is_empty());
+        child.kill().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_secret_source_stops_the_agent_at_start() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let empty = std::env::temp_dir().join(format!("ferry-empty-secret-{}", std::process::id()));
+        std::fs::write(&empty, "\n").unwrap();
+        let cases: [(Vec<String>, Option<&str>, &str); 3] = [
+            (vec![], Some(""), "FERRY_SECRET"),
+            (vec!["--secret-file".into(), empty.display().to_string()], None, "ferry-empty-secret"),
+            (vec!["--secret-file".into(), "/nonexistent/secret".into()], None, "/nonexistent/secret"),
+        ];
+        for (args, env, named) in cases {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
+            command
+                .args(["--tunnel-id", TUNNEL, "--upstream", "127.0.0.1:9"])
+                .args(&args)
+                .env_remove("FERRY_SECRET");
+            if let Some(value) = env {
+                command.env("FERRY_SECRET", value);
+            }
+            let output = command.output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{args:?} {env:?} started");
+            assert!(stderr.contains(named), "{args:?} {env:?}: {stderr}");
+        }
+        std::fs::remove_file(empty).unwrap();
+    })
+    .await
+    .unwrap();
+}
