@@ -6,7 +6,15 @@
 //! messages. Pings, pongs and close frames are handled here and never leak into the byte stream;
 //! an empty message is just empty, never end-of-stream; a text message is a protocol error.
 //!
-//! Every buffer is bounded: tungstenite's by [`websocket_config`], ours by [`MAX_PENDING_WRITE`].
+//! Every buffer is bounded: tungstenite's by [`websocket_config`], ours by [`MAX_PENDING_WRITE`]
+//! and [`MAX_READ_AHEAD`].
+//!
+//! Reading goes on while a write waits. yamux stops reading its socket while it has a reply (a
+//! pong) it cannot write yet; if both peers push data, both send buffers fill, each holds a pong
+//! for the other and neither reads: the session deadlocks (rust-yamux #227, seen here with 1,000
+//! downloads at once). So when a write has to wait, [`WsIo`] reads what the peer sent into a
+//! bounded queue, which lets the peer's writes (its pong among them) go out, and the peer reads
+//! again; yamux gets the queued messages when it asks.
 
 use std::io;
 use std::pin::Pin;
@@ -32,6 +40,11 @@ pub const MAX_PENDING_WRITE: usize = 256 * 1024;
 /// Largest WebSocket message (and frame) accepted. Our own messages are at most
 /// [`MAX_PENDING_WRITE`] plus one yamux frame (at most 1 MiB by yamux's own limit).
 pub const MAX_MESSAGE_LEN: usize = 2 * 1024 * 1024;
+/// Most flushes deferred in a row (see `WsIo::poll_flush`): 32 window updates are 384 bytes.
+const MAX_DEFERRED_FLUSHES: u32 = 32;
+/// Most bytes read ahead (while a write waits) and not yet taken by yamux. A peer only sends data
+/// within the credit we gave it; this only has to make room for its next writes, not hold them.
+pub const MAX_READ_AHEAD: usize = 1024 * 1024;
 /// tungstenite buffers at most this much unsent data before `poll_ready` waits for the socket;
 /// the default is unbounded.
 pub const MAX_WRITE_BUFFER: usize = 512 * 1024;
@@ -65,6 +78,13 @@ pub struct WsIo<S> {
     write_buf: BytesMut,
     /// Whether something was written since the last `poll_flush` (see `poll_flush`).
     dirty: bool,
+    /// Flushes deferred in a row since bytes last went out.
+    deferred: u32,
+    /// Messages read ahead while a write waited, oldest first, and their size.
+    read_ahead: std::collections::VecDeque<Bytes>,
+    read_ahead_len: usize,
+    /// An error met while reading ahead, for the next read.
+    read_error: Option<io::Error>,
     read_closed: bool,
     counters: Arc<IoCounters>,
 }
@@ -91,8 +111,62 @@ where
             read_buf: Bytes::new(),
             write_buf: BytesMut::new(),
             dirty: false,
+            deferred: 0,
+            read_ahead: std::collections::VecDeque::new(),
+            read_ahead_len: 0,
+            read_error: None,
             read_closed: false,
             counters,
+        }
+    }
+
+    /// Polls the WebSocket for its next binary message: `Ready(None)` at its end.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        loop {
+            match ready!(self.ws.poll_next_unpin(cx)) {
+                Some(Ok(Message::Binary(data))) => {
+                    self.counters.rx.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                // tungstenite queues the pong itself; pongs and raw frames carry nothing for us.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text message on a ferry session",
+                    ))));
+                }
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(None),
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Poll::Ready(None),
+                Some(Err(err)) => {
+                    // Best effort, at once (the session ends with this error and never closes the
+                    // WebSocket cleanly): a peer that broke the protocol hears why.
+                    if let Some(frame) = close_frame_for(&err)
+                        && let Poll::Ready(Ok(())) = self.ws.poll_ready_unpin(cx)
+                        && self.ws.start_send_unpin(Message::Close(Some(frame))).is_ok()
+                    {
+                        let _ = self.ws.poll_flush_unpin(cx);
+                    }
+                    return Poll::Ready(Some(Err(ws_to_io(err))));
+                }
+            }
+        }
+    }
+
+    /// A write has to wait: read what the peer sent meanwhile (up to [`MAX_READ_AHEAD`]), so the
+    /// peer is never stuck writing to us while we are stuck writing to it. Registers this task
+    /// for reads too, so it wakes when more arrives.
+    fn read_ahead(&mut self, cx: &mut Context<'_>) {
+        while !self.read_closed && self.read_error.is_none() && self.read_ahead_len < MAX_READ_AHEAD {
+            match self.poll_message(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    self.read_ahead_len += data.len();
+                    self.read_ahead.push_back(data);
+                }
+                Poll::Ready(Some(Err(err))) => self.read_error = Some(err),
+                Poll::Ready(None) => self.read_closed = true,
+                Poll::Pending => return,
+            }
         }
     }
 
@@ -102,6 +176,7 @@ where
             return Poll::Ready(Ok(()));
         }
         ready!(self.ws.poll_ready_unpin(cx)).map_err(ws_to_io)?;
+        self.deferred = 0;
         let message = self.write_buf.split().freeze();
         self.counters.tx.fetch_add(message.len() as u64, Ordering::Relaxed);
         self.ws.start_send_unpin(Message::Binary(message)).map_err(ws_to_io)?;
@@ -130,35 +205,24 @@ where
                 this.read_buf.advance(n);
                 return Poll::Ready(Ok(n));
             }
-            if this.read_closed || buf.is_empty() {
+            if buf.is_empty() {
                 return Poll::Ready(Ok(0));
             }
-            match ready!(this.ws.poll_next_unpin(cx)) {
-                Some(Ok(Message::Binary(data))) => {
-                    this.counters.rx.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    this.read_buf = data;
-                }
-                // tungstenite queues the pong itself; pongs and raw frames carry nothing for us.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text message on a ferry session",
-                    )));
-                }
-                Some(Ok(Message::Close(_))) | None => this.read_closed = true,
-                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => this.read_closed = true,
-                Some(Err(err)) => {
-                    // Best effort, at once (the session ends with this error and never closes the
-                    // WebSocket cleanly): a peer that broke the protocol hears why.
-                    if let Some(frame) = close_frame_for(&err)
-                        && let Poll::Ready(Ok(())) = this.ws.poll_ready_unpin(cx)
-                        && this.ws.start_send_unpin(Message::Close(Some(frame))).is_ok()
-                    {
-                        let _ = this.ws.poll_flush_unpin(cx);
-                    }
-                    return Poll::Ready(Err(ws_to_io(err)));
-                }
+            if let Some(data) = this.read_ahead.pop_front() {
+                this.read_ahead_len -= data.len();
+                this.read_buf = data;
+                continue;
+            }
+            if let Some(err) = this.read_error.take() {
+                return Poll::Ready(Err(err));
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(0));
+            }
+            match ready!(this.poll_message(cx)) {
+                Some(Ok(data)) => this.read_buf = data,
+                Some(Err(err)) => return Poll::Ready(Err(err)),
+                None => this.read_closed = true,
             }
         }
     }
@@ -169,8 +233,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.write_buf.len() >= MAX_PENDING_WRITE {
-            ready!(self.poll_send_buffered(cx))?;
+        if self.write_buf.len() >= MAX_PENDING_WRITE && self.poll_send_buffered(cx)?.is_pending() {
+            self.read_ahead(cx);
+            return Poll::Pending;
         }
         self.write_buf.extend_from_slice(buf);
         self.dirty = true;
@@ -181,15 +246,25 @@ where
     /// and a syscall per frame would cost more than the frames themselves, so a flush that comes
     /// right after new writes is deferred: this task is woken to run again at once, and the
     /// bytes go out (as one message) at the first flush with nothing new written before it —
-    /// when yamux has no more frames ready — or as soon as [`MAX_PENDING_WRITE`] bytes wait.
+    /// when yamux has no more frames ready — or as soon as [`MAX_PENDING_WRITE`] bytes wait, or
+    /// after [`MAX_DEFERRED_FLUSHES`] deferrals in a row: with many streams there is always one
+    /// more small frame (a window update) ready, and holding them back starves the peer of
+    /// credit (measured: 1,000 downloads at once crawled at 5 MB/s).
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.dirty && self.write_buf.len() < MAX_PENDING_WRITE {
+        if self.dirty && self.write_buf.len() < MAX_PENDING_WRITE && self.deferred < MAX_DEFERRED_FLUSHES {
             self.dirty = false;
+            self.deferred += 1;
             cx.waker().wake_by_ref();
             return Poll::Ready(Ok(()));
         }
-        ready!(self.poll_send_buffered(cx))?;
-        self.ws.poll_flush_unpin(cx).map_err(ws_to_io)
+        let flushed = match self.poll_send_buffered(cx)? {
+            Poll::Ready(()) => self.ws.poll_flush_unpin(cx).map_err(ws_to_io),
+            Poll::Pending => Poll::Pending,
+        };
+        if flushed.is_pending() {
+            self.read_ahead(cx);
+        }
+        flushed
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
