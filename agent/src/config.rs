@@ -24,6 +24,10 @@ pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(55);
 /// response is cut (the client sees it incomplete) and the upstream connection closed. Longer than
 /// the keep-alive comments server-sent-event streams send (15-30 s) and a typical long poll.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most idle connections kept open to one upstream. After a burst of 10,000 requests the agent
+/// would otherwise hold 10,000 idle sockets (and the upstream as many) for the idle timeout;
+/// 1,024 covers a thousand clients in steady keep-alive use without reconnects.
+pub const POOL_MAX_IDLE_PER_UPSTREAM: usize = 1024;
 /// Idle pooled upstream connections are closed after this.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A session that lasted this long resets the reconnect backoff.
