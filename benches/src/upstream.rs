@@ -19,6 +19,7 @@
 //! | `GET /reset?declared=N&after=M` | announces `N` bytes (none: chunked), sends `M`, then drops the connection |
 //! | `GET /ws` | WebSocket echo |
 //! | `GET /drip?n=N&chunk=C&interval_ms=I` | `N` bytes with `Content-Length`, `C` bytes every `I` ms |
+//! | `GET /barrier?n=N&id=X` | waits until `N` barrier requests have arrived (in all), then answers `X` |
 //! | `GET /stall?after=N` | announces 1 GiB, sends `N` bytes, then nothing (the connection stays open) |
 
 use std::collections::HashMap;
@@ -80,6 +81,9 @@ pub struct UpstreamStats {
     pub cancelled: AtomicU64,
     /// `/hold` requests waiting now (watchable, so a test can wait for a count).
     pub held: watch::Sender<u64>,
+    /// `/barrier` requests that have arrived (watchable; they are answered once it reaches
+    /// their `n`).
+    pub barrier: watch::Sender<u64>,
     /// `/hold` requests each take one permit to finish; `/sse?gated=1` takes one per event
     /// after the first.
     pub gate: Semaphore,
@@ -96,6 +100,7 @@ impl Default for UpstreamStats {
             targets: Mutex::default(),
             cancelled: AtomicU64::new(0),
             held: watch::Sender::new(0),
+            barrier: watch::Sender::new(0),
             gate: Semaphore::new(0),
         }
     }
@@ -279,6 +284,10 @@ async fn handle(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Respon
             number(&params, "interval_ms", 10),
             stats,
         ),
+        (Method::GET, ["barrier"]) => {
+            let id = params.get("id").cloned().unwrap_or_default();
+            barrier(number(&params, "n", 1), id, &stats).await
+        }
         (Method::GET, ["stall"]) => stall(number(&params, "after", 1024).min(CHUNK as u64) as usize, stats),
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found"),
     }
@@ -436,6 +445,17 @@ async fn slow(ms: u64, stats: &UpstreamStats) -> Response<Body> {
     tokio::time::sleep(Duration::from_millis(ms)).await;
     stats.slow_in_flight.fetch_sub(1, Ordering::SeqCst);
     full(StatusCode::OK, "text/plain", "slow done")
+}
+
+/// Waits until `n` barrier requests arrived, then answers with `id`: each client must get its
+/// own answer back, however many are in flight.
+async fn barrier(n: u64, id: String, stats: &UpstreamStats) -> Response<Body> {
+    stats.barrier.send_modify(|count| *count += 1);
+    let mut arrived = stats.barrier.subscribe();
+    if arrived.wait_for(|count| *count >= n).await.is_err() {
+        return full(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "barrier gone");
+    }
+    full(StatusCode::OK, "text/plain", id)
 }
 
 /// Waits for a permit of the gate; the count of waiting requests is watchable.

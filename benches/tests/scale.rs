@@ -43,6 +43,7 @@ async fn start_gateway(shutdown: &CancellationToken) -> (Arc<Gateway>, SocketAdd
     let config = GatewayConfig {
         max_connections_per_address: usize::MAX,
         max_handshakes: usize::MAX,
+        max_client_requests: usize::MAX,
         ..GatewayConfig::default()
     };
     let gateway = Gateway::new(config, shutdown.clone()).unwrap();
@@ -240,4 +241,94 @@ async fn download_over_a_20ms_round_trip() {
         size / MIB
     );
     shutdown.cancel();
+}
+
+/// Open files of this process.
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Fault matrix T-7: 10,000 requests at once, each with its own id, held at the upstream until
+/// all have arrived, over one session (a) and over 10 replicas of the tunnel (b). Every client
+/// gets its own id back, nothing deadlocks, and everything is released afterwards.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "heavy (fault matrix T-7): run by scripts/faults-heavy"]
+async fn t07_ten_thousand_concurrent_streams() {
+    for agents in [1usize, 10] {
+        let shutdown = CancellationToken::new();
+        let upstream_addr = {
+            let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            probe.local_addr().unwrap()
+        };
+        // Its own process: 10,000 upstream connections need their own files.
+        let _upstream = tokio::process::Command::new(env!("CARGO_BIN_EXE_sample-upstream"))
+            .args(["--listen", &upstream_addr.to_string()])
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        while TcpStream::connect(upstream_addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (gateway, addr) = start_gateway(&shutdown).await;
+        let tunnel = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_barrier";
+        for _ in 0..agents {
+            tokio::spawn(ferry_agent::run(agent(tunnel, upstream_addr, addr), shutdown.clone()));
+        }
+        let id = tunnel.parse().unwrap();
+        gateway.registry.wait_until(|r| r.of(&id).len() == agents).await;
+        let files_before = open_files();
+        let before = rss_mb();
+        let clients: Vec<Client<_, Body>> =
+            (0..40).map(|_| Client::builder(TokioExecutor::new()).http2_only(true).build_http()).collect();
+        let started = Instant::now();
+        let mut requests = Vec::with_capacity(10_000);
+        for i in 0..10_000 {
+            let client = clients[i % 40].clone();
+            let url = format!("http://{addr}/t/{tunnel}/barrier?n=10000&id=request-{i}");
+            requests.push(tokio::spawn(async move {
+                let response = client.request(Request::get(url).body(empty()).unwrap()).await?;
+                let body = response.into_body().collect().await?.to_bytes();
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(body)
+            }));
+        }
+        let mut peak_rss = 0;
+        let mut own = 0;
+        for (i, request) in requests.into_iter().enumerate() {
+            let body =
+                tokio::time::timeout(Duration::from_secs(120), request).await.expect("deadlock").unwrap();
+            peak_rss = peak_rss.max(rss_mb());
+            if body.ok().as_deref() == Some(format!("request-{i}").as_bytes()) {
+                own += 1;
+            }
+        }
+        let took = started.elapsed();
+        drop(clients);
+        let sessions = gateway.registry.of(&id);
+        let streams_left = tokio::time::timeout(Duration::from_secs(10), async {
+            while sessions.iter().any(|s| s.open_streams() > 0 || s.in_flight() > 0) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        println!(
+            "SCALE t07 agents={agents} own_id={own}/10000 total_s={:.1} rss_mb={peak_rss} (from {before}; gateway, agents and clients in one process) files={}->{}",
+            took.as_secs_f64(),
+            files_before,
+            open_files()
+        );
+        assert_eq!(own, 10_000, "every client gets its own answer");
+        assert!(streams_left.is_ok(), "streams left open after the run");
+        // What stays open: the agents' pools of idle upstream connections (capped per agent).
+        let pooled = agents * ferry_agent::config::POOL_MAX_IDLE_PER_UPSTREAM;
+        let settled = tokio::time::timeout(Duration::from_secs(10), async {
+            while open_files() > files_before + pooled.min(10_000) + 64 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(settled.is_ok(), "{} files open, {files_before} before", open_files());
+        assert!(peak_rss < 2048, "{peak_rss} MiB");
+        shutdown.cancel();
+    }
 }
