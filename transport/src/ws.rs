@@ -237,9 +237,12 @@ where
             self.read_ahead(cx);
             return Poll::Pending;
         }
-        self.write_buf.extend_from_slice(buf);
+        // At most one message's worth: tungstenite refuses a message over its write buffer
+        // bound, and the peer one over `MAX_MESSAGE_LEN`.
+        let n = buf.len().min(MAX_PENDING_WRITE - self.write_buf.len());
+        self.write_buf.extend_from_slice(&buf[..n]);
         self.dirty = true;
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(n))
     }
 
     /// yamux flushes after every frame it writes, then looks for more frames. Sending a message
