@@ -48,7 +48,24 @@ impl GatewayProcess {
     }
 
     fn try_start(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self, (String, String)> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        Self::try_start_via(&[], listen, args, env)
+    }
+
+    /// As `try_start`, with the gateway run by `wrapper` (for example `faketime -f +10m`).
+    fn try_start_via(
+        wrapper: &[&str],
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, (String, String)> {
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(env!("CARGO_BIN_EXE_gateway"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_gateway")),
+        };
         command.args(["--listen", listen]).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
         command.env_remove("FERRY_SECRET").env_remove("FERRY_ADMIN_TOKEN").env("RUST_LOG", "info");
         for (key, value) in env {
@@ -601,6 +618,78 @@ async fn t19_a_gateway_answering_with_a_bad_mac_is_not_served() {
                 assert!(last.needs_attention());
             }
             other => panic!("{other:?}"),
+        }
+    })
+    .await;
+}
+
+/// The UTC time of the first line of a log (tracing's default format starts each line with it),
+/// as seconds since the epoch.
+fn first_log_time(log: &str) -> Option<i64> {
+    let stamp = log.lines().next()?.split_whitespace().next()?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, d) = (ymd.next()?.ok()?, ymd.next()?.ok()?, ymd.next()?.ok()?);
+    let mut hms = time.trim_end_matches('Z').split(':');
+    let (h, min) = (hms.next()?.parse::<i64>().ok()?, hms.next()?.parse::<i64>().ok()?);
+    let sec = hms.next()?.parse::<f64>().ok()? as i64;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some(days * 86_400 + h * 3600 + min * 60 + sec)
+}
+
+/// T-16: the gateway's clock 10 and 4 minutes behind and ahead of the agent's (the gateway runs
+/// under libfaketime). The handshake proves freshness with the gateway's nonce, not with a
+/// timestamp, so every offset authenticates and serves; the gateway's own log shows the skew
+/// was real. Needs the `faketime` program (Debian `faketime`; `.ci/run` installs it).
+#[tokio::test]
+async fn t16_clock_skew() {
+    let _serial = serial();
+    if Command::new("faketime").arg("--version").output().is_err() {
+        // `.ci/run` installs it and sets FERRY_CI, so there this always runs.
+        assert!(std::env::var_os("FERRY_CI").is_none(), "T-16 needs faketime: apt-get install -y faketime");
+        eprintln!(
+            "\n*** T-16 (t16_clock_skew) NOT RUN: the faketime program is missing (apt-get install -y faketime) ***\n"
+        );
+        return;
+    }
+    bounded(async {
+        let (up, _stats, _stop) = upstream().await;
+        let id = tunnel("skew");
+        for offset_s in [-600i64, -240, 240, 600] {
+            let offset = format!("{offset_s:+}s");
+            let gateway = GatewayProcess::try_start_via(
+                &["faketime", "-f", &offset],
+                "127.0.0.1:0",
+                &[],
+                &[("FERRY_SECRET", "skewed clocks, same secret")],
+            )
+            .unwrap_or_else(|(status, log)| {
+                panic!("gateway under faketime {offset} exited ({status}): {log}")
+            });
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let seen =
+                first_log_time(&gateway.log()).unwrap_or_else(|| panic!("no time in {}", gateway.log()));
+            assert!(
+                (seen - now - offset_s).abs() < 30,
+                "the gateway's clock is not {offset} off: {seen} vs {now}"
+            );
+            let mut config = agent_for(gateway.addr, &id, up);
+            config.secret = Some(Secret::new("skewed clocks, same secret").unwrap());
+            let agent = spawn_agent(config);
+            gateway.wait_for_sessions(&id, 1).await;
+            let response = client()
+                .request(Request::get(gateway.url(&id, "/bytes/100")).body(empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "offset {offset}");
+            println!("T-16: gateway clock {offset}: authenticated and served");
+            agent.kill();
         }
     })
     .await;
