@@ -350,17 +350,16 @@ fn stall(after: usize, stats: Arc<UpstreamStats>) -> Response<Body> {
 
 /// `n` pattern bytes in `chunk`-byte frames, produced only as hyper asks for them.
 fn download(n: u64, chunk: usize, with_length: bool, stats: Arc<UpstreamStats>) -> Response<Body> {
-    let frames = stream::unfold(0u64, move |offset| {
-        let stats = Arc::clone(&stats);
-        async move {
-            if offset >= n {
-                return None;
-            }
-            let data = pattern(offset, (n - offset).min(chunk as u64) as usize);
-            stats.produced.fetch_add(data.len() as u64, Ordering::Relaxed);
-            let next = offset + data.len() as u64;
-            Some((Ok::<_, BoxError>(Frame::data(data)), next))
+    let watch = CancelWatch { stats, done: false };
+    let frames = stream::unfold((0u64, watch), move |(offset, mut watch)| async move {
+        if offset >= n {
+            watch.finished();
+            return None;
         }
+        let data = pattern(offset, (n - offset).min(chunk as u64) as usize);
+        watch.stats.produced.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let next = offset + data.len() as u64;
+        Some((Ok::<_, BoxError>(Frame::data(data)), (next, watch)))
     });
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));

@@ -156,6 +156,12 @@ pub struct GatewayConfig {
     pub max_client_requests: usize,
     /// See [`SEND_IDLE_TIMEOUT`].
     pub send_idle_timeout: Duration,
+    /// Kernel send buffer (`SO_SNDBUF`) of each public connection; `None` leaves it to the
+    /// kernel's autotuning (up to `net.ipv4.tcp_wmem`'s maximum, 4 MiB, per connection). A
+    /// thousand clients that stop reading each park that much in the host's TCP memory; past
+    /// `net.ipv4.tcp_mem` the kernel lets their writes trickle on as memory frees, which keeps
+    /// their send-idle deadline from firing and slows every socket on the host.
+    pub client_send_buffer: Option<usize>,
     /// See [`BODY_IDLE_TIMEOUT`].
     pub body_idle_timeout: Duration,
     /// Per-tunnel settings that replace the gateway-wide ones.
@@ -198,6 +204,7 @@ impl Default for GatewayConfig {
             max_tunnel_requests: MAX_TUNNEL_REQUESTS,
             max_client_requests: MAX_CLIENT_REQUESTS,
             send_idle_timeout: SEND_IDLE_TIMEOUT,
+            client_send_buffer: None,
             body_idle_timeout: BODY_IDLE_TIMEOUT,
             tunnel_overrides: HashMap::new(),
             tunnel_rate: None,

@@ -126,6 +126,12 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     send_idle_timeout: Duration,
 
+    /// Kernel send buffer of each public connection (e.g. 512KiB); by default the kernel sizes
+    /// it (up to 4 MiB each on Linux). Bounding it bounds what clients that stop reading can
+    /// park in the gateway host's memory, so their send-idle deadline is met on time.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    client_send_buffer: Option<u64>,
+
     /// How long a client may pause in the middle of its request body before the request is cut
     /// (408) and the upstream's request aborted.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -187,6 +193,7 @@ struct ConfigFile {
     max_tunnel_requests: Option<u64>,
     max_client_requests: Option<u64>,
     send_idle_timeout: Option<String>,
+    client_send_buffer: Option<toml::Value>,
     body_idle_timeout: Option<String>,
     max_connections_per_address: Option<u64>,
     max_handshakes: Option<u64>,
@@ -277,6 +284,15 @@ impl Args {
         config.max_client_requests = self.max_client_requests;
         anyhow::ensure!(!self.send_idle_timeout.is_zero(), "--send-idle-timeout must be positive");
         config.send_idle_timeout = self.send_idle_timeout;
+        config.client_send_buffer = self
+            .client_send_buffer
+            .map(|size| {
+                usize::try_from(size)
+                    .ok()
+                    .filter(|n| (4096..=64 << 20).contains(n))
+                    .context("--client-send-buffer must be between 4KiB and 64MiB")
+            })
+            .transpose()?;
         anyhow::ensure!(!self.body_idle_timeout.is_zero(), "--body-idle-timeout must be positive");
         config.body_idle_timeout = self.body_idle_timeout;
         anyhow::ensure!(

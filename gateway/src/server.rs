@@ -163,6 +163,11 @@ async fn serve_connection(
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");
     }
+    if let Some(size) = gateway.config.client_send_buffer
+        && let Err(err) = socket2::SockRef::from(&socket).set_send_buffer_size(size)
+    {
+        debug!(%err, "could not set the send buffer size");
+    }
     // From accept to the first complete request head, whatever the protocol.
     let head_deadline = tokio::time::Instant::from_std(accepted + gateway.config.header_read_timeout);
     let Some(tls) = &gateway.tls else {

@@ -78,13 +78,16 @@ impl GatewayProcess {
         let writer = Arc::clone(&log);
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut log = writer.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                // After the line is in the log: a caller that was told "ready" finds it there.
                 if let Some(at) = line.find("gateway listening addr=") {
                     let addr = line[at + 23..].split_whitespace().next().unwrap_or("").to_owned();
                     let _ = ready_tx.send(addr);
                 }
-                let mut log = writer.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         });
         match ready_rx.recv_timeout(Duration::from_secs(20)) {
