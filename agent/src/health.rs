@@ -1,26 +1,20 @@
-//! Upstream health: an optional HTTP probe on a schedule, and a circuit breaker that opens after
-//! consecutive connection failures. The combined state goes to the gateway on the control stream,
-//! so it can prefer healthy replicas and answer at once when none is.
+//! Upstream health as the agent reports it: a circuit breaker that opens after consecutive
+//! connection failures, combined with the last health probe's verdict. The combined state goes to
+//! the gateway on the control stream, so it can prefer healthy replicas and answer at once when
+//! none is.
+//!
+//! This is the state machine only: no I/O, no clock (every call takes `now`), so it is tested
+//! without either. The probes that feed it live in `probe`.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_codec::control::HealthState;
-use http::{Request, Uri};
-use http_body_util::{BodyExt, Limited};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-use crate::config::AgentConfig;
-use crate::upstream::UpstreamClient;
 
 /// The state the gateway is told, with a short reason.
 pub(crate) type Report = (HealthState, String);
-
-/// Longest a single health probe may take.
-const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct State {
@@ -38,13 +32,26 @@ struct State {
     reached: bool,
 }
 
-/// Health of the upstream(s), shared by every stream and session.
+impl State {
+    fn report(&self) -> Report {
+        if self.open_since.is_some() {
+            (HealthState::Unhealthy, format!("circuit open: {}", self.last_error))
+        } else if let Some(failure) = &self.probe_failure {
+            (HealthState::Unhealthy, failure.clone())
+        } else if self.reached {
+            (HealthState::Healthy, String::new())
+        } else {
+            (HealthState::Unknown, String::new())
+        }
+    }
+}
+
+/// Health of the upstream(s), shared by every stream and session. The state lives under one
+/// lock (held for a few instructions, never across an `.await`); `report` only announces its
+/// changes to the sessions.
 #[derive(Debug)]
 pub(crate) struct Health {
     state: Mutex<State>,
-    /// Fast path for every request: the breaker is closed and nothing has failed since the
-    /// last success, so neither `admit` nor a successful `record` needs the lock.
-    clean: AtomicBool,
     report: watch::Sender<Report>,
     failures_to_open: u32,
     cooldown: Duration,
@@ -57,7 +64,7 @@ pub(crate) enum Admission<'a> {
     Go,
     /// Yes, as the one trial while the breaker is open; resolve it with [`Health::record`].
     Trial(TrialGuard<'a>),
-    /// No: the breaker is open. The reason, for the client.
+    /// No: the breaker is open. The reason, for the log.
     Refuse(String),
 }
 
@@ -72,13 +79,14 @@ impl Drop for TrialGuard<'_> {
 }
 
 impl Health {
-    pub(crate) fn new(config: &AgentConfig) -> Self {
+    /// A breaker that opens after `failures_to_open` connection failures in a row and lets one
+    /// trial through each `cooldown` while open.
+    pub(crate) fn new(failures_to_open: u32, cooldown: Duration) -> Self {
         Self {
             state: Mutex::default(),
-            clean: AtomicBool::new(false),
             report: watch::Sender::new((HealthState::Unknown, String::new())),
-            failures_to_open: config.breaker_failures.max(1),
-            cooldown: config.breaker_cooldown,
+            failures_to_open: failures_to_open.max(1),
+            cooldown,
         }
     }
 
@@ -91,16 +99,18 @@ impl Health {
         self.report.subscribe()
     }
 
-    /// Asks to send a request upstream.
-    pub(crate) fn admit(&self) -> Admission<'_> {
-        if self.clean.load(Ordering::Relaxed) {
-            return Admission::Go;
-        }
+    /// How long the breaker waits between trials.
+    pub(crate) fn cooldown(&self) -> Duration {
+        self.cooldown
+    }
+
+    /// Asks to send a request upstream at `now`.
+    pub(crate) fn admit(&self, now: Instant) -> Admission<'_> {
         let mut state = self.lock();
         let Some(since) = state.open_since else {
             return Admission::Go;
         };
-        if since.elapsed() >= self.cooldown && !state.trial {
+        if now.saturating_duration_since(since) >= self.cooldown && !state.trial {
             state.trial = true;
             return Admission::Trial(TrialGuard(self));
         }
@@ -110,75 +120,57 @@ impl Health {
         ))
     }
 
-    /// The outcome of connecting to the upstream: `Ok` once a connection was made (whatever
-    /// the response), `Err` when it could not be.
-    pub(crate) fn record(&self, outcome: Result<(), &str>) {
-        if outcome.is_ok() && self.clean.load(Ordering::Relaxed) {
-            return;
-        }
-        {
-            let mut state = self.lock();
-            match outcome {
-                Ok(()) => {
-                    if state.open_since.is_some() {
-                        info!("upstream reachable again; circuit breaker closed");
-                    }
-                    state.failures = 0;
-                    state.open_since = None;
-                    state.reached = true;
+    /// The outcome, at `now`, of connecting to the upstream: `Ok` once a connection was made
+    /// (whatever the response), `Err` when it could not be.
+    pub(crate) fn record(&self, now: Instant, outcome: Result<(), &str>) {
+        let mut state = self.lock();
+        match outcome {
+            Ok(()) => {
+                if state.failures == 0 && state.reached && !state.trial {
+                    // The common case: nothing to change, nobody to tell.
+                    return;
                 }
-                Err(err) => {
-                    state.failures = state.failures.saturating_add(1);
-                    state.last_error = err.to_owned();
-                    if state.open_since.is_some() || state.failures >= self.failures_to_open {
-                        if state.open_since.is_none() {
-                            warn!(
-                                failures = state.failures,
-                                err, "upstream unreachable; circuit breaker open"
-                            );
-                        }
-                        state.open_since = Some(Instant::now());
-                    }
+                if state.open_since.is_some() {
+                    info!("upstream reachable again; circuit breaker closed");
                 }
-            }
-            state.trial = false;
-        }
-        self.publish();
-    }
-
-    fn is_open(&self) -> bool {
-        self.lock().open_since.is_some()
-    }
-
-    fn probe_result(&self, result: Result<(), String>) {
-        {
-            let mut state = self.lock();
-            if result.is_ok() {
-                // A passing probe closes the breaker: the upstream is back.
                 state.failures = 0;
                 state.open_since = None;
                 state.reached = true;
             }
-            state.probe_failure = result.err();
+            Err(err) => {
+                state.failures = state.failures.saturating_add(1);
+                state.last_error = err.to_owned();
+                if state.open_since.is_some() || state.failures >= self.failures_to_open {
+                    if state.open_since.is_none() {
+                        warn!(failures = state.failures, err, "upstream unreachable; circuit breaker open");
+                    }
+                    state.open_since = Some(now);
+                }
+            }
         }
-        self.publish();
+        state.trial = false;
+        self.publish(&state);
     }
 
-    fn publish(&self) {
-        let report = {
-            let state = self.lock();
-            self.clean
-                .store(state.failures == 0 && state.open_since.is_none() && state.reached, Ordering::Relaxed);
-            if state.open_since.is_some() {
-                (HealthState::Unhealthy, format!("circuit open: {}", state.last_error))
-            } else if let Some(failure) = &state.probe_failure {
-                (HealthState::Unhealthy, failure.clone())
-            } else if state.reached {
-                (HealthState::Healthy, String::new())
-            } else {
-                (HealthState::Unknown, String::new())
-            }
-        };
+    /// Whether the breaker is open.
+    pub(crate) fn is_open(&self) -> bool {
+        self.lock().open_since.is_some()
+    }
+
+    /// The verdict of a health probe: a pass also closes the breaker (the upstream is back).
+    pub(crate) fn probe_result(&self, result: Result<(), String>) {
+        let mut state = self.lock();
+        if result.is_ok() {
+            state.failures = 0;
+            state.open_since = None;
+            state.reached = true;
+        }
+        state.probe_failure = result.err();
+        self.publish(&state);
+    }
+
+    fn publish(&self, state: &State) {
+        let report = state.report();
         self.report.send_if_modified(|current| {
             let changed = *current != report;
             *current = report;
@@ -187,88 +179,74 @@ impl Health {
     }
 }
 
-/// While the breaker is open, tries a TCP connection to every upstream each cool-down and
-/// closes the breaker when all connect. Requests alone could not close it: once the gateway
-/// hears the upstream is unhealthy it stops sending them.
-pub(crate) async fn breaker_loop(health: &Health, config: &AgentConfig, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(health.cooldown) => {}
-        }
-        if !health.is_open() {
-            continue;
-        }
-        let mut failure = None;
-        for upstream in config.upstreams() {
-            let authority = &upstream.authority;
-            let port = authority.port_u16().unwrap_or(if upstream.scheme == http::uri::Scheme::HTTPS {
-                443
-            } else {
-                80
-            });
-            let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-            let connect = tokio::net::TcpStream::connect((host, port));
-            match tokio::time::timeout(config.upstream_connect_timeout, connect).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(err)) => failure = Some(format!("{upstream}: {err}")),
-                Err(_) => failure = Some(format!("{upstream}: connect timed out")),
-            }
-        }
-        match failure {
-            None => health.record(Ok(())),
-            Some(err) => health.record(Err(&err)),
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Probes `GET {upstream}{path}` for every upstream each `interval` until `stop`; 2xx and 3xx
-/// pass.
-pub(crate) async fn probe_loop(
-    health: &Health,
-    client: &UpstreamClient,
-    config: &AgentConfig,
-    path: &str,
-    stop: CancellationToken,
-) {
-    let timeout = config.health_interval.min(MAX_PROBE_TIMEOUT);
-    let mut ticks = tokio::time::interval(config.health_interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let mut failures = Vec::new();
-        for upstream in config.upstreams() {
-            let uri = format!("{upstream}{path}");
-            if let Err(err) = probe(client, &uri, timeout).await {
-                failures.push(format!("{uri}: {err}"));
-            }
-        }
-        let result = if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) };
-        if let Err(err) = &result {
-            warn!(err, "health probe failed");
-        }
-        health.probe_result(result);
-    }
-}
+    const COOLDOWN: Duration = Duration::from_secs(5);
 
-async fn probe(client: &UpstreamClient, uri: &str, timeout: Duration) -> Result<(), String> {
-    let uri: Uri = uri.parse().map_err(|err| format!("bad URL: {err}"))?;
-    let mut request = Request::new(Limited::new(ferry_transport::FrameBody::empty(), usize::MAX));
-    *request.uri_mut() = uri;
-    let response = match tokio::time::timeout(timeout, client.request(request)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => return Err(crate::error_chain(&err)),
-        Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
-    };
-    let status = response.status();
-    // Drain a small body so the connection goes back to the pool.
-    let _ = tokio::time::timeout(timeout, response.into_body().collect()).await;
-    if status.is_success() || status.is_redirection() {
-        Ok(())
-    } else {
-        Err(format!("status {}", status.as_u16()))
+    fn state(health: &Health) -> HealthState {
+        health.subscribe().borrow().0
+    }
+
+    #[test]
+    fn opens_after_failures_in_a_row_and_lets_one_trial_through_per_cooldown() {
+        let health = Health::new(3, COOLDOWN);
+        let t0 = Instant::now();
+        assert_eq!(state(&health), HealthState::Unknown);
+        health.record(t0, Ok(()));
+        assert_eq!(state(&health), HealthState::Healthy);
+        health.record(t0, Err("refused"));
+        health.record(t0, Err("refused"));
+        assert!(matches!(health.admit(t0), Admission::Go), "two failures do not open it");
+        health.record(t0, Err("refused"));
+        assert!(health.is_open());
+        assert_eq!(state(&health), HealthState::Unhealthy);
+        assert!(matches!(health.admit(t0 + COOLDOWN / 2), Admission::Refuse(_)));
+        // After the cool-down: exactly one trial.
+        let trial = health.admit(t0 + COOLDOWN);
+        assert!(matches!(trial, Admission::Trial(_)));
+        assert!(matches!(health.admit(t0 + COOLDOWN), Admission::Refuse(_)), "one trial at a time");
+        drop(trial);
+        // A trial that ended without a verdict frees the slot.
+        let trial = health.admit(t0 + COOLDOWN);
+        assert!(matches!(trial, Admission::Trial(_)));
+        drop(trial);
+        // A failed trial restarts the cool-down from its own time.
+        health.record(t0 + COOLDOWN, Err("refused"));
+        assert!(matches!(health.admit(t0 + COOLDOWN + COOLDOWN / 2), Admission::Refuse(_)));
+        // A successful one closes the breaker.
+        let trial = health.admit(t0 + 2 * COOLDOWN);
+        assert!(matches!(trial, Admission::Trial(_)));
+        health.record(t0 + 2 * COOLDOWN, Ok(()));
+        drop(trial);
+        assert!(!health.is_open());
+        assert!(matches!(health.admit(t0 + 2 * COOLDOWN), Admission::Go));
+        assert_eq!(state(&health), HealthState::Healthy);
+    }
+
+    #[test]
+    fn a_success_resets_the_count_of_failures() {
+        let health = Health::new(2, COOLDOWN);
+        let t0 = Instant::now();
+        health.record(t0, Err("refused"));
+        health.record(t0, Ok(()));
+        health.record(t0, Err("refused"));
+        assert!(!health.is_open());
+    }
+
+    #[test]
+    fn probes_decide_the_report_and_a_passing_probe_closes_the_breaker() {
+        let health = Health::new(1, COOLDOWN);
+        let t0 = Instant::now();
+        health.probe_result(Err("status 500".into()));
+        assert_eq!(*health.subscribe().borrow(), (HealthState::Unhealthy, "status 500".into()));
+        health.probe_result(Ok(()));
+        assert_eq!(state(&health), HealthState::Healthy);
+        health.record(t0, Err("refused"));
+        assert!(health.is_open());
+        health.probe_result(Ok(()));
+        assert!(!health.is_open());
+        assert_eq!(state(&health), HealthState::Healthy);
     }
 }

@@ -1,7 +1,7 @@
 //! The ferry agent: the private side of a tunnel.
 //!
 //! ```text
-//! upstream ◀── hyper client (pooled) ◀── upstream ◀── tunnel (yamux streams) ◀══ WebSocket ══ gateway
+//! upstream ◀── hyper client (pooled) ◀── upstream ◀── session (yamux streams) ◀══ WebSocket ══ gateway
 //!                                                          ▲
 //!                                         connect (dial, handshake, reconnect with backoff)
 //! ```
@@ -14,36 +14,39 @@
 //!
 //! - [`config`] — [`AgentConfig`], the upstream and gateway URL parsers, defaults.
 //! - `connect` — dialling the gateway and the handshake.
-//! - `tunnel` — one session: streams, control stream, drain.
-//! - `upstream` — proxying one stream to the upstream.
+//! - `session` — one session with the gateway: request streams, control stream, drain, go-away.
+//! - `upstream` — the [`Forwarder`](upstream): one request stream to the upstream and back.
 //! - [`filter`] — the agent's own checks (methods, paths, body size, concurrency).
-//! - `health` — the upstream health probe and circuit breaker.
+//! - `health` — the circuit breaker and the health report (a state machine: no I/O, no clock).
+//! - `probe` — what feeds it besides requests: reconnect attempts while open, the health probe.
 //! - [`tls`] — trust for `wss://` (CAs, the gateway's own certificate, key pins) and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
+mod backoff;
 pub mod config;
 mod connect;
 pub mod error;
 pub mod filter;
 mod health;
+mod probe;
+mod session;
 pub mod tls;
-mod tunnel;
 mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use ferry_codec::control::GoAwayReason;
-use ferry_transport::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use config::AgentConfig;
 pub use error::{AgentError, ConnectError};
-use tunnel::SessionEnd;
+use session::SessionEnd;
 
 /// Wait before retrying after an error a person has to fix (bad secret, unknown tunnel): no point
 /// hammering the gateway, but pick up a fix without a restart.
@@ -64,23 +67,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     } else {
         None
     };
-    let upstream = Arc::new(upstream::Upstream {
+    let upstream = Arc::new(upstream::Forwarder {
         client,
         config: Arc::clone(&config),
         in_flight: Default::default(),
-        health: health::Health::new(&config),
+        health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
     });
     let probes = shutdown.child_token();
     let _stop_probes = probes.clone().drop_guard();
     {
         let upstream = Arc::clone(&upstream);
         let probes = probes.clone();
-        tokio::spawn(async move { health::breaker_loop(&upstream.health, &upstream.config, probes).await });
+        tokio::spawn(async move { probe::breaker_loop(&upstream.health, &upstream.config, probes).await });
     }
     if let Some(path) = config.health_path.clone() {
         let upstream = Arc::clone(&upstream);
         tokio::spawn(async move {
-            health::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, probes).await;
+            probe::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, probes).await;
         });
     }
     // Sessions the gateway sent away, finishing their requests beside the current one.
@@ -96,7 +99,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 async fn serve_until_shutdown(
     config: &Arc<AgentConfig>,
     gateway_tls: Option<&tokio_rustls::TlsConnector>,
-    upstream: &Arc<upstream::Upstream>,
+    upstream: &Arc<upstream::Forwarder>,
     shutdown: &CancellationToken,
     draining: &TaskTracker,
 ) -> Result<(), AgentError> {
@@ -116,7 +119,7 @@ async fn serve_until_shutdown(
                     info!(%url, "public URL");
                 }
                 let started = Instant::now();
-                let end = tunnel::serve(upstream, ws, &accepted, shutdown).await;
+                let end = session::serve(upstream, ws, &accepted, shutdown).await;
                 if started.elapsed() >= config.healthy_session {
                     backoff.reset();
                 }

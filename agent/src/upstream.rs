@@ -71,9 +71,11 @@ const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 /// 512 KiB keeps a single download at full speed.
 const UPSTREAM_SOCKET_BUFFER: usize = 512 * 1024;
 
-/// What every stream handler shares.
+/// The request forwarder: what every request stream shares on its way to the upstream (the
+/// pooled client, the configuration, the count in flight, the breaker). Not to be confused with
+/// [`crate::config::Upstream`], the address of one upstream.
 #[derive(Debug)]
-pub(crate) struct Upstream {
+pub(crate) struct Forwarder {
     pub(crate) client: UpstreamClient,
     pub(crate) config: Arc<AgentConfig>,
     /// Streams being served now, across sessions.
@@ -99,7 +101,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// Serves one inbound stream to the end.
-pub(crate) async fn serve_stream(upstream: Arc<Upstream>, mut stream: yamux::Stream) {
+pub(crate) async fn serve_stream(upstream: Arc<Forwarder>, mut stream: yamux::Stream) {
     let span = debug_span!("stream", stream_id = %stream.id(), request_id = tracing::field::Empty);
     async move {
         let _in_flight = InFlight(&upstream.in_flight);
@@ -190,7 +192,7 @@ enum Failure {
 /// Sends the request upstream and the response back. An `Err` is sent before any response head
 /// (after it, failures are reported by `send_body`).
 async fn proxy(
-    upstream: &Upstream,
+    upstream: &Forwarder,
     head: RequestHead,
     mut reader: FrameReader,
     writer: &mut FrameWriter,
@@ -231,7 +233,7 @@ async fn proxy(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
 
-    let _trial = match upstream.health.admit() {
+    let _trial = match upstream.health.admit(std::time::Instant::now()) {
         Admission::Go => None,
         Admission::Trial(guard) => Some(guard),
         Admission::Refuse(detail) => {
@@ -254,8 +256,10 @@ async fn proxy(
         None => request.await,
     };
     match &result {
-        Ok(Err(err)) if err.is_connect() => upstream.health.record(Err(&error_chain(err))),
-        Ok(_) => upstream.health.record(Ok(())),
+        Ok(Err(err)) if err.is_connect() => {
+            upstream.health.record(std::time::Instant::now(), Err(&error_chain(err)))
+        }
+        Ok(_) => upstream.health.record(std::time::Instant::now(), Ok(())),
         // No verdict: the connection may be up and the upstream slow.
         Err(_) => {}
     }

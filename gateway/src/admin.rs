@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use tracing::info;
 
 use crate::Gateway;
-use crate::error::{ProxyError, json_response};
+use crate::error::{PublicError, json_response};
 use crate::routes::Action;
 
 /// How long an admin ping waits for the pong.
@@ -39,15 +39,15 @@ const PROXIED: [header::HeaderName; 3] =
 /// Whether the request may use the admin endpoints.
 ///
 /// # Errors
-/// [`ProxyError::Unauthorized`].
-pub(crate) fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr) -> Result<(), ProxyError> {
+/// [`PublicError::Unauthorized`].
+pub(crate) fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr) -> Result<(), PublicError> {
     let ip = crate::limits::client_ip(peer.ip());
     let proxied = PROXIED.iter().any(|name| headers.contains_key(name));
     if gateway.config.admin_loopback && ip.is_loopback() && !proxied {
         return Ok(());
     }
     let Some(token) = &gateway.config.admin_token else {
-        return Err(ProxyError::Unauthorized);
+        return Err(PublicError::Unauthorized);
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -58,7 +58,7 @@ pub(crate) fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr
     // Compare digests in constant time: neither the token's bytes nor its length leak.
     let presented = Sha256::digest(presented.as_bytes());
     let expected = Sha256::digest(token.expose());
-    if bool::from(presented.ct_eq(&expected)) { Ok(()) } else { Err(ProxyError::Unauthorized) }
+    if bool::from(presented.ct_eq(&expected)) { Ok(()) } else { Err(PublicError::Unauthorized) }
 }
 
 /// `GET /connections` (every session) or `GET /connections/{tunnel_id}` (one tunnel's).
@@ -67,20 +67,20 @@ pub(crate) fn connections(gateway: &Gateway, tunnel: Option<&TunnelId>) -> Respo
         Some(id) => gateway.registry.of(id),
         None => gateway.registry.all(),
     };
-    sessions.sort_by(|a, b| (&a.tunnel_id, a.connected_at).cmp(&(&b.tunnel_id, b.connected_at)));
+    sessions.sort_by(|a, b| (a.tunnel_id(), a.connected_at).cmp(&(b.tunnel_id(), b.connected_at)));
     let list: Vec<serde_json::Value> = sessions.iter().map(|s| s.to_json()).collect();
     json_response(StatusCode::OK, &serde_json::json!({ "sessions": list }))
 }
 
 /// `DELETE /connections/{tunnel_id}`: closes every session of the tunnel now.
-pub(crate) fn close(gateway: &Gateway, tunnel: &TunnelId) -> Result<Response<Full<Bytes>>, ProxyError> {
+pub(crate) fn close(gateway: &Gateway, tunnel: &TunnelId) -> Result<Response<Full<Bytes>>, PublicError> {
     let sessions = gateway.registry.of(tunnel);
     if sessions.is_empty() {
-        return Err(ProxyError::TunnelNotFound);
+        return Err(PublicError::TunnelNotFound);
     }
     for session in &sessions {
-        info!(tunnel_id = %tunnel, session_id = %session.id, "closing session on admin request");
-        session.cancel.cancel();
+        info!(tunnel_id = %tunnel, session_id = %session.identity.id, "closing session on admin request");
+        session.close();
     }
     Ok(json_response(StatusCode::OK, &serde_json::json!({ "closed": sessions.len() })))
 }
@@ -90,30 +90,29 @@ pub(crate) async fn act(
     gateway: &Gateway,
     tunnel: &TunnelId,
     action: Action,
-) -> Result<Response<Full<Bytes>>, ProxyError> {
+) -> Result<Response<Full<Bytes>>, PublicError> {
     let sessions = gateway.registry.of(tunnel);
     if sessions.is_empty() {
-        return Err(ProxyError::TunnelNotFound);
+        return Err(PublicError::TunnelNotFound);
     }
     let mut results = Vec::with_capacity(sessions.len());
     for session in &sessions {
         let result = match action {
             Action::Ping => match tokio::time::timeout(PING_TIMEOUT, session.control.ping()).await {
                 Ok(Ok(rtt)) => {
-                    serde_json::json!({ "session_id": session.id.to_string(), "rtt_ms": rtt.as_secs_f64() * 1000.0 })
+                    serde_json::json!({ "session_id": session.identity.id.to_string(), "rtt_ms": rtt.as_secs_f64() * 1000.0 })
                 }
                 Ok(Err(_)) => {
-                    serde_json::json!({ "session_id": session.id.to_string(), "error": "session closed" })
+                    serde_json::json!({ "session_id": session.identity.id.to_string(), "error": "session closed" })
                 }
                 Err(_) => {
-                    serde_json::json!({ "session_id": session.id.to_string(), "error": "no pong within 5 s" })
+                    serde_json::json!({ "session_id": session.identity.id.to_string(), "error": "no pong within 5 s" })
                 }
             },
             Action::Drain => {
-                info!(tunnel_id = %tunnel, session_id = %session.id, "draining session on admin request");
+                info!(tunnel_id = %tunnel, session_id = %session.identity.id, "draining session on admin request");
                 session.go_away(GoAwayReason::AdminDrain, gateway.config.drain_timeout).await;
-                gateway.registry.touch();
-                serde_json::json!({ "session_id": session.id.to_string(), "draining": true })
+                serde_json::json!({ "session_id": session.identity.id.to_string(), "draining": true })
             }
         };
         results.push(result);

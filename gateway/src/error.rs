@@ -1,4 +1,4 @@
-//! Errors: [`GatewayError`] stops the gateway; [`ProxyError`] ends one request with a JSON answer.
+//! Errors: [`GatewayError`] stops the gateway; [`PublicError`] ends one request with a JSON answer.
 
 use bytes::Bytes;
 use ferry_codec::AbortCode;
@@ -29,7 +29,7 @@ pub enum GatewayError {
 /// error chain or anything else the agent reported (that goes to the logs where it is known).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum ProxyError {
+pub enum PublicError {
     /// No agent serves this tunnel.
     #[error("no agent is connected for this tunnel")]
     TunnelNotFound,
@@ -101,7 +101,7 @@ pub enum ProxyError {
     Unauthorized,
 }
 
-impl ProxyError {
+impl PublicError {
     /// The HTTP status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {

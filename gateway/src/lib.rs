@@ -3,7 +3,7 @@
 //! ```text
 //! public clients ──▶ server (hyper, h1 + h2c) ──▶ routes ──▶ proxy ──▶ registry ──▶ session ══▶ agent
 //!                                                   │                                 ▲
-//!                                                   └──▶ GET /ws ──▶ tunnel (handshake)┘
+//!                                                   └──▶ GET /ws ──▶ endpoint ──▶ lifecycle┘
 //! ```
 //!
 //! Agents dial in to `GET /ws` on the same port as public traffic; after the handshake the
@@ -15,7 +15,8 @@
 //! - `server` — accept loop and per-connection serving.
 //! - `routes` — Host and path routing rules.
 //! - `proxy` — forwarding one request through a tunnel.
-//! - `tunnel` — the agent endpoint, the handshake and the session lifecycle.
+//! - `endpoint` — the agent endpoint: upgrade, handshake, refusals.
+//! - `lifecycle` — one session from its handshake to its close: registration, control messages.
 //! - [`registry`] — live sessions by tunnel id.
 //! - [`session`] — one session as the rest of the gateway sees it.
 //! - [`auth`] — agent secrets, MAC checks, the failed-attempt limiter.
@@ -23,14 +24,16 @@
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - [`tls`] — HTTPS on the public port, certificate reload.
 //! - [`limits`] — connections per address, request rates.
-//! - [`error`] — [`GatewayError`] and [`ProxyError`] (the JSON errors clients see).
+//! - [`error`] — [`GatewayError`] and [`PublicError`] (the JSON errors clients see).
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
 mod admin;
 pub mod auth;
 pub mod config;
+mod endpoint;
 pub mod error;
+mod lifecycle;
 pub mod limits;
 pub mod metrics;
 mod proxy;
@@ -39,7 +42,6 @@ mod routes;
 mod server;
 pub mod session;
 pub mod tls;
-mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +60,7 @@ use tracing::{debug, error, info, warn};
 
 use auth::{AuthFileError, FailureLimiter, Secrets};
 pub use config::GatewayConfig;
-pub use error::{GatewayError, ProxyError};
+pub use error::{GatewayError, PublicError};
 use ferry_codec::control::GoAwayReason;
 use metrics::Metrics;
 use proxy::ResponseBody;
@@ -167,10 +169,10 @@ impl Gateway {
         *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&secrets);
         info!(tunnels = secrets.tunnel_count(), "agent secrets reloaded");
         for session in self.registry.all() {
-            if !secrets.still_allows(&session.tunnel_id, session.secret.as_ref()) {
-                warn!(tunnel_id = %session.tunnel_id, session_id = %session.id, "secret revoked; closing the session");
+            if !secrets.still_allows(&session.identity.tunnel_id, session.identity.secret.as_ref()) {
+                warn!(tunnel_id = %session.identity.tunnel_id, session_id = %session.identity.id, "secret revoked; closing the session");
                 session.go_away(GoAwayReason::CredentialsRevoked, std::time::Duration::ZERO).await;
-                session.cancel.cancel();
+                session.close();
             }
         }
         Ok(())
@@ -219,7 +221,6 @@ impl Gateway {
         for session in self.registry.all() {
             session.go_away(GoAwayReason::Shutdown, self.config.drain_timeout).await;
         }
-        self.registry.touch();
         self.tracker.close();
         if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
             // Connections still busy (and uploads still running): what the deadline cuts.
@@ -280,12 +281,12 @@ impl Gateway {
         // A request that already passed through this gateway (an agent whose upstream leads back
         // here) goes nowhere, not even to the gateway's own pages, where it would look local.
         if self.seen_before(request.headers()) {
-            return ProxyError::LoopDetected.to_response(&self.next_request_id()).map(Either::Left);
+            return PublicError::LoopDetected.to_response(&self.next_request_id()).map(Either::Left);
         }
         // One Host, or the request is ambiguous about where it goes (RFC 9112 §3.2: 400). The
         // target's authority, when it has one (absolute form, HTTP/2), is the one that counts.
         if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
-            return ProxyError::BadRequest("more than one Host header")
+            return PublicError::BadRequest("more than one Host header")
                 .to_response(&self.next_request_id())
                 .map(Either::Left);
         }
@@ -298,7 +299,7 @@ impl Gateway {
         let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
         if path_and_query.len() > self.config.max_uri_len {
             self.metrics.limited(metrics::Limit::UriLength);
-            return ProxyError::UriTooLong.to_response(&self.next_request_id()).map(Either::Left);
+            return PublicError::UriTooLong.to_response(&self.next_request_id()).map(Either::Left);
         }
         let route = route(self.config.domain.as_deref(), host.as_deref(), path_and_query);
         let request_id = self.next_request_id();
@@ -324,8 +325,8 @@ impl Gateway {
         } else {
             match route {
                 // Forwarded above; never reaches this match.
-                Route::Tunnel { .. } => Err(ProxyError::NotFound),
-                Route::AgentConnect => tunnel::accept(self, request, peer),
+                Route::Tunnel { .. } => Err(PublicError::NotFound),
+                Route::AgentConnect => endpoint::accept(self, request, peer),
                 Route::Health if read => Ok(admin::health(self)),
                 Route::Connections if read => Ok(admin::connections(self, None)),
                 Route::TunnelConnections(id) if read => Ok(admin::connections(self, Some(&id))),
@@ -338,9 +339,9 @@ impl Gateway {
                 | Route::Connections
                 | Route::TunnelConnections(_)
                 | Route::ConnectionAction(..)
-                | Route::Metrics => Err(ProxyError::MethodNotAllowed),
-                Route::InvalidTunnelId(text) => Err(ProxyError::InvalidTunnelId(text)),
-                Route::NotFound => Err(ProxyError::NotFound),
+                | Route::Metrics => Err(PublicError::MethodNotAllowed),
+                Route::InvalidTunnelId(text) => Err(PublicError::InvalidTunnelId(text)),
+                Route::NotFound => Err(PublicError::NotFound),
             }
         };
         result.unwrap_or_else(|err| err.to_response(&request_id)).map(Either::Left)

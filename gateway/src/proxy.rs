@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tracing::{Instrument, debug};
 
 use crate::Gateway;
-use crate::error::ProxyError;
+use crate::error::PublicError;
 use crate::limits::{ClientSlot, client_ip, client_key};
 use crate::metrics::Limit;
 use crate::server::{ConnWatch, SendClock};
@@ -59,7 +59,7 @@ pub(crate) async fn forward(
     id: &TunnelId,
     target: String,
     request_id: &str,
-) -> Result<Response<ResponseBody>, ProxyError> {
+) -> Result<Response<ResponseBody>, PublicError> {
     let (session, client_slot) = admit(gateway, id, peer)?;
     let mut session = match session {
         Some(session) => session,
@@ -67,12 +67,12 @@ pub(crate) async fn forward(
     };
     if session.is_unhealthy() {
         debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
-        return Err(ProxyError::UpstreamUnhealthy);
+        return Err(PublicError::UpstreamUnhealthy);
     }
     let max_requests = u64::try_from(gateway.config.max_tunnel_requests).unwrap_or(u64::MAX);
     if gateway.registry.in_flight(id) >= max_requests {
         gateway.metrics.limited(Limit::TunnelConcurrency);
-        return Err(ProxyError::AtCapacity);
+        return Err(PublicError::AtCapacity);
     }
     let overrides = gateway.config.tunnel_overrides.get(id);
     let body_limit =
@@ -81,7 +81,7 @@ pub(crate) async fn forward(
         overrides.and_then(|o| o.response_timeout).unwrap_or(gateway.config.response_timeout);
     if request.body().size_hint().lower() > body_limit {
         gateway.metrics.limited(Limit::BodySize);
-        return Err(ProxyError::PayloadTooLarge);
+        return Err(PublicError::PayloadTooLarge);
     }
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -98,7 +98,7 @@ pub(crate) async fn forward(
             Ok(Ok((stream, slot))) => break (stream, slot, in_flight),
             Ok(Err(TransportError::TooManyStreams)) => {
                 gateway.metrics.limited(Limit::TunnelConcurrency);
-                return Err(ProxyError::AtCapacity);
+                return Err(PublicError::AtCapacity);
             }
             Ok(Err(err)) if attempts < MAX_OPEN_ATTEMPTS => {
                 debug!(%err, "session closed before the request was sent; trying another");
@@ -108,15 +108,15 @@ pub(crate) async fn forward(
             }
             Ok(Err(err)) => {
                 debug!(%err, "opening a stream failed");
-                return Err(ProxyError::SessionLost);
+                return Err(PublicError::SessionLost);
             }
-            Err(_) => return Err(ProxyError::AgentUnresponsive),
+            Err(_) => return Err(PublicError::AgentUnresponsive),
         }
     };
     let mut admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
     let (mut reader, mut writer) = split_counted(stream, slot);
     // The head leaves with the body's first bytes (or with `End`) in one write.
-    writer.queue(&Frame::Head(Head::Request(head))).map_err(|_| ProxyError::AgentError)?;
+    writer.queue(&Frame::Head(Head::Request(head))).map_err(|_| PublicError::AgentError)?;
 
     // The request body goes up while the response comes down: an echo answers before the
     // upload ends. A known-empty body is just `End`, without a task.
@@ -124,7 +124,7 @@ pub(crate) async fn forward(
     // response has not started, the client gets 413.
     let mut upload_failed_rx = None;
     let upload = if body_len == Some(0) {
-        writer.send(&Frame::End).await.map_err(|_| ProxyError::SessionLost)?;
+        writer.send(&Frame::End).await.map_err(|_| PublicError::SessionLost)?;
         Upload::Done(writer)
     } else {
         // How the upload failed, when the client should hear about it (if no response has
@@ -151,19 +151,19 @@ pub(crate) async fn forward(
                     Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
                         debug!("request body over the limit; cut");
                         metrics_gateway.metrics.limited(Limit::BodySize);
-                        let _ = upload_failed.send(ProxyError::PayloadTooLarge);
+                        let _ = upload_failed.send(PublicError::PayloadTooLarge);
                     }
                     Err(SendBodyError::Body(err)) if err.is::<IdleError>() => {
                         debug!("the client stopped sending its body; cut");
                         metrics_gateway.metrics.limited(Limit::BodyIdle);
-                        let _ = upload_failed.send(ProxyError::RequestTimeout);
+                        let _ = upload_failed.send(PublicError::RequestTimeout);
                     }
                     Err(SendBodyError::Body(err)) => {
                         // Unreadable (bad chunked framing) or cut by a client that left: the
                         // agent got an abort; a client still there hears it was its body.
                         debug!(%err, "the request body could not be read");
                         let _ =
-                            upload_failed.send(ProxyError::BadRequest("the request body could not be read"));
+                            upload_failed.send(PublicError::BadRequest("the request body could not be read"));
                     }
                     Err(err) => debug!(%err, "request body not fully sent"),
                     Ok(_) => {}
@@ -185,32 +185,32 @@ pub(crate) async fn forward(
         first = tokio::time::timeout(response_timeout, reader.next()) => first,
     };
     let head = match first {
-        Err(_) => return Err(ProxyError::UpstreamTimeout),
+        Err(_) => return Err(PublicError::UpstreamTimeout),
         Ok(Some(Ok(Frame::Head(Head::Response(head))))) => head,
         Ok(Some(Ok(Frame::Abort(abort)))) => {
             debug!(code = ?abort.code, detail = %abort.message, "the agent aborted the request");
-            return Err(ProxyError::from_abort(abort.code));
+            return Err(PublicError::from_abort(abort.code));
         }
         Ok(Some(Ok(other))) => {
             debug!(kind = other.kind().name(), "agent answered without a response head");
-            return Err(ProxyError::AgentError);
+            return Err(PublicError::AgentError);
         }
         Ok(Some(Err(TransportError::Codec(err)))) => {
             debug!(%err, "the agent sent a response head that does not decode");
-            return Err(ProxyError::AgentError);
+            return Err(PublicError::AgentError);
         }
         Ok(Some(Err(err))) => {
             debug!(%err, "reading the response head failed");
-            return Err(ProxyError::SessionLost);
+            return Err(PublicError::SessionLost);
         }
-        Ok(None) => return Err(ProxyError::SessionLost),
+        Ok(None) => return Err(PublicError::SessionLost),
     };
-    let status = StatusCode::from_u16(head.status).map_err(|_| ProxyError::AgentError)?;
+    let status = StatusCode::from_u16(head.status).map_err(|_| PublicError::AgentError)?;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     if status.is_informational() && !switching {
         // The agent sends interim responses never; one here would be a final 1xx.
         debug!(%status, "the agent answered with an interim status as the final one");
-        return Err(ProxyError::AgentError);
+        return Err(PublicError::AgentError);
     }
     let mut headers = headers_from_wire(head.headers);
     // The agent strips these too; a misbehaving agent must not steer our framing.
@@ -219,7 +219,7 @@ pub(crate) async fn forward(
     if switching {
         let (Some(on_upgrade), Upload::Done(writer)) = (on_upgrade, upload) else {
             debug!("101 without an upgrade request (or with a request body)");
-            return Err(ProxyError::AgentError);
+            return Err(PublicError::AgentError);
         };
         gateway.tracker.spawn(pipe(on_upgrade, reader, writer, admitted).in_current_span());
         return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
@@ -241,25 +241,25 @@ fn admit(
     gateway: &Gateway,
     id: &TunnelId,
     peer: SocketAddr,
-) -> Result<(Option<Arc<Session>>, ClientSlot), ProxyError> {
+) -> Result<(Option<Arc<Session>>, ClientSlot), PublicError> {
     let now = std::time::Instant::now();
     let refuse = |wait: std::time::Duration, limit: Limit| {
         gateway.metrics.limited(limit);
-        ProxyError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
+        PublicError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
     };
     if let Some(clients) = &gateway.client_rates {
         clients.check(&client_key(peer.ip()), now).map_err(|wait| refuse(wait, Limit::ClientRate))?;
     }
     let session = gateway.registry.pick(id);
     if session.is_none() && !gateway.registry.expects_agent(id) {
-        return Err(ProxyError::TunnelNotFound);
+        return Err(PublicError::TunnelNotFound);
     }
     if let Some(tunnels) = &gateway.tunnel_rates {
         tunnels.check(id, now).map_err(|wait| refuse(wait, Limit::TunnelRate))?;
     }
     let Some(slot) = gateway.client_load.try_begin(id, peer.ip()) else {
         gateway.metrics.limited(Limit::ClientConcurrency);
-        return Err(ProxyError::ClientAtCapacity);
+        return Err(PublicError::ClientAtCapacity);
     };
     Ok((session, slot))
 }
@@ -269,22 +269,22 @@ const MAX_OPEN_ATTEMPTS: u32 = 3;
 
 /// A session for the tunnel: the least loaded live one, or — when its agent is expected back
 /// (reconnecting, restarting, draining) — the first to come back within the pending timeout.
-async fn pick_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, ProxyError> {
+async fn pick_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, PublicError> {
     if let Some(session) = gateway.registry.pick(id) {
         return Ok(session);
     }
     if !gateway.registry.expects_agent(id) {
-        return Err(ProxyError::TunnelNotFound);
+        return Err(PublicError::TunnelNotFound);
     }
     wait_for_session(gateway, id).await
 }
 
 /// Waits (bounded in time and in number of waiters) for a session of a tunnel whose agent is
 /// expected back.
-async fn wait_for_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, ProxyError> {
+async fn wait_for_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, PublicError> {
     let Some(_slot) = gateway.registry.pending_slot(id, gateway.config.max_pending) else {
         gateway.metrics.pending(false);
-        return Err(ProxyError::TunnelOffline);
+        return Err(PublicError::TunnelOffline);
     };
     let back = gateway.registry.wait_until(|registry| registry.pick(id).is_some());
     let session = match tokio::time::timeout(gateway.config.pending_timeout, back).await {
@@ -292,7 +292,7 @@ async fn wait_for_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Sessio
         Err(_) => None,
     };
     gateway.metrics.pending(session.is_some());
-    session.ok_or(ProxyError::TunnelOffline)
+    session.ok_or(PublicError::TunnelOffline)
 }
 
 /// Where the request body stands when the response head arrives.

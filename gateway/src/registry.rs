@@ -57,13 +57,14 @@ impl Registry {
     /// one finishes its requests.
     pub fn insert(&self, session: Arc<Session>) -> Inserted {
         let mut tunnels = self.tunnels.write().unwrap_or_else(|e| e.into_inner());
-        let sessions = tunnels.entry(session.tunnel_id.clone()).or_default();
-        let (replaced, kept): (Vec<_>, Vec<_>) =
-            sessions.drain(..).partition(|s| s.instance_id == session.instance_id && s.accepts_requests());
+        let sessions = tunnels.entry(session.tunnel_id().clone()).or_default();
+        let (replaced, kept): (Vec<_>, Vec<_>) = sessions
+            .drain(..)
+            .partition(|s| s.identity.instance_id == session.identity.instance_id && s.accepts_requests());
         *sessions = kept;
         sessions.push(Arc::clone(&session));
         drop(tunnels);
-        let was_offline = self.lock_offline().remove(&session.tunnel_id).is_some();
+        let was_offline = self.lock_offline().remove(session.tunnel_id()).is_some();
         self.changes.send_modify(|n| *n += 1);
         Inserted { reconnect: was_offline || !replaced.is_empty(), replaced }
     }
@@ -74,7 +75,7 @@ impl Registry {
         let mut now_offline = false;
         if let Some(sessions) = tunnels.get_mut(tunnel_id) {
             let before = sessions.len();
-            sessions.retain(|s| s.id != session_id);
+            sessions.retain(|s| s.id() != session_id);
             if sessions.is_empty() {
                 tunnels.remove(tunnel_id);
                 now_offline = before > 0;
@@ -123,10 +124,15 @@ impl Registry {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).get(tunnel_id).copied().unwrap_or(0)
     }
 
-    /// Wakes waiters after a session changed in a way that matters to routing (it started
-    /// draining).
-    pub fn touch(&self) {
+    /// Wakes waiters (pending requests, tests) on the registry.
+    fn touch(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// What a session uses to announce its own changes (draining, health, closed) to the
+    /// registry's waiters.
+    pub fn changes(&self) -> Changes {
+        Changes(self.changes.clone())
     }
 
     /// Waits until `condition` holds for the registry (checked now and after every change).
@@ -187,6 +193,17 @@ impl Registry {
     /// Number of tunnels with a live session.
     pub fn tunnel_count(&self) -> usize {
         self.tunnels.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Wakes the waiters of one registry; held by each of its sessions.
+#[derive(Debug, Clone)]
+pub struct Changes(watch::Sender<u64>);
+
+impl Changes {
+    /// Something that matters to routing changed.
+    pub fn notify(&self) {
+        self.0.send_modify(|n| *n += 1);
     }
 }
 

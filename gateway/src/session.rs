@@ -16,20 +16,17 @@ use ferry_transport::{IoCounters, StreamOpener, StreamSlot, TransportError, yamu
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Fingerprint;
+use crate::registry::Changes;
 
 /// A live agent session.
+///
+/// It holds all of a session's state and announces its own changes: marking it draining or
+/// unhealthy, or closing it, wakes whoever waits on the registry (pending requests, tests), so no
+/// caller has to remember to.
 #[derive(Debug)]
 pub struct Session {
-    /// Chosen by the gateway at the handshake.
-    pub id: SessionId,
-    /// The tunnel it serves.
-    pub tunnel_id: TunnelId,
-    /// The agent process (stable across its reconnects).
-    pub instance_id: InstanceId,
-    /// The agent's self-reported build.
-    pub agent_version: String,
-    /// The agent's address as seen by the gateway.
-    pub peer: SocketAddr,
+    /// Who the agent is.
+    pub identity: Identity,
     /// When the handshake completed.
     pub connected_at: SystemTime,
     started: Instant,
@@ -41,16 +38,21 @@ pub struct Session {
     /// Bytes over the WebSocket, both ways.
     pub counters: Arc<IoCounters>,
     draining: AtomicBool,
-    /// Cancelling it ends the session.
-    pub cancel: CancellationToken,
+    /// Cancelling it ends the session; see [`Session::close`].
+    cancel: CancellationToken,
     /// The control stream (heartbeat, go-away, admin pings).
     pub control: ControlHandle,
-    /// Which secret the agent authenticated with (`None` without authentication).
-    pub secret: Option<Fingerprint>,
     /// What the agent last said about its upstream.
-    health: Mutex<(HealthState, String)>,
-    /// Whether that was `Unhealthy`, readable without the lock on every request.
-    unhealthy: AtomicBool,
+    health: Mutex<Health>,
+    /// Wakes the registry's waiters.
+    changes: Changes,
+}
+
+/// What the agent last said about its upstream.
+#[derive(Debug, Clone)]
+struct Health {
+    state: HealthState,
+    detail: String,
 }
 
 /// Who the agent is, as established by the handshake.
@@ -66,59 +68,65 @@ pub struct Identity {
     pub agent_version: String,
     /// The agent's address.
     pub peer: SocketAddr,
-    /// The secret it proved it holds.
+    /// The secret it proved it holds (`None` without authentication).
     pub secret: Option<Fingerprint>,
 }
 
 impl Session {
-    /// A session that completed its handshake.
+    /// A session that completed its handshake, run by `link`'s task; cancelling `cancel` ends it.
     pub fn new(
         identity: Identity,
-        opener: StreamOpener,
-        control: ControlHandle,
-        counters: Arc<IoCounters>,
+        link: &ferry_transport::Session,
+        changes: Changes,
         cancel: CancellationToken,
     ) -> Self {
-        let Identity { id, tunnel_id, instance_id, agent_version, peer, secret } = identity;
         Self {
-            id,
-            tunnel_id,
-            instance_id,
-            agent_version,
-            peer,
+            identity,
             connected_at: SystemTime::now(),
             started: Instant::now(),
-            opener,
+            opener: link.opener.clone(),
             in_flight: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
             streams_total: AtomicU64::new(0),
-            counters,
+            counters: Arc::clone(&link.counters),
             draining: AtomicBool::new(false),
             cancel,
-            control,
-            secret,
-            health: Mutex::new((HealthState::Unknown, String::new())),
-            unhealthy: AtomicBool::new(false),
+            control: link.control.clone(),
+            health: Mutex::new(Health { state: HealthState::Unknown, detail: String::new() }),
+            changes,
         }
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.identity.id
+    }
+
+    /// The tunnel it serves.
+    pub fn tunnel_id(&self) -> &TunnelId {
+        &self.identity.tunnel_id
     }
 
     /// Records what the agent said about its upstream.
     pub fn set_health(&self, state: HealthState, detail: String) {
-        let unhealthy = state == HealthState::Unhealthy;
-        if unhealthy != self.unhealthy.swap(unhealthy, Ordering::Relaxed) {
-            tracing::info!(tunnel_id = %self.tunnel_id, session_id = %self.id, ?state, detail, "upstream health changed");
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if (health.state == HealthState::Unhealthy) != (state == HealthState::Unhealthy) {
+            tracing::info!(tunnel_id = %self.identity.tunnel_id, session_id = %self.identity.id, ?state, detail, "upstream health changed");
         }
-        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = (state, detail);
+        *health = Health { state, detail };
+        drop(health);
+        // Routing preferences changed.
+        self.changes.notify();
     }
 
     /// Whether the agent says its upstream is unhealthy.
     pub fn is_unhealthy(&self) -> bool {
-        self.unhealthy.load(Ordering::Relaxed)
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).state == HealthState::Unhealthy
     }
 
     /// What the agent last said about its upstream's trouble.
     pub fn health_detail(&self) -> String {
-        self.health.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).detail.clone()
     }
 
     /// Tells the agent to go away (it finishes what is in flight and reconnects); no new request
@@ -134,9 +142,22 @@ impl Session {
         !self.draining.load(Ordering::Relaxed) && !self.cancel.is_cancelled() && !self.opener.is_closed()
     }
 
-    /// Stops routing new requests here (the agent asked to drain).
+    /// Stops routing new requests here (the agent asked to drain, or was told to go away).
     pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        if !self.draining.swap(true, Ordering::Relaxed) {
+            self.changes.notify();
+        }
+    }
+
+    /// Ends the session now: its connection closes, requests in flight on it fail.
+    pub fn close(&self) {
+        self.cancel.cancel();
+        self.changes.notify();
+    }
+
+    /// Whether the session was closed (or is closing).
+    pub fn is_closed(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 
     /// Requests in flight on this session.
@@ -184,19 +205,20 @@ impl Session {
     /// The `/connections` entry.
     pub fn to_json(&self) -> serde_json::Value {
         let since = self.connected_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let (health, detail) = self.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let health = match health {
+        let Health { state, detail } = self.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let identity = &self.identity;
+        let health = match state {
             HealthState::Unknown => "unknown",
             HealthState::Healthy => "healthy",
             HealthState::Unhealthy => "unhealthy",
         };
         let rtt_ms = self.control.rtt().map(|rtt| rtt.as_secs_f64() * 1000.0);
         serde_json::json!({
-            "tunnel_id": self.tunnel_id.as_str(),
-            "session_id": self.id.to_string(),
-            "instance_id": self.instance_id.to_string(),
-            "agent_version": self.agent_version,
-            "peer": self.peer.to_string(),
+            "tunnel_id": identity.tunnel_id.as_str(),
+            "session_id": identity.id.to_string(),
+            "instance_id": identity.instance_id.to_string(),
+            "agent_version": identity.agent_version,
+            "peer": identity.peer.to_string(),
             "connected_since": rfc3339(since),
             "connected_for_secs": self.started.elapsed().as_secs(),
             "in_flight": self.in_flight(),
@@ -208,7 +230,7 @@ impl Session {
             "heartbeat_rtt_ms": rtt_ms,
             "upstream_health": health,
             "upstream_health_detail": detail,
-            "authenticated": self.secret.is_some(),
+            "authenticated": identity.secret.is_some(),
         })
     }
 }

@@ -120,21 +120,21 @@ async fn ping_drain_and_close_one_tunnel() {
         assert!(json(&body)["sessions"][0]["heartbeat_rtt_ms"].as_f64().unwrap() > 0.0);
 
         // Drain: the agent finishes, reconnects at once, and a new session serves.
-        let first = env.gateway.registry.all()[0].id;
+        let first = env.gateway.registry.all()[0].identity.id;
         let (response, _) =
             admin(&env, Method::POST, &format!("/connections/{tunnel}/drain"), Some(TOKEN)).await;
         assert_eq!(response.status(), StatusCode::ACCEPTED);
-        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].id != first).await;
+        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].identity.id != first).await;
         let (response, _) = get(&env.url("/")).await;
         assert_eq!(response.status(), StatusCode::OK);
 
         // Close: the session goes; the agent reconnects by itself.
-        let second = env.gateway.registry.all()[0].id;
+        let second = env.gateway.registry.all()[0].identity.id;
         let (response, body) =
             admin(&env, Method::DELETE, &format!("/connections/{tunnel}"), Some(TOKEN)).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(json(&body)["closed"], 1);
-        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].id != second).await;
+        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].identity.id != second).await;
 
         let other = "/connections/agent_11111111-2222-3333-4444-555555555555_none/ping";
         let (response, _) = admin(&env, Method::POST, other, Some(TOKEN)).await;

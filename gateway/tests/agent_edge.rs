@@ -151,10 +151,10 @@ async fn an_unhealthy_upstream_is_routed_around_then_refused() {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(json(&body)["error"]["code"], "upstream_unhealthy");
         assert_eq!(response.headers()[header::RETRY_AFTER], "5");
-        let sick = env.gateway.registry.of(&id)[0].id;
+        let sick = env.gateway.registry.of(&id)[0].identity.id;
         let served_by = |session| {
             let sessions = env.gateway.registry.of(&id);
-            let s = sessions.iter().find(|s| s.id == session).unwrap();
+            let s = sessions.iter().find(|s| s.identity.id == session).unwrap();
             s.to_json()["requests_total"].as_u64().unwrap()
         };
         assert_eq!(served_by(sick), 0, "the gateway answered without bothering the agent");
@@ -169,7 +169,7 @@ async fn an_unhealthy_upstream_is_routed_around_then_refused() {
             .registry
             .wait_until(|r| r.of(&id).iter().filter(|s| !s.is_unhealthy()).count() == 1)
             .await;
-        let well = env.gateway.registry.of(&id).iter().find(|s| s.id != sick).unwrap().id;
+        let well = env.gateway.registry.of(&id).iter().find(|s| s.identity.id != sick).unwrap().identity.id;
         for _ in 0..5 {
             assert_eq!(get(&env.url("/bytes/1")).await.0.status(), StatusCode::OK);
         }

@@ -192,7 +192,7 @@ async fn per_tunnel_secrets_rotate_and_revoked_sessions_close() {
         let config = GatewayConfig { auth: AuthSource::File(path.clone()), ..GatewayConfig::default() };
         // An agent on the old secret connects while both are listed.
         let env = TestEnv::start_with(config, |c| c.secret = Some(secret("old secret"))).await;
-        let old_session = env.gateway.registry.all()[0].id;
+        let old_session = env.gateway.registry.all()[0].identity.id;
 
         // A tunnel the file does not list is refused as unknown.
         let other = "agent_11111111-2222-3333-4444-555555555555_api".parse().unwrap();
@@ -209,13 +209,13 @@ async fn per_tunnel_secrets_rotate_and_revoked_sessions_close() {
         // Rotation done: the old secret is removed and the file reloaded (what SIGHUP does).
         std::fs::write(&path, format!("[tunnels.{TUNNEL}]\nsecrets = [\"new secret\"]\n")).unwrap();
         env.gateway.reload_auth().await.unwrap();
-        env.gateway.registry.wait_until(|r| r.all().iter().all(|s| s.id != old_session)).await;
+        env.gateway.registry.wait_until(|r| r.all().iter().all(|s| s.identity.id != old_session)).await;
 
         // An agent with the new secret is served.
         let mut config = env.agent_config();
         config.secret = Some(secret("new secret"));
         let _agent = spawn_agent(config);
-        env.gateway.registry.wait_until(|r| r.all().iter().any(|s| s.id != old_session)).await;
+        env.gateway.registry.wait_until(|r| r.all().iter().any(|s| s.identity.id != old_session)).await;
         let (response, _) = get(&env.url("/")).await;
         assert_eq!(response.status(), StatusCode::OK);
 

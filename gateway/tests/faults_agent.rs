@@ -445,7 +445,7 @@ async fn t12a_agent_claims_another_tunnel() {
         let config = GatewayConfig { auth: AuthSource::File(path.clone()), ..GatewayConfig::default() };
         let mut env =
             TestEnv::start_with(config, |c| c.secret = Some(Secret::new("secret of a").unwrap())).await;
-        let a_session = env.gateway.registry.of(&env.tunnel_id)[0].id;
+        let a_session = env.gateway.registry.of(&env.tunnel_id)[0].identity.id;
         let b = Secret::new("secret of b").unwrap();
         // Holding B's secret, claiming A, while A is online.
         let (mut ws, _, _, result) =
@@ -461,7 +461,7 @@ async fn t12a_agent_claims_another_tunnel() {
         assert_eq!(close.code, CloseCode::Policy);
         // A is untouched and still reached.
         assert_eq!(
-            env.gateway.registry.of(&env.tunnel_id).iter().map(|s| s.id).collect::<Vec<_>>(),
+            env.gateway.registry.of(&env.tunnel_id).iter().map(|s| s.identity.id).collect::<Vec<_>>(),
             [a_session]
         );
         assert_eq!(get(&env.url("/bytes/3")).await.0.status(), StatusCode::OK);
@@ -576,12 +576,12 @@ async fn t12d_same_credential_twice() {
             |c| c.secret = Some(Secret::new("shared").unwrap()),
         )
         .await;
-        let first = env.gateway.registry.all()[0].id;
+        let first = env.gateway.registry.all()[0].identity.id;
         let mut config = env.agent_config();
         config.secret = Some(Secret::new("shared").unwrap());
         let second = spawn_agent(config);
         env.wait_for_sessions(2).await;
-        assert!(env.gateway.registry.of(&env.tunnel_id).iter().any(|s| s.id == first));
+        assert!(env.gateway.registry.of(&env.tunnel_id).iter().any(|s| s.identity.id == first));
         // Requests in flight at once spread over both (the least loaded takes the next).
         let held: Vec<_> = (0..10)
             .map(|_| {
@@ -605,7 +605,7 @@ async fn t12d_same_credential_twice() {
         // No fight: a while later both are still the same two sessions.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(env.gateway.registry.of(&env.tunnel_id).len(), 2);
-        assert!(env.gateway.registry.of(&env.tunnel_id).iter().any(|s| s.id == first));
+        assert!(env.gateway.registry.of(&env.tunnel_id).iter().any(|s| s.identity.id == first));
         second.kill();
     })
     .await;
@@ -631,7 +631,15 @@ async fn t15_partition_without_fin() {
         env.agent = Some(spawn_agent(agent_config));
         env.wait_for_sessions(1).await;
         let witness = Witness::start(&env).await;
-        let first = env.gateway.registry.all().iter().find(|s| s.tunnel_id == env.tunnel_id).unwrap().id;
+        let first = env
+            .gateway
+            .registry
+            .all()
+            .iter()
+            .find(|s| s.identity.tunnel_id == env.tunnel_id)
+            .unwrap()
+            .identity
+            .id;
         // A request in flight when the path goes silent.
         let url = env.url("/hold");
         let in_flight =
@@ -660,7 +668,10 @@ async fn t15_partition_without_fin() {
         assert_eq!(json(&body)["error"]["code"], "tunnel_offline");
         // Healed: the agent (which gave up on the silent session too) comes back, once.
         proxy.heal();
-        env.gateway.registry.wait_until(|r| r.of(&env.tunnel_id).iter().any(|s| s.id != first)).await;
+        env.gateway
+            .registry
+            .wait_until(|r| r.of(&env.tunnel_id).iter().any(|s| s.identity.id != first))
+            .await;
         tokio::time::sleep(interval * 4).await;
         assert_eq!(env.gateway.registry.of(&env.tunnel_id).len(), 1, "exactly one session after the heal");
         env.stats.gate.add_permits(1);

@@ -212,7 +212,7 @@ async fn t07_concurrency_caps_refuse_exactly_the_excess() {
             ),
         ] {
             let env = TestEnv::start_with(config, |_| {}).await;
-            let session = env.gateway.registry.of(&env.tunnel_id)[0].id;
+            let session = env.gateway.registry.of(&env.tunnel_id)[0].identity.id;
             let held: Vec<_> = (0..limit)
                 .map(|_| {
                     let url = env.url("/hold");
@@ -237,7 +237,7 @@ async fn t07_concurrency_caps_refuse_exactly_the_excess() {
                 assert_eq!(request.await.unwrap().0.status(), StatusCode::OK);
             }
             // The session went on through it all.
-            assert_eq!(env.gateway.registry.of(&env.tunnel_id)[0].id, session);
+            assert_eq!(env.gateway.registry.of(&env.tunnel_id)[0].identity.id, session);
             assert_eq!(get(&env.url("/bytes/1")).await.0.status(), StatusCode::OK);
         }
     })

@@ -74,7 +74,7 @@ async fn streams_back_to_zero(env: &TestEnv, after: &str) {
 }
 
 fn session_id(env: &TestEnv) -> ferry_codec::SessionId {
-    env.gateway.registry.of(&env.tunnel_id)[0].id
+    env.gateway.registry.of(&env.tunnel_id)[0].identity.id
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use ferry_codec::{AuthResult, ControlMessage, InstanceId, Secret};
 use ferry_gateway::GatewayConfig;
 use ferry_gateway::auth::AuthSource;
 use ferry_gateway::limits::Rate;
-use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::ws::{recv_message, send_message};
 use ferry_transport::{IoCounters, WsIo, yamux};
 use http::{Request, StatusCode, header};
@@ -239,7 +239,7 @@ async fn an_upload_ends_with_its_request() {
             c.upstream = ferry_agent::config::Upstream::parse(&upstream.to_string()).unwrap();
         })
         .await;
-        let session = env.gateway.registry.all()[0].id;
+        let session = env.gateway.registry.all()[0].identity.id;
         // An endless upload to an upstream that never reads it nor answers: the windows fill,
         // the gateway answers 504 at its response deadline.
         let chunks = futures_util::stream::repeat_with(|| {
@@ -262,7 +262,7 @@ async fn an_upload_ends_with_its_request() {
         }
         assert_eq!(served.as_deref(), Some(&b"ok"[..]), "the upload's stream outlived its request");
         // And the session lived through it all (a full session refuses, it does not die).
-        assert_eq!(env.gateway.registry.all()[0].id, session);
+        assert_eq!(env.gateway.registry.all()[0].identity.id, session);
         assert_eq!(env.gateway.registry.all()[0].open_streams(), 0);
     })
     .await;
@@ -407,7 +407,7 @@ async fn an_admin_drain_of_the_only_agent_keeps_the_tunnel_serving() {
     bounded(async {
         let config = GatewayConfig { pending_timeout: Duration::from_secs(3), ..GatewayConfig::default() };
         let env = TestEnv::start_with(config, |_| {}).await;
-        let first = env.gateway.registry.all()[0].id;
+        let first = env.gateway.registry.all()[0].identity.id;
         let url = env.url("/hold");
         let held = tokio::spawn(async move { get(&url).await });
         env.stats.held.subscribe().wait_for(|n| *n == 1).await.unwrap();
@@ -425,13 +425,19 @@ async fn an_admin_drain_of_the_only_agent_keeps_the_tunnel_serving() {
         assert_eq!(response.status(), StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         assert!(waited < Duration::from_secs(1), "waited {waited:?} for a successor");
         let sessions = env.gateway.registry.of(&env.tunnel_id);
-        assert!(sessions.iter().any(|s| s.id == first && !s.accepts_requests()), "the drained one finishes");
-        assert!(sessions.iter().any(|s| s.id != first && s.accepts_requests()));
+        assert!(
+            sessions.iter().any(|s| s.identity.id == first && !s.accepts_requests()),
+            "the drained one finishes"
+        );
+        assert!(sessions.iter().any(|s| s.identity.id != first && s.accepts_requests()));
 
         env.stats.gate.add_permits(1);
         let (response, body) = held.await.unwrap();
         assert_eq!((response.status(), &body[..]), (StatusCode::OK, &b"released"[..]));
-        env.gateway.registry.wait_until(|r| r.of(&env.tunnel_id).iter().all(|s| s.id != first)).await;
+        env.gateway
+            .registry
+            .wait_until(|r| r.of(&env.tunnel_id).iter().all(|s| s.identity.id != first))
+            .await;
     })
     .await;
 }

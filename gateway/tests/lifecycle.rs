@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ferry_codec::{AuthResult, InstanceId};
 use ferry_gateway::GatewayConfig;
-use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::{IoCounters, WsIo, yamux};
 use futures_util::SinkExt;
 use http::{Request, StatusCode};
@@ -279,7 +279,7 @@ async fn heartbeats_detect_a_partition_without_fin() {
             ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", proxy.addr)).unwrap();
         env.agent = Some(spawn_agent(agent_config));
         env.wait_for_sessions(1).await;
-        let first = env.gateway.registry.all()[0].id;
+        let first = env.gateway.registry.all()[0].identity.id;
 
         let cut = Instant::now();
         proxy.partition();
@@ -293,7 +293,7 @@ async fn heartbeats_detect_a_partition_without_fin() {
 
         // Healed, the agent (which detected it too) comes back on a new session.
         proxy.heal();
-        env.gateway.registry.wait_until(|r| r.all().iter().any(|s| s.id != first)).await;
+        env.gateway.registry.wait_until(|r| r.all().iter().any(|s| s.identity.id != first)).await;
         let (response, _) = get(&env.url("/")).await;
         assert_eq!(response.status(), StatusCode::OK);
     })
@@ -370,13 +370,13 @@ async fn the_same_agent_instance_replaces_its_stale_session() {
         ferry_codec::ControlMessage::Ping { nonce: 1 }.encode(&mut hello).unwrap();
         futures_util::io::AsyncWriteExt::write_all(&mut control, &hello).await.unwrap();
         env.wait_for_sessions(1).await;
-        let stale_id = env.gateway.registry.all()[0].id;
+        let stale_id = env.gateway.registry.all()[0].identity.id;
 
         // The same instance comes back: the new session replaces the stale one.
         let mut config = env.agent_config();
         config.instance_id = instance;
         env.agent = Some(spawn_agent(config));
-        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].id != stale_id).await;
+        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].identity.id != stale_id).await;
         let _ = stale.await;
         let (response, _) = get(&env.url("/")).await;
         assert_eq!(response.status(), StatusCode::OK);

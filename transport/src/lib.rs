@@ -11,31 +11,37 @@
 //!
 //! - [`ws`] — [`WsIo`]: a WebSocket as a byte stream for yamux (binary messages, coalesced writes,
 //!   bounded buffers), and the handshake-message helpers.
-//! - [`session`] — the yamux session driver (one task owns the connection) and [`StreamOpener`], the
-//!   cloneable handle through which many tasks open streams.
+//! - [`session`] — one ferry session, the type both sides run: [`session::start`] gives the cheap
+//!   [`Session`] handle and the [`SessionTask`] that owns the I/O, and holds the rule that the agent
+//!   opens the control stream first and no other stream.
+//! - [`mux`] — the yamux layer under it: the driver (one task owns the connection) and
+//!   [`StreamOpener`], the cloneable handle through which many tasks open streams.
 //! - [`control`] — the control stream: heartbeats both ways, RTT, go-away and drain messages.
 //! - [`stream`] — [`FrameReader`] / [`FrameWriter`]: ferry frames on one yamux stream.
-//! - [`backoff`] — reconnect delays with full jitter.
 //! - [`body`] — [`FrameBody`] (frames in, `http_body::Body` out) and [`send_body`] (the reverse),
 //!   both driven by their consumer so backpressure runs end to end.
 //! - [`heads`] — conversions between `http` types and codec heads, and hop-by-hop header removal.
 //! - [`error`] — [`TransportError`].
+//! - [`cli`] — what both binaries' `main` share: config files as flags, secrets from a file or the
+//!   environment, signals. It has no tie to the data path; it is here because this is the one
+//!   crate both binaries depend on.
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
-pub mod backoff;
 pub mod body;
 pub mod cli;
 pub mod control;
 pub mod error;
 pub mod heads;
+pub mod mux;
 pub mod session;
 pub mod stream;
 pub mod ws;
 
 pub use body::{BodyError, FrameBody, send_body};
 pub use error::TransportError;
-pub use session::{SessionConfig, SessionDriver, StreamOpener, StreamSlot};
+pub use mux::{SessionConfig, SessionDriver, StreamOpener, StreamSlot};
+pub use session::{Ended, Role, Session, SessionTask};
 pub use stream::{FrameReader, FrameWriter, TunnelStream};
 pub use ws::{IoCounters, WsIo};
 /// The multiplexer, re-exported so the gateway and agent use the exact version this crate drives.

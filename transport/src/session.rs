@@ -1,283 +1,213 @@
-//! The yamux session driver and the handle used to open streams on it.
+//! One ferry session, the same on both sides: a yamux session over the WebSocket, its control
+//! stream with the heartbeat, and the protocol rule that ties them — **the agent opens exactly one
+//! stream, the control stream, first; every other stream is opened by the gateway**.
 //!
-//! `yamux::Connection` has no control handle: it makes progress only while someone polls it. One
-//! task, running [`SessionDriver::run`], owns it and polls it continuously; every other task opens
-//! streams through a cloneable [`StreamOpener`] that sends a request over a bounded channel and waits
-//! for the stream on a oneshot. Inbound streams are handed to a callback the owner provides (the
-//! agent spawns a task per stream there), so the driver never waits on a slow consumer.
-//!
-//! yamux ends the *whole connection* when a stream would go over its limit, outbound or inbound.
-//! So the limit a caller sees is ours: the opener counts the streams it handed out that are still
-//! alive ([`StreamSlot`]) and refuses one over [`SessionConfig::max_streams`] without asking
-//! yamux, whose own limit has headroom for streams that were dropped but not yet collected.
+//! [`start`] splits a session the way quinn splits a connection: a cheap [`Session`] handle
+//! (open streams, talk on the control stream, hear the peer's control messages) and a
+//! [`SessionTask`] that owns all the I/O. The owner runs the task; it ends with an [`Ended`]
+//! that says why, so both sides log and react to the same reasons.
 
-use std::future::poll_fn;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::io::{AsyncRead, AsyncWrite};
+use ferry_codec::ControlMessage;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::TransportError;
+use crate::control::{self, ControlError, ControlHandle, ControlLoop, Heartbeat};
+use crate::mux::{self, SessionConfig, SessionDriver, StreamOpener};
+use crate::ws::{IoCounters, WsIo};
 
-/// Open requests that may wait for the driver; beyond this, openers wait for room (backpressure
-/// on request bursts instead of an unbounded queue).
-const OPEN_QUEUE: usize = 256;
-/// yamux's initial (and minimum) stream window; the connection window must cover it per stream.
-pub const STREAM_WINDOW: usize = 256 * 1024;
-/// Receive window a session may hand out beyond every stream's initial 256 KiB, so fast streams
-/// can grow theirs toward the bandwidth-delay product (yamux doubles a stream's window when the
-/// sender uses half of it within two round trips). 64 MiB lets one stream reach 100 MB/s over a
-/// 20 ms path (2 MB in flight) with room for many, and bounds what a session can buffer.
-pub const WINDOW_GROWTH_BUDGET: usize = 64 * 1024 * 1024;
-/// Default stream limit per session.
-pub const MAX_STREAMS: usize = 10_240;
-/// How long a session that is told to stop goes on driving its connection (so what streams
-/// wrote last, and the deferred WebSocket flush, still go out) before it is dropped.
-pub const FLUSH_GRACE: Duration = Duration::from_millis(100);
+pub use crate::mux::{MAX_STREAMS, STREAM_WINDOW, StreamSlot, WINDOW_GROWTH_BUDGET};
 
-/// yamux's stream limit for a session whose callers may hold `max_streams` at once. yamux counts
-/// a dropped stream until its driver gets round to it (after the frames queued before it are
-/// written), and counts the peer's streams too; going over ends the connection, so it gets room.
-fn yamux_streams(max_streams: usize) -> usize {
-    max_streams.saturating_add(max_streams / 4).saturating_add(64)
-}
-
-/// Limits of one yamux session.
+/// Which end of the session this is, and what it expects of the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionConfig {
-    /// Most streams our side may have open at once through its [`StreamOpener`]; one more gets
-    /// [`TransportError::TooManyStreams`]. yamux's own limit (which also bounds the peer's
-    /// streams) is somewhat higher, see the module docs.
-    pub max_streams: usize,
-    /// Most bytes all stream receive windows may add up to. Must be at least 256 KiB for each
-    /// stream yamux may count (checked by [`SessionConfig::validate`]); what is above that is
-    /// what fast streams may grow their windows into.
-    pub max_connection_window: usize,
-    /// Largest yamux data frame we send; bigger writes are split.
-    pub split_send_size: usize,
+pub enum Role {
+    /// The agent dialled: it opens the control stream; the streams the gateway opens are
+    /// requests.
+    Agent,
+    /// The gateway accepted: the agent's first stream is the control stream, and must come
+    /// within `control_deadline`; a second stream from the agent ends the session.
+    Gateway {
+        /// How long the agent may take to open its control stream.
+        control_deadline: Duration,
+    },
 }
 
-impl Default for SessionConfig {
-    fn default() -> Self {
-        Self::with_max_streams(MAX_STREAMS)
-    }
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Ended {
+    /// Our side stopped it (the token given to [`SessionTask::run`]).
+    #[error("stopped")]
+    Stopped,
+    /// The peer closed the connection.
+    #[error("closed by the peer")]
+    Closed,
+    /// The connection failed (I/O, or the peer broke yamux).
+    #[error("connection failed")]
+    Failed(#[source] TransportError),
+    /// The peer missed its heartbeats for this long.
+    #[error("no heartbeat from the peer for {0:?}")]
+    HeartbeatTimeout(Duration),
+    /// The control stream closed or failed while the connection was up.
+    #[error("control stream closed")]
+    ControlClosed(#[source] Option<TransportError>),
+    /// The control stream was never opened (in time).
+    #[error("no control stream")]
+    NoControlStream(#[source] Option<TransportError>),
+    /// The agent opened a stream besides its control stream.
+    #[error("the agent opened a stream it may not open")]
+    UnexpectedStream,
 }
 
-impl SessionConfig {
-    /// Limits for `max_streams` streams: each may hold its initial window (streams only fill
-    /// their window when the reader falls behind, so real memory is far below this), plus
-    /// [`WINDOW_GROWTH_BUDGET`] for windows that grow.
-    pub fn with_max_streams(max_streams: usize) -> Self {
-        Self {
-            max_streams,
-            max_connection_window: yamux_streams(max_streams)
-                .saturating_mul(STREAM_WINDOW)
-                .saturating_add(WINDOW_GROWTH_BUDGET),
-            split_send_size: 64 * 1024,
-        }
-    }
-
-    /// Checks the invariants yamux asserts (it panics on violation, so we check first).
-    ///
-    /// # Errors
-    /// A message naming the broken rule.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_streams == 0 {
-            return Err("max streams must be at least 1".into());
-        }
-        let needed = yamux_streams(self.max_streams).saturating_mul(STREAM_WINDOW);
-        if self.max_connection_window < needed {
-            return Err(format!(
-                "the connection window ({} bytes) must be at least 256 KiB per stream ({needed} bytes)",
-                self.max_connection_window,
-            ));
-        }
-        if self.split_send_size < 1024 {
-            return Err("split send size must be at least 1 KiB".into());
-        }
-        Ok(())
-    }
-
-    fn yamux(&self) -> yamux::Config {
-        let mut config = yamux::Config::default();
-        // Order matters: each setter asserts window ≥ streams × 256 KiB against the other value.
-        config
-            .set_max_connection_receive_window(Some(self.max_connection_window.max(yamux_default_window())));
-        config.set_max_num_streams(yamux_streams(self.max_streams));
-        config.set_max_connection_receive_window(Some(self.max_connection_window));
-        config.set_split_send_size(self.split_send_size);
-        config
-    }
-}
-
-/// yamux's default connection window (1 GiB), which its default 512 streams fit in.
-fn yamux_default_window() -> usize {
-    1024 * 1024 * 1024
-}
-
-type OpenReply = oneshot::Sender<Result<yamux::Stream, TransportError>>;
-
-/// Opens streams on a session driven elsewhere. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct StreamOpener {
-    tx: mpsc::Sender<OpenReply>,
-    /// Streams handed out and still alive.
-    open: Arc<AtomicUsize>,
-    max: usize,
-}
-
-/// One stream handed out by a [`StreamOpener`]: it counts against the session's limit until
-/// this is dropped. Keep it as long as the stream (see [`crate::stream::split_counted`]).
+/// The handle to a running session. See the module docs.
 #[derive(Debug)]
-pub struct StreamSlot {
-    open: Arc<AtomicUsize>,
+pub struct Session {
+    /// Opens request streams (the gateway's side of the rule; the agent opens none).
+    pub opener: StreamOpener,
+    /// Sends on the control stream, pings, reads the last round-trip time.
+    pub control: ControlHandle,
+    /// The peer's control messages other than heartbeats (drain, go-away, health).
+    pub events: mpsc::Receiver<ControlMessage>,
+    /// Bytes moved each way.
+    pub counters: Arc<IoCounters>,
+    established: Option<oneshot::Receiver<()>>,
 }
 
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl StreamOpener {
-    /// Opens a new outbound stream.
-    ///
-    /// The peer learns of the stream with its first frame, so write to it promptly.
-    ///
-    /// # Errors
-    /// [`TransportError::TooManyStreams`] when [`SessionConfig::max_streams`] streams are open
-    /// (the session goes on); [`TransportError::SessionClosed`] when the session is gone; a yamux
-    /// error otherwise.
+impl Session {
+    /// Waits until the control stream is up: `true` then, `false` if the session ended first.
     ///
     /// # Cancel safety
-    /// Cancel safe: a stream opened for a cancelled call is dropped (and reset) by the driver.
-    pub async fn open(&self) -> Result<(yamux::Stream, StreamSlot), TransportError> {
-        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-            return Err(TransportError::TooManyStreams);
+    /// Cancel safe.
+    pub async fn established(&mut self) -> bool {
+        match &mut self.established {
+            Some(rx) => {
+                let up = rx.await.is_ok();
+                self.established = None;
+                up
+            }
+            None => true,
         }
-        let slot = StreamSlot { open: Arc::clone(&self.open) };
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(reply).await.map_err(|_| TransportError::SessionClosed)?;
-        let stream = rx.await.map_err(|_| TransportError::SessionClosed)??;
-        Ok((stream, slot))
-    }
-
-    /// Whether the driver has stopped.
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    /// Streams opened here that are still alive.
-    pub fn open_streams(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
     }
 }
 
-/// Owns a yamux connection; see the module docs.
-pub struct SessionDriver<T> {
-    conn: yamux::Connection<T>,
-    open_rx: mpsc::Receiver<OpenReply>,
-    pending_open: Option<OpenReply>,
+/// Owns a session's I/O; run it with [`SessionTask::run`].
+pub struct SessionTask<S> {
+    driver: SessionDriver<WsIo<S>>,
+    opener: StreamOpener,
+    role: Role,
+    heartbeat: Heartbeat,
+    control: ControlLoop,
+    established: oneshot::Sender<()>,
 }
 
-impl<T> std::fmt::Debug for SessionDriver<T> {
+impl<S> std::fmt::Debug for SessionTask<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionDriver").finish_non_exhaustive()
+        f.debug_struct("SessionTask").field("role", &self.role).finish_non_exhaustive()
     }
 }
 
-/// Creates the driver for a session over `io` and the handle to open streams on it.
+/// Starts a session over a WebSocket whose ferry handshake is done.
 ///
-/// `mode` is `Client` on the agent (it dialled) and `Server` on the gateway. The caller must have
-/// validated `config` ([`SessionConfig::validate`]).
-pub fn session<T>(io: T, mode: yamux::Mode, config: &SessionConfig) -> (SessionDriver<T>, StreamOpener)
+/// The caller must have validated `config` ([`SessionConfig::validate`]).
+pub fn start<S>(
+    ws: WebSocketStream<S>,
+    role: Role,
+    heartbeat: Heartbeat,
+    config: &SessionConfig,
+) -> (Session, SessionTask<S>)
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (tx, open_rx) = mpsc::channel(OPEN_QUEUE);
-    let conn = yamux::Connection::new(io, config.yamux(), mode);
-    let opener = StreamOpener { tx, open: Arc::default(), max: config.max_streams };
-    (SessionDriver { conn, open_rx, pending_open: None }, opener)
+    let counters = Arc::new(IoCounters::default());
+    let mode = match role {
+        Role::Agent => yamux::Mode::Client,
+        Role::Gateway { .. } => yamux::Mode::Server,
+    };
+    let (driver, opener) = mux::session(WsIo::new(ws, Arc::clone(&counters)), mode, config);
+    let (control, control_loop, events) = control::channel();
+    let (established_tx, established_rx) = oneshot::channel();
+    let session =
+        Session { opener: opener.clone(), control, events, counters, established: Some(established_rx) };
+    let task =
+        SessionTask { driver, opener, role, heartbeat, control: control_loop, established: established_tx };
+    (session, task)
 }
 
-impl<T> SessionDriver<T>
+impl<S> SessionTask<S>
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Drives the session until the peer closes it, it fails, or `shutdown` fires; then it
-    /// drives it [`FLUSH_GRACE`] longer (no new streams) so the last writes leave, and drops it.
-    ///
-    /// Dropping, not yamux's `poll_close`: a closing yamux connection forgets its streams
-    /// without waking them, so a request still waiting on one would hang until its own timeout
-    /// (and a peer that does not read would hold the close forever). Dropped, every stream sees
-    /// the session end at once; the peer sees the connection close.
-    ///
-    /// Every inbound stream is passed to `on_inbound`, which must not block.
-    ///
-    /// # Errors
-    /// The connection failed (I/O, protocol violation by the peer).
-    pub async fn run(
-        mut self,
-        mut on_inbound: impl FnMut(yamux::Stream),
-        shutdown: CancellationToken,
-    ) -> Result<(), TransportError> {
-        let result = tokio::select! {
-            result = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound)) => return result,
-            () = shutdown.cancelled() => Ok(()),
+    /// Runs the session until it ends, and says why. On the agent every stream the gateway opens
+    /// goes to `on_request` (which must not block); on the gateway `on_request` is never called.
+    /// Cancelling `stop` ends the session ([`Ended::Stopped`]) after a short flush of what was
+    /// written last.
+    pub async fn run(self, mut on_request: impl FnMut(yamux::Stream), stop: CancellationToken) -> Ended {
+        let Self { driver, opener, role, heartbeat, control, established } = self;
+        // Ended from inside (control stream over, or a broken rule) as well as by `stop`.
+        let end = stop.child_token();
+        let unexpected = Arc::new(AtomicBool::new(false));
+        let (control_tx, control_rx) = oneshot::channel();
+        let mut control_tx = Some(control_tx);
+        let on_inbound = {
+            let (end, unexpected) = (end.clone(), Arc::clone(&unexpected));
+            move |stream: yamux::Stream| match role {
+                Role::Agent => on_request(stream),
+                Role::Gateway { .. } => match control_tx.take() {
+                    Some(tx) => {
+                        let _ = tx.send(stream);
+                    }
+                    None => {
+                        unexpected.store(true, Ordering::Relaxed);
+                        end.cancel();
+                    }
+                },
+            }
         };
-        // Refuse further opens; let what is queued go out.
-        self.open_rx.close();
-        let flushing = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound));
-        if let Ok(Err(err)) = tokio::time::timeout(FLUSH_GRACE, flushing).await {
-            debug!(%err, "the session failed while closing");
-        }
-        result
-    }
-
-    fn poll_drive(
-        &mut self,
-        cx: &mut Context<'_>,
-        on_inbound: &mut impl FnMut(yamux::Stream),
-    ) -> Poll<Result<(), TransportError>> {
-        // Serve open requests until one has to wait (yamux limits unacknowledged streams).
-        loop {
-            if self.pending_open.is_none() {
-                match self.open_rx.poll_recv(cx) {
-                    Poll::Ready(Some(reply)) => self.pending_open = Some(reply),
-                    Poll::Ready(None) | Poll::Pending => break,
+        let control_run = async move {
+            let (stream, _slot) = match role {
+                Role::Agent => match opener.open().await {
+                    Ok((stream, slot)) => (stream, Some(slot)),
+                    Err(err) => return Ended::NoControlStream(Some(err)),
+                },
+                Role::Gateway { control_deadline } => {
+                    match tokio::time::timeout(control_deadline, control_rx).await {
+                        Ok(Ok(stream)) => (stream, None),
+                        _ => return Ended::NoControlStream(None),
+                    }
                 }
-            }
-            let Some(reply) = self.pending_open.take() else {
-                break;
             };
-            if reply.is_closed() {
-                continue;
+            let _ = established.send(());
+            match control::run(stream, heartbeat, control).await {
+                ControlError::HeartbeatTimeout(silent) => Ended::HeartbeatTimeout(silent),
+                ControlError::Closed(err) => Ended::ControlClosed(err),
             }
-            match self.conn.poll_new_outbound(cx) {
-                Poll::Ready(result) => {
-                    // The opener may have given up meanwhile; the stream is then dropped and reset.
-                    let _ = reply.send(result.map_err(TransportError::from));
-                }
-                Poll::Pending => {
-                    self.pending_open = Some(reply);
-                    break;
-                }
+        };
+        let driving = driver.run(on_inbound, end.clone());
+        tokio::pin!(driving, control_run);
+        let ended = tokio::select! {
+            result = &mut driving => {
+                return if unexpected.load(Ordering::Relaxed) {
+                    Ended::UnexpectedStream
+                } else if stop.is_cancelled() {
+                    Ended::Stopped
+                } else {
+                    match result {
+                        Ok(()) => Ended::Closed,
+                        Err(err) => Ended::Failed(err),
+                    }
+                };
             }
-        }
-        // Drive all I/O; this is also what delivers inbound streams.
-        loop {
-            match self.conn.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(stream))) => on_inbound(stream),
-                Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(err.into())),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+            ended = &mut control_run => if stop.is_cancelled() { Ended::Stopped } else { ended },
+        };
+        // The control stream is over: so is the session (after its last writes go out).
+        end.cancel();
+        let _ = driving.await;
+        ended
     }
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::TransportError;
-use crate::session::StreamSlot;
+use crate::mux::StreamSlot;
 
 /// A whole yamux stream with tokio's I/O traits (for raw byte pipes).
 pub type TunnelStream = Compat<yamux::Stream>;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::ws::websocket_config;
 use ferry_transport::{IoCounters, WsIo};
 use futures_util::io::{AsyncReadExt, AsyncWriteExt};

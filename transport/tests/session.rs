@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_codec::{AbortCode, Frame};
 use ferry_transport::body::{BodyError, send_body};
-use ferry_transport::session::{STREAM_WINDOW, SessionConfig, session};
+use ferry_transport::mux::{STREAM_WINDOW, SessionConfig, session};
 use ferry_transport::stream::split;
 use ferry_transport::ws::websocket_config;
 use ferry_transport::{FrameBody, IoCounters, StreamOpener, WsIo};

@@ -15,7 +15,7 @@ use ferry_codec::{
     AuthResult, ClientAuth, ControlMessage, InstanceId, PROTOCOL_VERSION, ServerHello, TunnelId,
 };
 use ferry_transport::control::{self, Heartbeat};
-use ferry_transport::session::{SessionConfig, session};
+use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
 use ferry_transport::{WsIo, yamux};
 use http::HeaderValue;

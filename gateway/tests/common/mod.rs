@@ -512,7 +512,7 @@ impl EvilAgent {
         let (ws, _, _, result) =
             raw_handshake(gateway, tunnel, InstanceId(uuid::Uuid::new_v4()), None, None).await;
         assert!(matches!(result, AuthResult::Accepted(_)), "{result:?}");
-        let (driver, opener) = ferry_transport::session::session(
+        let (driver, opener) = ferry_transport::mux::session(
             ferry_transport::WsIo::new(ws, Arc::default()),
             ferry_transport::yamux::Mode::Client,
             &ferry_transport::SessionConfig::default(),

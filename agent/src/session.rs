@@ -7,20 +7,21 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_codec::ControlMessage;
 use ferry_codec::control::GoAwayReason;
 use ferry_codec::handshake::AuthAccepted;
-use ferry_transport::control::{self, ControlError, Heartbeat};
-use ferry_transport::session::{SessionConfig, session};
-use ferry_transport::{IoCounters, TransportError, WsIo, yamux};
+use ferry_transport::control::Heartbeat;
+use ferry_transport::session::{self, Ended, Role};
+use ferry_transport::{SessionConfig, TransportError, yamux};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::connect::GatewayWs;
-use crate::upstream::{Upstream, serve_stream};
+use crate::upstream::{Forwarder, serve_stream};
 
 /// Heartbeats the gateway may miss before the agent gives the session up.
 const HEARTBEAT_MISSES: u32 = 3;
@@ -66,89 +67,79 @@ impl std::fmt::Debug for SessionEnd {
     }
 }
 
+/// What a session that ended by itself means for the agent: an error to log and reconnect after,
+/// or a plain loss of the session.
+fn lost(ended: Ended) -> Result<SessionEnd, TransportError> {
+    match ended {
+        Ended::Failed(err) => Err(err),
+        Ended::HeartbeatTimeout(silent) => {
+            warn!(silent_ms = silent.as_millis() as u64, "the gateway missed its heartbeats; reconnecting");
+            Ok(SessionEnd::Lost)
+        }
+        other => {
+            debug!(reason = %other, "session ended");
+            Ok(SessionEnd::Lost)
+        }
+    }
+}
+
 /// Serves one session until it ends.
 pub(crate) async fn serve(
-    upstream: &Arc<Upstream>,
+    upstream: &Arc<Forwarder>,
     ws: GatewayWs,
     accepted: &AuthAccepted,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, TransportError> {
-    let counters = Arc::new(IoCounters::default());
     let config = session_config(&upstream.config.session, accepted.limits.max_streams);
-    let (driver, opener) = session(WsIo::new(ws, counters), yamux::Mode::Client, &config);
+    let heartbeat = Heartbeat { interval: accepted.heartbeat_interval, misses: HEARTBEAT_MISSES };
+    let (mut link, task) = session::start(ws, Role::Agent, heartbeat, &config);
     let streams = TaskTracker::new();
+    // Not a child of `shutdown`: on shutdown the session goes on while it drains, and is stopped
+    // only when its requests are done (or the drain deadline passes).
     let stop = CancellationToken::new();
 
-    // The control stream: opened first, it runs the heartbeat until the session ends.
-    let (control, control_loop, mut events) = control::channel();
-    let heartbeat = Heartbeat { interval: accepted.heartbeat_interval, misses: HEARTBEAT_MISSES };
-    let control_stop = stop.clone();
-    let control_task = tokio::spawn(
-        async move {
-            let (stream, _slot) = match opener.open().await {
-                Ok(opened) => opened,
-                Err(err) => {
-                    debug!(%err, "could not open the control stream");
-                    control_stop.cancel();
-                    return;
-                }
-            };
-            match control::run(stream, heartbeat, control_loop).await {
-                ControlError::HeartbeatTimeout(silent) => {
-                    warn!(
-                        silent_ms = silent.as_millis() as u64,
-                        "the gateway missed its heartbeats; reconnecting"
-                    );
-                }
-                other => debug!(err = %other, "control stream closed"),
-            }
-            control_stop.cancel();
-        }
-        .in_current_span(),
-    );
-    // The first frame announces the stream to the gateway (with the current upstream health);
-    // queued before the loop starts. Later changes follow as they happen.
+    // The control stream's first frame announces it to the gateway (with the current upstream
+    // health); queued before the session runs. Later changes follow as they happen.
     let mut health = upstream.health.subscribe();
     let (state, detail) = health.borrow_and_update().clone();
-    let _ = control.send(ControlMessage::UpstreamHealth { state, detail }).await;
+    let _ = link.control.send(ControlMessage::UpstreamHealth { state, detail }).await;
     let mut health_open = true;
 
     let stream_upstream = Arc::clone(upstream);
     let stream_tracker = streams.clone();
-    let on_inbound = move |stream: yamux::Stream| {
+    let on_request = move |stream: yamux::Stream| {
         stream_tracker.spawn(serve_stream(Arc::clone(&stream_upstream), stream).in_current_span());
     };
-    let mut run = Box::pin(driver.run(on_inbound, stop.clone()));
+    let mut run = Box::pin(task.run(on_request, stop.clone()).in_current_span());
 
     let mut events_open = true;
     let end = loop {
         tokio::select! {
-            result = &mut run => {
-                control_task.abort();
+            ended = &mut run => {
                 streams.close();
-                return result.map(|()| SessionEnd::Lost);
+                return lost(ended);
             }
             () = shutdown.cancelled() => {
                 let grace = upstream.config.drain_timeout;
-                info!(in_flight = streams.len(), grace_secs = grace.as_secs(), "draining: the gateway stops routing here; finishing requests in flight");
-                let _ = control.send(ControlMessage::Drain { grace }).await;
+                info!(in_flight = upstream.in_flight.load(Ordering::Relaxed), grace_secs = grace.as_secs(), "draining: the gateway stops routing here; finishing requests in flight");
+                let _ = link.control.send(ControlMessage::Drain { grace }).await;
                 break (None, grace);
             }
             changed = health.changed(), if health_open => match changed {
                 Ok(()) => {
                     let (state, detail) = health.borrow_and_update().clone();
-                    let _ = control.send(ControlMessage::UpstreamHealth { state, detail }).await;
+                    let _ = link.control.send(ControlMessage::UpstreamHealth { state, detail }).await;
                 }
                 Err(_) => health_open = false,
             },
-            event = events.recv(), if events_open => match event {
+            event = link.events.recv(), if events_open => match event {
                 Some(ControlMessage::GoAway { reason, grace }) => {
                     let grace = grace.min(MAX_GO_AWAY_GRACE);
-                    info!(?reason, in_flight = streams.len(), grace_secs = grace.as_secs(), "the gateway asked this session to go away; it finishes its requests while a new one takes over");
+                    info!(?reason, in_flight = upstream.in_flight.load(Ordering::Relaxed), grace_secs = grace.as_secs(), "the gateway asked this session to go away; it finishes its requests while a new one takes over");
                     break (Some(reason), grace);
                 }
                 Some(other) => debug!(?other, "control message"),
-                // The control loop ended; `stop` is cancelled and `run` ends next.
+                // The control stream ended; the session task ends next.
                 None => events_open = false,
             },
         }
@@ -158,30 +149,32 @@ pub(crate) async fn serve(
     let finish = async move {
         let drained = async {
             if tokio::time::timeout(grace, streams.wait()).await.is_err() {
-                warn!(left = streams.len(), "drain deadline passed; closing anyway");
+                warn!(left = streams.len(), "drain deadline passed; closing this session anyway");
             }
         };
-        let result = tokio::select! {
-            result = &mut run => result,
+        let ended = tokio::select! {
+            ended = &mut run => ended,
             () = drained => {
                 stop.cancel();
                 run.await
             }
         };
-        control_task.abort();
-        // The control handle lives as long as the session: dropping it earlier would end the
-        // control loop (and with it the heartbeat) while requests still finish.
-        drop(control);
-        result
+        // The handle lives as long as the session (the control stream goes on while requests
+        // finish).
+        drop(link);
+        ended
     };
     match go_away {
-        None => finish.await.map(|()| SessionEnd::Shutdown),
+        None => match finish.await {
+            Ended::Stopped => Ok(SessionEnd::Shutdown),
+            other => lost(other).map(|_| SessionEnd::Shutdown),
+        },
         Some(reason) => {
             let draining = Box::pin(
                 async move {
                     match finish.await {
-                        Ok(()) => debug!("drained session closed"),
-                        Err(err) => debug!(%err, "drained session ended with an error"),
+                        Ended::Stopped => debug!("drained session closed"),
+                        other => debug!(reason = %other, "drained session ended"),
                     }
                 }
                 .in_current_span(),

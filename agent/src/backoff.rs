@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// Exponential backoff with full jitter.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
@@ -13,18 +13,18 @@ pub struct Backoff {
 
 impl Backoff {
     /// Delays start at `initial` and double up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self { initial, max: max.max(initial), attempt: 0 }
     }
 
     /// The ceiling for the next delay, before jitter.
-    pub fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 
     /// The next delay: uniform in `0..=ceiling`, and the ceiling doubles.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
         let mut bytes = [0u8; 8];
@@ -37,7 +37,7 @@ impl Backoff {
     }
 
     /// Back to the first delay (after a healthy stretch).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -1,42 +1,35 @@
-//! The agent endpoint: `GET /ws` upgrades to a WebSocket, the ferry handshake runs over it, and the
-//! connection becomes a yamux session registered under its tunnel id until it ends.
-//!
-//! Session lifecycle: handshake (bounded by the handshake timeout) → the agent opens the control
-//! stream (same bound) → registered → heartbeats both ways until the peer misses three, the agent
-//! or the gateway closes it, or a newer session of the same agent instance replaces it.
+//! The agent endpoint: `GET /ws` upgrades to a WebSocket and the ferry handshake runs over it
+//! (bounded by the handshake timeout, counted against `--max-handshakes`); an agent that passes
+//! goes on to [`crate::lifecycle`], one that fails is told why and let go within a second.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferry_codec::control::GoAwayReason;
 use ferry_codec::handshake::{AuthAccepted, AuthRejected, SessionLimits, check_version};
 use ferry_codec::{
-    AuthErrorCode, AuthResult, ClientAuth, CodecError, ControlMessage, Nonce, PROTOCOL_VERSION, ServerHello,
-    SessionId,
+    AuthErrorCode, AuthResult, ClientAuth, CodecError, Nonce, PROTOCOL_VERSION, ServerHello, SessionId,
 };
-use ferry_transport::control::{self, ControlError, Heartbeat};
-use ferry_transport::session::session;
+use ferry_transport::TransportError;
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
-use ferry_transport::{IoCounters, TransportError, WsIo, yamux};
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 use uuid::Uuid;
 
 use crate::Gateway;
 use crate::auth::server_mac;
-use crate::error::ProxyError;
-use crate::session::{Identity, Session};
+use crate::error::PublicError;
+use crate::session::Identity;
 
 /// Largest WebSocket message before the handshake completes: a `ClientAuth` is under 250 bytes,
 /// so an unauthenticated peer cannot make the gateway buffer more than this.
@@ -51,22 +44,22 @@ pub(crate) fn accept(
     gateway: &Arc<Gateway>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
-) -> Result<Response<Full<Bytes>>, ProxyError> {
+) -> Result<Response<Full<Bytes>>, PublicError> {
     if let Some(wait) = gateway.failures.blocked(crate::limits::client_key(peer.ip())) {
-        return Err(ProxyError::RateLimited(wait.as_secs().max(1)));
+        return Err(PublicError::RateLimited(wait.as_secs().max(1)));
     }
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && ferry_transport::heads::wants_upgrade(headers)
         && headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     if !is_upgrade {
-        return Err(ProxyError::BadRequest("the agent endpoint expects a WebSocket upgrade"));
+        return Err(PublicError::BadRequest("the agent endpoint expects a WebSocket upgrade"));
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
-        return Err(ProxyError::BadRequest("unsupported WebSocket version (expected 13)"));
+        return Err(PublicError::BadRequest("unsupported WebSocket version (expected 13)"));
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return Err(ProxyError::BadRequest("missing Sec-WebSocket-Key"));
+        return Err(PublicError::BadRequest("missing Sec-WebSocket-Key"));
     };
     let offers_ferry = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -75,7 +68,7 @@ pub(crate) fn accept(
         .flat_map(|v| v.split(','))
         .any(|p| p.trim() == SUBPROTOCOL);
     if !offers_ferry {
-        return Err(ProxyError::BadRequest("the agent must offer the ferry.v1 WebSocket subprotocol"));
+        return Err(PublicError::BadRequest("the agent must offer the ferry.v1 WebSocket subprotocol"));
     }
     let accept_key = derive_accept_key(key.as_bytes());
     let host = request
@@ -88,7 +81,7 @@ pub(crate) fn accept(
     // handshake cannot hold more than this many tasks and sockets.
     let Ok(handshake_slot) = Arc::clone(&gateway.handshakes).try_acquire_owned() else {
         gateway.metrics.limited(crate::metrics::Limit::Handshakes);
-        return Err(ProxyError::GatewayBusy);
+        return Err(PublicError::GatewayBusy);
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
 
@@ -163,107 +156,7 @@ async fn serve(
     let span = tracing::Span::current();
     span.record("tunnel_id", identity.tunnel_id.as_str());
     span.record("session_id", tracing::field::display(identity.id));
-
-    // Past the handshake the peer is a known agent: lift the message cap to the session's. The
-    // agent sends nothing between ClientAuth and our AuthResult, so nothing is buffered here.
-    let ws = WebSocketStream::from_raw_socket(ws.into_inner(), Role::Server, Some(websocket_config())).await;
-    let counters = Arc::new(IoCounters::default());
-    let (driver, opener) =
-        session(WsIo::new(ws, Arc::clone(&counters)), yamux::Mode::Server, &gateway.config.session);
-    let cancel = gateway.sessions.child_token();
-
-    // The agent opens exactly one stream, the control stream. Another one is a protocol
-    // violation: only this agent's session dies for it.
-    let (control_tx, control_rx) = oneshot::channel();
-    let mut control_slot = Some(control_tx);
-    let violation = cancel.clone();
-    let violation_gateway = Arc::clone(&gateway);
-    let on_inbound = move |stream: yamux::Stream| match control_slot.take() {
-        Some(slot) => {
-            let _ = slot.send(stream);
-        }
-        None if !violation.is_cancelled() => {
-            warn!(%peer, "agent opened a stream it may not open; closing its session");
-            // Counted (once) like a failed handshake: an agent that misbehaves cannot come back
-            // to do it again and again.
-            violation_gateway.failures.record(crate::limits::client_key(peer.ip()));
-            violation.cancel();
-        }
-        None => {}
-    };
-
-    let (handle, control_loop, mut events) = control::channel();
-    let session = Arc::new(Session::new(identity, opener, handle, Arc::clone(&counters), cancel.clone()));
-    let heartbeat = Heartbeat { interval: heartbeat_interval, misses: gateway.config.heartbeat_misses };
-    let lifecycle = async {
-        let stream = match tokio::time::timeout(gateway.config.handshake_timeout, control_rx).await {
-            Ok(Ok(stream)) => stream,
-            _ => {
-                warn!("agent did not open its control stream; closing the session");
-                cancel.cancel();
-                return;
-            }
-        };
-        let inserted = gateway.registry.insert(Arc::clone(&session));
-        gateway.metrics.session_started(inserted.reconnect);
-        // The secret may have been revoked between its check and now, while this session was
-        // in no list a reload sweeps; now that it is listed, either the reload sees it or this
-        // sees the reload.
-        if !gateway.secrets().still_allows(&session.tunnel_id, session.secret.as_ref()) {
-            warn!("secret revoked during the handshake; closing the session");
-            session.go_away(GoAwayReason::CredentialsRevoked, std::time::Duration::ZERO).await;
-            cancel.cancel();
-            gateway.registry.remove(&session.tunnel_id, session.id);
-            return;
-        }
-        for stale in inserted.replaced {
-            info!(stale_session = %stale.id, "replacing the stale session of the same agent");
-            stale.go_away(GoAwayReason::Replaced, std::time::Duration::ZERO).await;
-            stale.cancel.cancel();
-        }
-        info!(agent_version = %session.agent_version, peer = %session.peer, "tunnel up");
-        let events_loop = async {
-            while let Some(event) = events.recv().await {
-                match event {
-                    ControlMessage::Drain { grace } => {
-                        info!(grace_ms = grace.as_millis() as u64, "agent is draining");
-                        session.set_draining();
-                        gateway.registry.touch();
-                    }
-                    ControlMessage::UpstreamHealth { state, detail } => {
-                        session.set_health(state, detail);
-                        // Routing preferences changed: wake whoever waits on the registry.
-                        gateway.registry.touch();
-                    }
-                    other => debug!(?other, "control message"),
-                }
-            }
-        };
-        tokio::select! {
-            ended = control::run(stream, heartbeat, control_loop) => match ended {
-                ControlError::HeartbeatTimeout(silent) => {
-                    warn!(silent_ms = silent.as_millis() as u64, "agent missed its heartbeats; closing the session");
-                }
-                other => debug!(err = %other, "control stream closed"),
-            },
-            () = events_loop => {}
-            () = cancel.cancelled() => {}
-        }
-        cancel.cancel();
-        // Out of the registry now, not once the connection is closed (which may wait on a peer
-        // that does not read): nothing is routed to a session that is over.
-        gateway.registry.remove(&session.tunnel_id, session.id);
-    };
-    let (result, ()) = tokio::join!(driver.run(on_inbound, cancel.clone()), lifecycle);
-    gateway.registry.remove(&session.tunnel_id, session.id);
-    gateway.metrics.session_ended(
-        counters.tx.load(std::sync::atomic::Ordering::Relaxed),
-        counters.rx.load(std::sync::atomic::Ordering::Relaxed),
-    );
-    match result {
-        Ok(()) => info!("tunnel down"),
-        Err(err) => info!(%err, "tunnel down"),
-    }
+    crate::lifecycle::run(gateway, ws, identity, heartbeat_interval).await;
 }
 
 /// A failed handshake: the code for the agent, the detail for our log, and the WebSocket close
