@@ -45,9 +45,7 @@ pub(crate) fn accept(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, PublicError> {
-    if let Some(wait) = gateway.failures.blocked(crate::limits::client_key(peer.ip())) {
-        return Err(PublicError::RateLimited(wait.as_secs().max(1)));
-    }
+    gateway.limits.handshake_allowed(peer.ip())?;
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && ferry_transport::heads::wants_upgrade(headers)
@@ -79,10 +77,7 @@ pub(crate) fn accept(
         .or_else(|| request.uri().authority().map(|a| a.to_string()));
     // Unauthenticated connections are capped: a flood of WebSockets that never finish the
     // handshake cannot hold more than this many tasks and sockets.
-    let Ok(handshake_slot) = Arc::clone(&gateway.handshakes).try_acquire_owned() else {
-        gateway.metrics.limited(crate::metrics::Limit::Handshakes);
-        return Err(PublicError::GatewayBusy);
-    };
+    let handshake_slot = gateway.limits.handshake()?;
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     let gw = Arc::clone(gateway);
@@ -136,7 +131,7 @@ async fn serve(
         Ok(Ok(done)) => done,
         Ok(Err(failure)) => {
             warn!(code = failure.code.as_str(), detail = %failure.detail, %peer, "agent handshake failed");
-            gateway.failures.record(crate::limits::client_key(peer.ip()));
+            gateway.limits.handshake_failed(peer.ip());
             gateway.metrics.handshake_failure(failure.code);
             // Still counted as a handshake in progress until the socket is let go.
             reject(ws, failure.code, failure.close).await;
@@ -145,7 +140,7 @@ async fn serve(
         }
         Err(_) => {
             warn!(%peer, "agent handshake timed out");
-            gateway.failures.record(crate::limits::client_key(peer.ip()));
+            gateway.limits.handshake_failed(peer.ip());
             gateway.metrics.handshake_failure(AuthErrorCode::HandshakeTimeout);
             reject(ws, AuthErrorCode::HandshakeTimeout, None).await;
             drop(handshake_slot);

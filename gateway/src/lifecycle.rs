@@ -101,7 +101,7 @@ pub(crate) async fn run<S>(
             warn!(%peer, "agent opened a stream it may not open; tunnel down");
             // Counted like a failed handshake: an agent that misbehaves cannot come back to do
             // it again and again.
-            gateway.failures.record(crate::limits::client_key(peer.ip()));
+            gateway.limits.handshake_failed(peer.ip());
         }
         other => info!(reason = %other, "tunnel down"),
     }

@@ -2,10 +2,12 @@
 //! and stream the body, wait for the response head, stream the response body back. Upgrades
 //! (`101`) turn the stream into a raw pipe.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_codec::{AbortCode, Frame, Head, RequestHead, TunnelId};
@@ -14,7 +16,7 @@ use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
 use ferry_transport::stream::{FrameReader, FrameWriter, split_counted};
-use ferry_transport::{FrameBody, TransportError};
+use ferry_transport::{FrameBody, StreamSlot, TransportError, yamux};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
@@ -24,12 +26,14 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
-use crate::Gateway;
+use crate::config::GatewayConfig;
 use crate::error::PublicError;
-use crate::limits::{ClientSlot, client_ip, client_key};
-use crate::metrics::Limit;
+use crate::limits::{ClientSlot, Limits, client_ip};
+use crate::metrics::{Limit, Metrics};
+use crate::registry::Registry;
 use crate::server::{ConnWatch, SendClock};
 use crate::session::{InFlight, Session};
 
@@ -50,9 +54,64 @@ struct Admitted {
     _upload: Option<oneshot::Sender<()>>,
 }
 
-/// Sends `request` to tunnel `id` with the upstream target `target`.
+/// What forwarding needs from the gateway, and nothing more.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forwarding<'a> {
+    pub(crate) registry: &'a Registry,
+    pub(crate) limits: &'a Limits,
+    pub(crate) metrics: &'a Arc<Metrics>,
+    /// Upload and upgrade tasks are tracked with the public connections (the drain waits).
+    pub(crate) tracker: &'a TaskTracker,
+    pub(crate) settings: &'a ForwardSettings,
+}
+
+/// Forwarding settings, fixed when the gateway starts.
+#[derive(Debug)]
+pub(crate) struct ForwardSettings {
+    stream_open_timeout: Duration,
+    response_timeout: Duration,
+    /// Per-tunnel response timeouts (`--tunnel-override`).
+    response_timeouts: HashMap<TunnelId, Duration>,
+    pending_timeout: Duration,
+    max_pending: usize,
+    body_idle_timeout: Duration,
+    /// `http` or `https`, for `X-Forwarded-Proto` and `Forwarded`.
+    scheme: &'static str,
+    /// Names this gateway in `Via`.
+    via_token: String,
+}
+
+impl ForwardSettings {
+    pub(crate) fn new(config: &GatewayConfig, scheme: &'static str, via_token: String) -> Self {
+        Self {
+            stream_open_timeout: config.stream_open_timeout,
+            response_timeout: config.response_timeout,
+            response_timeouts: config
+                .tunnel_overrides
+                .iter()
+                .filter_map(|(id, o)| Some((id.clone(), o.response_timeout?)))
+                .collect(),
+            pending_timeout: config.pending_timeout,
+            max_pending: config.max_pending,
+            body_idle_timeout: config.body_idle_timeout,
+            scheme,
+            via_token,
+        }
+    }
+
+    /// Whether `Via` shows this request already passed through this gateway.
+    pub(crate) fn seen_before(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get_all(header::VIA)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains(self.via_token.as_str())))
+    }
+}
+
+/// Sends `request` to tunnel `id` with the upstream target `target`: admit, open a stream,
+/// exchange.
 pub(crate) async fn forward(
-    gateway: &Arc<Gateway>,
+    fw: Forwarding<'_>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
     conn: &ConnWatch,
@@ -60,51 +119,53 @@ pub(crate) async fn forward(
     target: String,
     request_id: &str,
 ) -> Result<Response<ResponseBody>, PublicError> {
-    let (session, client_slot) = admit(gateway, id, peer)?;
-    let mut session = match session {
+    // Admit: the edge's limits, a session (or the wait for one), the announced body.
+    let (session, client_slot) = fw.limits.admit(fw.registry, id, peer)?;
+    let session = match session {
         Some(session) => session,
-        None => wait_for_session(gateway, id).await?,
+        None => wait_for_session(fw, id).await?,
     };
     if session.is_unhealthy() {
         debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
         return Err(PublicError::UpstreamUnhealthy);
     }
-    let max_requests = u64::try_from(gateway.config.max_tunnel_requests).unwrap_or(u64::MAX);
-    if gateway.registry.in_flight(id) >= max_requests {
-        gateway.metrics.limited(Limit::TunnelConcurrency);
-        return Err(PublicError::AtCapacity);
-    }
-    let overrides = gateway.config.tunnel_overrides.get(id);
-    let body_limit =
-        overrides.and_then(|o| o.max_request_body).or(gateway.config.max_request_body).unwrap_or(u64::MAX);
-    let response_timeout =
-        overrides.and_then(|o| o.response_timeout).unwrap_or(gateway.config.response_timeout);
-    if request.body().size_hint().lower() > body_limit {
-        gateway.metrics.limited(Limit::BodySize);
-        return Err(PublicError::PayloadTooLarge);
-    }
+    fw.limits.tunnel_capacity(fw.registry, id)?;
+    fw.limits.announced_body(id, request.body().size_hint().lower())?;
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
-    let head = request_head(gateway, parts, peer, target, request_id, upgrade, body_len);
+    let head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
 
-    // Nothing has reached an agent until the head is written: a session that closed before that
-    // is skipped and the request goes to another (or waits for one to come back).
+    // Open: a stream on that session, or on another if it closed before the head was written.
+    let (stream, slot, in_flight) = open(fw, session, id).await?;
+    let admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
+    let (reader, writer) = split_counted(stream, slot);
+
+    // Exchange: the head and body up, the response down.
+    let exchange = Exchange { id, head, body_len, body, on_upgrade, reader, writer, admitted };
+    exchange.run(fw, conn).await
+}
+
+/// Opens a stream on `session`. Nothing has reached an agent until the head is written: a
+/// session that closed before that is skipped and the request goes to another (or waits for one
+/// to come back).
+async fn open(
+    fw: Forwarding<'_>,
+    mut session: Arc<Session>,
+    id: &TunnelId,
+) -> Result<(yamux::Stream, StreamSlot, InFlight), PublicError> {
     let mut attempts = 0;
-    let (stream, slot, in_flight) = loop {
+    loop {
         let in_flight = session.begin_request();
-        match tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await {
-            Ok(Ok((stream, slot))) => break (stream, slot, in_flight),
-            Ok(Err(TransportError::TooManyStreams)) => {
-                gateway.metrics.limited(Limit::TunnelConcurrency);
-                return Err(PublicError::AtCapacity);
-            }
+        match tokio::time::timeout(fw.settings.stream_open_timeout, session.open_stream()).await {
+            Ok(Ok((stream, slot))) => return Ok((stream, slot, in_flight)),
+            Ok(Err(TransportError::TooManyStreams)) => return Err(fw.limits.session_full()),
             Ok(Err(err)) if attempts < MAX_OPEN_ATTEMPTS => {
                 debug!(%err, "session closed before the request was sent; trying another");
                 attempts += 1;
                 drop(in_flight);
-                session = pick_session(gateway, id).await?;
+                session = pick_session(fw, id).await?;
             }
             Ok(Err(err)) => {
                 debug!(%err, "opening a stream failed");
@@ -112,156 +173,152 @@ pub(crate) async fn forward(
             }
             Err(_) => return Err(PublicError::AgentUnresponsive),
         }
-    };
-    let mut admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
-    let (mut reader, mut writer) = split_counted(stream, slot);
-    // The head leaves with the body's first bytes (or with `End`) in one write.
-    writer.queue(&Frame::Head(Head::Request(head))).map_err(|_| PublicError::AgentError)?;
-
-    // The request body goes up while the response comes down: an echo answers before the
-    // upload ends. A known-empty body is just `End`, without a task.
-    // A body that grows past the limit without announcing its length is cut there; if the
-    // response has not started, the client gets 413.
-    let mut upload_failed_rx = None;
-    let upload = if body_len == Some(0) {
-        writer.send(&Frame::End).await.map_err(|_| PublicError::SessionLost)?;
-        Upload::Done(writer)
-    } else {
-        // How the upload failed, when the client should hear about it (if no response has
-        // started): its body grew past the limit (413), or it went quiet (408).
-        let (upload_failed, rx) = oneshot::channel();
-        upload_failed_rx = Some(rx);
-        let (request_over, mut request_over_rx) = oneshot::channel::<()>();
-        admitted._upload = Some(request_over);
-        let body = IdleTimeout::new(body, gateway.config.body_idle_timeout);
-        let body = Limited::new(body, usize::try_from(body_limit).unwrap_or(usize::MAX));
-        let metrics_gateway = Arc::clone(gateway);
-        gateway.tracker.spawn(
-            async move {
-                let sent = tokio::select! {
-                    sent = send_body(body, &mut writer, AbortCode::ClientGone) => sent,
-                    // The request is over (answered, failed, or its client left): the rest of
-                    // its body is not wanted, and dropping the writer lets the stream go.
-                    _ = &mut request_over_rx => {
-                        debug!("request over before its body was sent; upload dropped");
-                        return;
-                    }
-                };
-                match sent {
-                    Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
-                        debug!("request body over the limit; cut");
-                        metrics_gateway.metrics.limited(Limit::BodySize);
-                        let _ = upload_failed.send(PublicError::PayloadTooLarge);
-                    }
-                    Err(SendBodyError::Body(err)) if err.is::<IdleError>() => {
-                        debug!("the client stopped sending its body; cut");
-                        metrics_gateway.metrics.limited(Limit::BodyIdle);
-                        let _ = upload_failed.send(PublicError::RequestTimeout);
-                    }
-                    Err(SendBodyError::Body(err)) => {
-                        // Unreadable (bad chunked framing) or cut by a client that left: the
-                        // agent got an abort; a client still there hears it was its body.
-                        debug!(%err, "the request body could not be read");
-                        let _ =
-                            upload_failed.send(PublicError::BadRequest("the request body could not be read"));
-                    }
-                    Err(err) => debug!(%err, "request body not fully sent"),
-                    Ok(_) => {}
-                }
-            }
-            .in_current_span(),
-        );
-        Upload::Running
-    };
-
-    let upload_failed = async {
-        match upload_failed_rx {
-            Some(rx) => rx.await,
-            None => std::future::pending().await,
-        }
-    };
-    let first = tokio::select! {
-        Ok(err) = upload_failed => return Err(err),
-        first = tokio::time::timeout(response_timeout, reader.next()) => first,
-    };
-    let head = match first {
-        Err(_) => return Err(PublicError::UpstreamTimeout),
-        Ok(Some(Ok(Frame::Head(Head::Response(head))))) => head,
-        Ok(Some(Ok(Frame::Abort(abort)))) => {
-            debug!(code = ?abort.code, detail = %abort.message, "the agent aborted the request");
-            return Err(PublicError::from_abort(abort.code));
-        }
-        Ok(Some(Ok(other))) => {
-            debug!(kind = other.kind().name(), "agent answered without a response head");
-            return Err(PublicError::AgentError);
-        }
-        Ok(Some(Err(TransportError::Codec(err)))) => {
-            debug!(%err, "the agent sent a response head that does not decode");
-            return Err(PublicError::AgentError);
-        }
-        Ok(Some(Err(err))) => {
-            debug!(%err, "reading the response head failed");
-            return Err(PublicError::SessionLost);
-        }
-        Ok(None) => return Err(PublicError::SessionLost),
-    };
-    let status = StatusCode::from_u16(head.status).map_err(|_| PublicError::AgentError)?;
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    if status.is_informational() && !switching {
-        // The agent sends interim responses never; one here would be a final 1xx.
-        debug!(%status, "the agent answered with an interim status as the final one");
-        return Err(PublicError::AgentError);
     }
-    let mut headers = headers_from_wire(head.headers);
-    // The agent strips these too; a misbehaving agent must not steer our framing.
-    strip_hop_by_hop(&mut headers, switching);
-
-    if switching {
-        let (Some(on_upgrade), Upload::Done(writer)) = (on_upgrade, upload) else {
-            debug!("101 without an upgrade request (or with a request body)");
-            return Err(PublicError::AgentError);
-        };
-        gateway.tracker.spawn(pipe(on_upgrade, reader, writer, admitted).in_current_span());
-        return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
-    }
-    if on_upgrade.is_some() {
-        // An upgrade the upstream declined: whatever the client sent after its head was meant
-        // for the other protocol, so it must not be read as a next request.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    let body = TunnelBody { inner: FrameBody::new(reader, None), clock: conn.clock(), _request: admitted };
-    Ok(build_response(status, headers, Either::Right(body)))
 }
 
-/// The checks a request meets before a session is chosen, in order: its client's rate, whether
-/// the tunnel exists at all (a request for an unknown tunnel costs no tunnel state), the
-/// tunnel's rate, and its client's share of the tunnel. Returns the least-loaded session if one
-/// is live now (`None`: the agent is expected back, wait for it).
-fn admit(
-    gateway: &Gateway,
-    id: &TunnelId,
-    peer: SocketAddr,
-) -> Result<(Option<Arc<Session>>, ClientSlot), PublicError> {
-    let now = std::time::Instant::now();
-    let refuse = |wait: std::time::Duration, limit: Limit| {
-        gateway.metrics.limited(limit);
-        PublicError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
+/// One request on its open stream.
+struct Exchange<'a> {
+    id: &'a TunnelId,
+    head: RequestHead,
+    body_len: Option<u64>,
+    body: Incoming,
+    on_upgrade: Option<OnUpgrade>,
+    reader: FrameReader,
+    writer: FrameWriter,
+    admitted: Admitted,
+}
+
+impl Exchange<'_> {
+    async fn run(self, fw: Forwarding<'_>, conn: &ConnWatch) -> Result<Response<ResponseBody>, PublicError> {
+        let Self { id, head, body_len, body, on_upgrade, mut reader, mut writer, mut admitted } = self;
+        // The head leaves with the body's first bytes (or with `End`) in one write.
+        writer.queue(&Frame::Head(Head::Request(head))).map_err(|_| PublicError::AgentError)?;
+
+        // The request body goes up while the response comes down: an echo answers before the
+        // upload ends. A known-empty body is just `End`, without a task.
+        // A body that grows past the limit without announcing its length is cut there; if the
+        // response has not started, the client gets 413.
+        let mut upload_failed_rx = None;
+        let upload = if body_len == Some(0) {
+            writer.send(&Frame::End).await.map_err(|_| PublicError::SessionLost)?;
+            Upload::Done(writer)
+        } else {
+            // How the upload failed, when the client should hear about it (if no response has
+            // started): its body grew past the limit (413), or it went quiet (408).
+            let (upload_failed, rx) = oneshot::channel();
+            upload_failed_rx = Some(rx);
+            let (request_over, request_over_rx) = oneshot::channel::<()>();
+            admitted._upload = Some(request_over);
+            let body = IdleTimeout::new(body, fw.settings.body_idle_timeout);
+            let body = Limited::new(body, usize::try_from(fw.limits.body_limit(id)).unwrap_or(usize::MAX));
+            let metrics = Arc::clone(fw.metrics);
+            fw.tracker.spawn(upload(body, writer, request_over_rx, upload_failed, metrics).in_current_span());
+            Upload::Running
+        };
+
+        let upload_failed = async {
+            match upload_failed_rx {
+                Some(rx) => rx.await,
+                None => std::future::pending().await,
+            }
+        };
+        let response_timeout =
+            fw.settings.response_timeouts.get(id).copied().unwrap_or(fw.settings.response_timeout);
+        let first = tokio::select! {
+            Ok(err) = upload_failed => return Err(err),
+            first = tokio::time::timeout(response_timeout, reader.next()) => first,
+        };
+        let head = match first {
+            Err(_) => return Err(PublicError::UpstreamTimeout),
+            Ok(Some(Ok(Frame::Head(Head::Response(head))))) => head,
+            Ok(Some(Ok(Frame::Abort(abort)))) => {
+                debug!(code = ?abort.code, detail = %abort.message, "the agent aborted the request");
+                return Err(PublicError::from_abort(abort.code));
+            }
+            Ok(Some(Ok(other))) => {
+                debug!(kind = other.kind().name(), "agent answered without a response head");
+                return Err(PublicError::AgentError);
+            }
+            Ok(Some(Err(TransportError::Codec(err)))) => {
+                debug!(%err, "the agent sent a response head that does not decode");
+                return Err(PublicError::AgentError);
+            }
+            Ok(Some(Err(err))) => {
+                debug!(%err, "reading the response head failed");
+                return Err(PublicError::SessionLost);
+            }
+            Ok(None) => return Err(PublicError::SessionLost),
+        };
+        let status = StatusCode::from_u16(head.status).map_err(|_| PublicError::AgentError)?;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        if status.is_informational() && !switching {
+            // The agent sends interim responses never; one here would be a final 1xx.
+            debug!(%status, "the agent answered with an interim status as the final one");
+            return Err(PublicError::AgentError);
+        }
+        let mut headers = headers_from_wire(head.headers);
+        // The agent strips these too; a misbehaving agent must not steer our framing.
+        strip_hop_by_hop(&mut headers, switching);
+
+        if switching {
+            let (Some(on_upgrade), Upload::Done(writer)) = (on_upgrade, upload) else {
+                debug!("101 without an upgrade request (or with a request body)");
+                return Err(PublicError::AgentError);
+            };
+            fw.tracker.spawn(pipe(on_upgrade, reader, writer, admitted).in_current_span());
+            return Ok(build_response(status, headers, Either::Left(Full::new(Bytes::new()))));
+        }
+        if on_upgrade.is_some() {
+            // An upgrade the upstream declined: whatever the client sent after its head was meant
+            // for the other protocol, so it must not be read as a next request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let body =
+            TunnelBody { inner: FrameBody::new(reader, None), clock: conn.clock(), _request: admitted };
+        Ok(build_response(status, headers, Either::Right(body)))
+    }
+}
+
+/// Streams the request body up until it ends, fails, or the request is over (answered, failed,
+/// or its client left: the rest of the body is not wanted, and dropping the writer lets the
+/// stream go). How it failed goes to `failed` when the client should hear about it.
+async fn upload<B>(
+    body: Limited<IdleTimeout<B>>,
+    mut writer: FrameWriter,
+    request_over: oneshot::Receiver<()>,
+    failed: oneshot::Sender<PublicError>,
+    metrics: Arc<Metrics>,
+) where
+    B: Body<Data = Bytes> + Send + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let sent = tokio::select! {
+        sent = send_body(body, &mut writer, AbortCode::ClientGone) => sent,
+        _ = request_over => {
+            debug!("request over before its body was sent; upload dropped");
+            return;
+        }
     };
-    if let Some(clients) = &gateway.client_rates {
-        clients.check(&client_key(peer.ip()), now).map_err(|wait| refuse(wait, Limit::ClientRate))?;
+    match sent {
+        Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
+            debug!("request body over the limit; cut");
+            metrics.limited(Limit::BodySize);
+            let _ = failed.send(PublicError::PayloadTooLarge);
+        }
+        Err(SendBodyError::Body(err)) if err.is::<IdleError>() => {
+            debug!("the client stopped sending its body; cut");
+            metrics.limited(Limit::BodyIdle);
+            let _ = failed.send(PublicError::RequestTimeout);
+        }
+        Err(SendBodyError::Body(err)) => {
+            // Unreadable (bad chunked framing) or cut by a client that left: the agent got an
+            // abort; a client still there hears it was its body.
+            debug!(%err, "the request body could not be read");
+            let _ = failed.send(PublicError::BadRequest("the request body could not be read"));
+        }
+        Err(err) => debug!(%err, "request body not fully sent"),
+        Ok(_) => {}
     }
-    let session = gateway.registry.pick(id);
-    if session.is_none() && !gateway.registry.expects_agent(id) {
-        return Err(PublicError::TunnelNotFound);
-    }
-    if let Some(tunnels) = &gateway.tunnel_rates {
-        tunnels.check(id, now).map_err(|wait| refuse(wait, Limit::TunnelRate))?;
-    }
-    let Some(slot) = gateway.client_load.try_begin(id, peer.ip()) else {
-        gateway.metrics.limited(Limit::ClientConcurrency);
-        return Err(PublicError::ClientAtCapacity);
-    };
-    Ok((session, slot))
 }
 
 /// Sessions tried for one request whose stream could not be opened (each closed under it).
@@ -269,29 +326,29 @@ const MAX_OPEN_ATTEMPTS: u32 = 3;
 
 /// A session for the tunnel: the least loaded live one, or — when its agent is expected back
 /// (reconnecting, restarting, draining) — the first to come back within the pending timeout.
-async fn pick_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, PublicError> {
-    if let Some(session) = gateway.registry.pick(id) {
+async fn pick_session(fw: Forwarding<'_>, id: &TunnelId) -> Result<Arc<Session>, PublicError> {
+    if let Some(session) = fw.registry.pick(id) {
         return Ok(session);
     }
-    if !gateway.registry.expects_agent(id) {
+    if !fw.registry.expects_agent(id) {
         return Err(PublicError::TunnelNotFound);
     }
-    wait_for_session(gateway, id).await
+    wait_for_session(fw, id).await
 }
 
 /// Waits (bounded in time and in number of waiters) for a session of a tunnel whose agent is
 /// expected back.
-async fn wait_for_session(gateway: &Gateway, id: &TunnelId) -> Result<Arc<Session>, PublicError> {
-    let Some(_slot) = gateway.registry.pending_slot(id, gateway.config.max_pending) else {
-        gateway.metrics.pending(false);
+async fn wait_for_session(fw: Forwarding<'_>, id: &TunnelId) -> Result<Arc<Session>, PublicError> {
+    let Some(_slot) = fw.registry.pending_slot(id, fw.settings.max_pending) else {
+        fw.metrics.pending(false);
         return Err(PublicError::TunnelOffline);
     };
-    let back = gateway.registry.wait_until(|registry| registry.pick(id).is_some());
-    let session = match tokio::time::timeout(gateway.config.pending_timeout, back).await {
-        Ok(()) => gateway.registry.pick(id),
+    let back = fw.registry.wait_until(|registry| registry.pick(id).is_some());
+    let session = match tokio::time::timeout(fw.settings.pending_timeout, back).await {
+        Ok(()) => fw.registry.pick(id),
         Err(_) => None,
     };
-    gateway.metrics.pending(session.is_some());
+    fw.metrics.pending(session.is_some());
     session.ok_or(PublicError::TunnelOffline)
 }
 
@@ -312,7 +369,7 @@ fn build_response(status: StatusCode, headers: HeaderMap, body: ResponseBody) ->
 
 /// The head the agent gets: hop-by-hop fields gone, forwarding fields added, target rewritten.
 fn request_head(
-    gateway: &Gateway,
+    settings: &ForwardSettings,
     parts: Parts,
     peer: SocketAddr,
     target: String,
@@ -333,7 +390,7 @@ fn request_head(
     strip_hop_by_hop(&mut headers, upgrade);
     let client_ip = client_ip(peer.ip());
     append_list(&mut headers, X_FORWARDED_FOR, &client_ip.to_string());
-    let proto = gateway.public_scheme();
+    let proto = settings.scheme;
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let mut forwarded = match client_ip {
         IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
@@ -352,7 +409,7 @@ fn request_head(
         Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    append_list(&mut headers, header::VIA, &format!("{received} {}", gateway.via_token));
+    append_list(&mut headers, header::VIA, &format!("{received} {}", settings.via_token));
 
     RequestHead {
         method: parts.method.as_str().to_owned(),

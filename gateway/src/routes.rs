@@ -5,8 +5,22 @@
 //! - Host routing (with `--domain`): `{label}.{domain}` goes to the tunnel whose DNS label is
 //!   `label`, path unchanged.
 //! - Path routing (always): `/t/{tunnel_id}/rest?q` goes to the tunnel as `/rest?q`.
+//!
+//! [`handle`] applies them to each request, after the checks that come before any routing (the
+//! `Via` loop check, one Host, the target's length), and hands the request to where it goes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use ferry_codec::TunnelId;
+use http::{Method, Request, Response, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tracing::debug;
+
+use crate::error::PublicError;
+use crate::proxy::ResponseBody;
+use crate::{Gateway, admin, endpoint, proxy, server};
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +126,83 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
             }
         }
     }
+}
+
+/// Answers one public request: the loop check, the target, then where it goes (a tunnel, the
+/// agent endpoint, the gateway's own pages).
+pub(crate) async fn handle(
+    gateway: &Arc<Gateway>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    conn: &server::ConnWatch,
+) -> Response<ResponseBody> {
+    // A request that already passed through this gateway (an agent whose upstream leads back
+    // here) goes nowhere, not even to the gateway's own pages, where it would look local.
+    if gateway.forwarding.seen_before(request.headers()) {
+        return PublicError::LoopDetected.to_response(&gateway.next_request_id()).map(Either::Left);
+    }
+    // One Host, or the request is ambiguous about where it goes (RFC 9112 §3.2: 400). The
+    // target's authority, when it has one (absolute form, HTTP/2), is the one that counts.
+    if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return PublicError::BadRequest("more than one Host header")
+            .to_response(&gateway.next_request_id())
+            .map(Either::Left);
+    }
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .map(normalize_host);
+    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Err(err) = gateway.limits.target(path_and_query) {
+        return err.to_response(&gateway.next_request_id()).map(Either::Left);
+    }
+    let route = route(gateway.config.domain.as_deref(), host.as_deref(), path_and_query);
+    let request_id = gateway.next_request_id();
+    if let Route::Tunnel { id, target } = route {
+        let response =
+            match proxy::forward(gateway.forwarding(), request, peer, conn, &id, target, &request_id).await {
+                Ok(response) => response,
+                Err(err) => {
+                    debug!(%err, tunnel_id = %id, request_id, "request answered by the gateway");
+                    err.to_response(&request_id).map(Either::Left)
+                }
+            };
+        gateway.metrics.request(response.status().as_u16());
+        return response;
+    }
+    let method = request.method().clone();
+    let read = method == Method::GET || method == Method::HEAD;
+    let admin = matches!(
+        route,
+        Route::Connections | Route::TunnelConnections(_) | Route::ConnectionAction(..) | Route::Metrics
+    );
+    let result = if admin && let Err(err) = admin::authorize(gateway, request.headers(), peer) {
+        Err(err)
+    } else {
+        match route {
+            // Forwarded above; never reaches this match.
+            Route::Tunnel { .. } => Err(PublicError::NotFound),
+            Route::AgentConnect => endpoint::accept(gateway, request, peer),
+            Route::Health if read => Ok(admin::health(gateway)),
+            Route::Connections if read => Ok(admin::connections(gateway, None)),
+            Route::TunnelConnections(id) if read => Ok(admin::connections(gateway, Some(&id))),
+            Route::TunnelConnections(id) if method == Method::DELETE => admin::close(gateway, &id),
+            Route::ConnectionAction(id, action) if method == Method::POST => {
+                admin::act(gateway, &id, action).await
+            }
+            Route::Metrics if read => Ok(admin::metrics(gateway)),
+            Route::Health
+            | Route::Connections
+            | Route::TunnelConnections(_)
+            | Route::ConnectionAction(..)
+            | Route::Metrics => Err(PublicError::MethodNotAllowed),
+            Route::InvalidTunnelId(text) => Err(PublicError::InvalidTunnelId(text)),
+            Route::NotFound => Err(PublicError::NotFound),
+        }
+    };
+    result.unwrap_or_else(|err| err.to_response(&request_id)).map(Either::Left)
 }
 
 #[cfg(test)]

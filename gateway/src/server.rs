@@ -24,7 +24,6 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::Gateway;
 use crate::config::{GatewayConfig, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESETS};
 use crate::limits::AddressSlot;
-use crate::metrics::Limit;
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -140,9 +139,8 @@ pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
                 }
             },
         };
-        let Some(slot) = gateway.addresses.try_open(peer.ip()) else {
+        let Some(slot) = gateway.limits.connection(peer.ip()) else {
             debug!(%peer, "too many connections from this address; closing");
-            gateway.metrics.limited(Limit::ConnectionsPerAddress);
             continue;
         };
         let conn_gateway = Arc::clone(&gateway);
@@ -206,7 +204,7 @@ where
         let watch = Arc::clone(&service_watch);
         async move {
             watch.request();
-            Ok::<_, Infallible>(gateway.handle(request, peer, &watch).await)
+            Ok::<_, Infallible>(crate::routes::handle(&gateway, request, peer, &watch).await)
         }
     });
     let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -225,7 +223,7 @@ where
             () = &mut head_timer, if head_pending => {
                 if !watch.seen_request.load(Ordering::Relaxed) {
                     debug!("no request head before the deadline; closing");
-                    gateway.metrics.limited(Limit::HeadDeadline);
+                    gateway.limits.missed_head_deadline();
                     return;
                 }
                 head_pending = false;
@@ -233,7 +231,7 @@ where
             _ = stall_check.tick() => {
                 if watch.stalled(send_idle) {
                     debug!(idle_ms = send_idle.as_millis() as u64, "the client stopped taking a response; closing");
-                    gateway.metrics.limited(Limit::SendIdle);
+                    gateway.limits.send_idle();
                     return;
                 }
             }
