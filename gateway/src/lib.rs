@@ -13,6 +13,7 @@
 //!
 //! - [`config`] — [`GatewayConfig`] and its defaults.
 //! - `server` — accept loop and per-connection serving.
+//! - `watch` — what a connection's requests tell its server task (head seen, bodies stalled).
 //! - `routes` — Host and path routing rules.
 //! - `proxy` — forwarding one request through a tunnel.
 //! - `endpoint` — the agent endpoint: upgrade, handshake, refusals.
@@ -43,6 +44,7 @@ mod routes;
 mod server;
 pub mod session;
 pub mod tls;
+mod watch;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -34,8 +34,8 @@ use crate::error::PublicError;
 use crate::limits::{ClientSlot, Limits, client_ip};
 use crate::metrics::{Limit, Metrics};
 use crate::registry::Registry;
-use crate::server::{ConnWatch, SendClock};
 use crate::session::{InFlight, Session};
+use crate::watch::{ConnWatch, SendClock};
 
 /// The body of every response the gateway sends.
 pub(crate) type ResponseBody = Either<Full<Bytes>, TunnelBody>;

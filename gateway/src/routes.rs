@@ -20,7 +20,8 @@ use tracing::debug;
 
 use crate::error::PublicError;
 use crate::proxy::ResponseBody;
-use crate::{Gateway, admin, endpoint, proxy, server};
+use crate::watch::ConnWatch;
+use crate::{Gateway, admin, endpoint, proxy};
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +135,7 @@ pub(crate) async fn handle(
     gateway: &Arc<Gateway>,
     request: Request<Incoming>,
     peer: SocketAddr,
-    conn: &server::ConnWatch,
+    conn: &ConnWatch,
 ) -> Response<ResponseBody> {
     // A request that already passed through this gateway (an agent whose upstream leads back
     // here) goes nowhere, not even to the gateway's own pages, where it would look local.

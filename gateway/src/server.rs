@@ -9,8 +9,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::Gateway;
 use crate::config::{GatewayConfig, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESETS};
 use crate::limits::AddressSlot;
+use crate::watch::ConnWatch;
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -47,77 +48,6 @@ pub(crate) fn http_builder(config: &GatewayConfig) -> auto::Builder<TokioExecuto
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
-}
-
-/// What the requests of one public connection tell the task serving it.
-#[derive(Debug)]
-pub(crate) struct ConnWatch {
-    /// A request head arrived: the connection met its head deadline.
-    seen_request: AtomicBool,
-    /// Response bodies on this connection (several with HTTP/2), for the send-idle check.
-    bodies: Mutex<Vec<Weak<SendClock>>>,
-    started: Instant,
-}
-
-/// When a response body last handed hyper data that hyper has not come back for: the client
-/// has not taken it yet.
-#[derive(Debug)]
-pub(crate) struct SendClock {
-    started: Instant,
-    /// Milliseconds after `started`, plus one; 0 while hyper is not owing us a poll.
-    waiting_since: AtomicU64,
-}
-
-impl SendClock {
-    /// hyper took what we gave it and asks for more.
-    pub(crate) fn polled(&self) {
-        self.waiting_since.store(0, Ordering::Relaxed);
-    }
-
-    /// We gave hyper data; until it polls again, the client owes us progress.
-    pub(crate) fn handed_over(&self) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.waiting_since.store(now + 1, Ordering::Relaxed);
-    }
-}
-
-/// Dead weak references are pruned when this many have gathered.
-const PRUNE_AT: usize = 32;
-
-impl ConnWatch {
-    fn new() -> Self {
-        Self { seen_request: AtomicBool::new(false), bodies: Mutex::default(), started: Instant::now() }
-    }
-
-    /// Called for every request head.
-    pub(crate) fn request(&self) {
-        if !self.seen_request.load(Ordering::Relaxed) {
-            self.seen_request.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// A clock for a new response body on this connection.
-    pub(crate) fn clock(&self) -> Arc<SendClock> {
-        let clock = Arc::new(SendClock { started: self.started, waiting_since: AtomicU64::new(0) });
-        let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
-        if bodies.len() >= PRUNE_AT {
-            bodies.retain(|body| body.strong_count() > 0);
-        }
-        bodies.push(Arc::downgrade(&clock));
-        clock
-    }
-
-    /// Whether a body has waited on the client for `idle` or longer.
-    fn stalled(&self, idle: Duration) -> bool {
-        let now = self.started.elapsed().as_millis();
-        let idle = idle.as_millis();
-        let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
-        bodies.retain(|body| body.strong_count() > 0);
-        bodies.iter().filter_map(Weak::upgrade).any(|clock| {
-            let since = u128::from(clock.waiting_since.load(Ordering::Relaxed));
-            since > 0 && now + 1 >= since + idle
-        })
-    }
 }
 
 /// Accepts connections until shutdown; each is served in its own tracked task.
