@@ -19,6 +19,7 @@
 //! - [`filter`] — the agent's own checks (methods, paths, body size, concurrency).
 //! - `health` — the circuit breaker and the health report (a state machine: no I/O, no clock).
 //! - `probe` — what feeds it besides requests: reconnect attempts while open, the health probe.
+//! - `metrics` — `GET /metrics` on `--metrics ADDR`: upstream times and answers, sessions.
 //! - [`tls`] — trust for `wss://` (CAs, the gateway's own certificate, key pins) and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ mod connect;
 pub mod error;
 pub mod filter;
 mod health;
+mod metrics;
 mod probe;
 mod session;
 pub mod tls;
@@ -57,6 +59,26 @@ const ATTENTION_RETRY: Duration = Duration::from_secs(30);
 /// # Errors
 /// Invalid configuration, or `max_retries` failed attempts in a row.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    serve(config, None, shutdown).await
+}
+
+/// As [`run`], and serves `GET /metrics` on `metrics` (see `agent --metrics`).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
+    config: AgentConfig,
+    metrics: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    serve(config, Some(metrics), shutdown).await
+}
+
+async fn serve(
+    config: AgentConfig,
+    metrics: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     config.validate().map_err(AgentError::Config)?;
     let config = Arc::new(config);
     let extra_ca = tls::read_ca(config.upstream_ca.as_deref(), "--upstream-ca-file").await?;
@@ -72,6 +94,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config: Arc::clone(&config),
         in_flight: Default::default(),
         health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
+        metrics: metrics::AgentMetrics::new(config.tunnel_id.as_str()),
+    });
+    let metrics_server = metrics.map(|listener| {
+        let stop = shutdown.child_token();
+        let server = tokio::spawn(metrics::serve(listener, Arc::clone(&upstream), stop.clone()));
+        (server, stop.drop_guard())
     });
     let probes = shutdown.child_token();
     let _stop_probes = probes.clone().drop_guard();
@@ -92,6 +120,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     draining.close();
     if tokio::time::timeout(config.drain_timeout, draining.wait()).await.is_err() {
         warn!("sessions the gateway sent away still had requests at the drain deadline");
+    }
+    if let Some((server, stop)) = metrics_server {
+        drop(stop);
+        let _ = server.await;
     }
     result
 }
@@ -114,6 +146,7 @@ async fn serve_until_shutdown(
         let delay = match attempt {
             Ok((ws, accepted)) => {
                 failures = 0;
+                upstream.metrics.session_started();
                 info!(session_id = %accepted.session_id, "tunnel is up");
                 for url in &accepted.public_urls {
                     info!(%url, "public URL");
@@ -137,10 +170,12 @@ async fn serve_until_shutdown(
                         }
                     }
                     Ok(SessionEnd::Lost) => {
+                        upstream.metrics.session_lost();
                         warn!("the gateway closed the session; reconnecting");
                         backoff.next_delay()
                     }
                     Err(err) => {
+                        upstream.metrics.session_lost();
                         warn!(%err, "connection to the gateway lost; reconnecting");
                         backoff.next_delay()
                     }

@@ -125,6 +125,10 @@ struct Args {
     /// How long a shutdown (SIGINT/SIGTERM) lets requests in flight finish.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090); off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_method(text: &str) -> Result<Method, String> {
@@ -160,6 +164,7 @@ struct ConfigFile {
     upstream_idle_timeout: Option<String>,
     threads: Option<u64>,
     drain_timeout: Option<String>,
+    metrics: Option<String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -262,7 +267,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ferry_transport::cli::cancel_on_signal(shutdown.clone(), "draining")
             .context("cannot listen for SIGINT and SIGTERM")?,
     );
-    ferry_agent::run(args.into_config()?, shutdown).await.context("agent stopped")?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics {addr}"))?,
+        ),
+        None => None,
+    };
+    let config = args.into_config()?;
+    match metrics {
+        Some(listener) => ferry_agent::run_with_metrics(config, listener, shutdown).await,
+        None => ferry_agent::run(config, shutdown).await,
+    }
+    .context("agent stopped")?;
     Ok(())
 }
 

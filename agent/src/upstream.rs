@@ -24,6 +24,7 @@ use crate::error::AgentError;
 use crate::error_chain;
 use crate::filter::{Refusal, target_path};
 use crate::health::{Admission, Health};
+use crate::metrics::AgentMetrics;
 
 /// The pooled client every stream uses.
 pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
@@ -82,6 +83,8 @@ pub(crate) struct Forwarder {
     pub(crate) in_flight: AtomicUsize,
     /// Upstream health and the circuit breaker.
     pub(crate) health: Health,
+    /// What `--metrics` shows.
+    pub(crate) metrics: AgentMetrics,
 }
 
 /// Streams in flight above which a new stream is acknowledged at once rather than with its
@@ -135,6 +138,7 @@ pub(crate) async fn serve_stream(upstream: Arc<Forwarder>, mut stream: yamux::St
         };
         if let Err(refusal) = refusal {
             debug!(code = refusal.code, "request refused by the agent's filters");
+            upstream.metrics.own_answer(refusal.code);
             refusal.send(&mut writer, &head.request_id).await;
             return;
         }
@@ -148,8 +152,14 @@ pub(crate) async fn serve_stream(upstream: Arc<Forwarder>, mut stream: yamux::St
                 }
                 Err(err) => debug!(%err, "upgraded stream failed"),
             },
-            Err(Failure::Abort(code, message)) => abort(&mut writer, code, &message).await,
-            Err(Failure::Refuse(refusal)) => refusal.send(&mut writer, &request_id).await,
+            Err(Failure::Abort(code, message)) => {
+                upstream.metrics.own_answer(code.as_str());
+                abort(&mut writer, code, &message).await;
+            }
+            Err(Failure::Refuse(refusal)) => {
+                upstream.metrics.own_answer(refusal.code);
+                refusal.send(&mut writer, &request_id).await;
+            }
         }
     }
     .instrument(span)
@@ -241,6 +251,7 @@ async fn proxy(
             return Err(Failure::Refuse(Box::new(Refusal::unhealthy())));
         }
     };
+    let asked = std::time::Instant::now();
     let request = tokio::time::timeout(config.upstream_timeout, upstream.client.request(request));
     // With the whole request sent (a known-empty body), the gateway sends nothing more on the
     // stream until our answer: anything it does now means it gave up (client gone, its own
@@ -288,6 +299,7 @@ async fn proxy(
     };
 
     let status = response.status();
+    upstream.metrics.upstream_answered(status, asked.elapsed());
     let (mut parts, body) = response.into_parts();
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, switching);

@@ -1,5 +1,6 @@
 //! The real `agent` binary, as an operator runs it: the secret from `FERRY_SECRET`, SIGTERM and
-//! SIGINT drain and exit 0, and a secret source that is configured but empty stops it at start.
+//! SIGINT drain and exit 0, a secret source that is configured but empty stops it at start, and
+//! `--metrics` serves what the agent sees.
 //! The gateway runs in this process; the upstream is a small hyper server.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -168,6 +169,78 @@ async fn an_empty_secret_source_stops_the_agent_at_start() {
             assert!(stderr.contains(named), "{args:?} {env:?}: {stderr}");
         }
         std::fs::remove_file(empty).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// `--metrics ADDR` serves the agent's view of its tunnel: upstream times and answers, what it
+/// refused itself, its sessions, its upstream's health.
+#[tokio::test]
+async fn metrics_show_upstream_times_answers_and_sessions() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let up = upstream(Arc::new(Semaphore::new(0)), Arc::new(Notify::new())).await;
+        let (gateway, addr, _stop) = gateway(GatewayConfig::default()).await;
+        let id: TunnelId = TUNNEL.parse().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
+        command
+            .args(["--tunnel-id", TUNNEL, "--upstream", &up.to_string(), "--allow-method", "GET"])
+            .args(["--gateway", &format!("ws://{addr}/ws"), "--metrics", "127.0.0.1:0"])
+            .env_remove("FERRY_SECRET")
+            .env_remove("GATEWAY_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        // The log says where the metrics are.
+        let mut stderr = child.stderr.take().unwrap();
+        let mut log = String::new();
+        let metrics_url = tokio::time::timeout(Duration::from_secs(10), async {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 4096];
+            loop {
+                if let Some(at) = log.find("metrics at http://") {
+                    let rest = &log[at + "metrics at ".len()..];
+                    if let Some(end) = rest.find("/metrics") {
+                        return format!("{}/metrics", &rest[..end]);
+                    }
+                }
+                let n = stderr.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the agent ended: {log}");
+                log.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        })
+        .await
+        .expect("no metrics address in the log");
+        gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        for _ in 0..3 {
+            assert_eq!(get(format!("http://{addr}/t/{TUNNEL}/")).await.0, StatusCode::OK);
+        }
+        // Refused by the agent itself: not GET.
+        let client =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let refused = client
+            .request(Request::post(format!("http://{addr}/t/{TUNNEL}/")).body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+        let (status, body) = get(metrics_url).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        for line in [
+            format!("ferry_agent_tunnel{{tunnel=\"{TUNNEL}\"}} 1"),
+            format!("ferry_agent_upstream_duration_seconds_count{{tunnel=\"{TUNNEL}\"}} 3"),
+            "ferry_agent_upstream_responses_total{class=\"2xx\"} 3".to_owned(),
+            "ferry_agent_own_answers_total{code=\"method_not_allowed\"} 1".to_owned(),
+            "ferry_agent_sessions_started_total 1".to_owned(),
+            "ferry_agent_requests_in_flight 0".to_owned(),
+            "ferry_agent_upstream_healthy 1".to_owned(),
+            "# EOF".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        child.kill().await.unwrap();
     })
     .await
     .unwrap();

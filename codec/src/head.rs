@@ -172,6 +172,23 @@ pub enum AbortCode {
     Internal,
 }
 
+impl AbortCode {
+    /// The code's name in `snake_case`, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamReset => "upstream_reset",
+            Self::ClientGone => "client_gone",
+            Self::ProtocolError => "protocol_error",
+            Self::Refused => "refused",
+            Self::TooLarge => "too_large",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 /// The payload of an `Abort` frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Abort {

@@ -124,8 +124,9 @@ pub(crate) async fn act(
 /// `GET /metrics`.
 pub(crate) fn metrics(gateway: &Gateway) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(gateway.metrics.render(&gateway.registry))));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
     response
 }

@@ -37,7 +37,9 @@ pub(crate) async fn run<S>(
     let role = Role::Gateway { control_deadline: gateway.config.handshake_timeout };
     let (mut link, task) = ferry_transport::session::start(ws, role, heartbeat, &gateway.config.session);
     let cancel = gateway.sessions.child_token();
-    let session = Arc::new(Session::new(identity, &link, gateway.registry.changes(), cancel.clone()));
+    let metrics = gateway.metrics.tunnel(&identity.tunnel_id);
+    let session =
+        Arc::new(Session::new(identity, &link, gateway.registry.changes(), metrics, cancel.clone()));
     let counters = Arc::clone(&link.counters);
     let lifecycle = async {
         // Listed only once the agent's control stream is up (the task ends the session if it
@@ -46,7 +48,7 @@ pub(crate) async fn run<S>(
             return;
         }
         let inserted = gateway.registry.insert(Arc::clone(&session));
-        gateway.metrics.session_started(inserted.reconnect);
+        gateway.metrics.session_started(&session.metrics, inserted.reconnect);
         // The secret may have been revoked between its check and now, while this session was
         // in no list a reload sweeps; now that it is listed, either the reload sees it or this
         // sees the reload.

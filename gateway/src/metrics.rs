@@ -1,23 +1,28 @@
-//! Counters for `/metrics`, rendered in the Prometheus text format.
+//! `/metrics`: the gateway's counters, gauges and histograms, with `prometheus-client` (typed
+//! families and labels, the OpenMetrics text format).
+//!
+//! Per-tunnel series (request durations, sessions, reconnects) are bounded: the first
+//! [`MAX_TUNNEL_SERIES`] tunnels seen get their own series, the rest share `tunnel="other"`, so a
+//! gateway serving a million tunnels still renders a page of a known size.
 
-use std::fmt::Write as _;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use ferry_codec::AuthErrorCode;
+use ferry_codec::{AuthErrorCode, TunnelId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::registry::Registry;
 
-/// Every handshake error code, in the order of the `handshake_failures` array.
-const AUTH_CODES: [AuthErrorCode; 8] = [
-    AuthErrorCode::UnsupportedVersion,
-    AuthErrorCode::Malformed,
-    AuthErrorCode::InvalidTunnelId,
-    AuthErrorCode::BadCredentials,
-    AuthErrorCode::UnknownTunnel,
-    AuthErrorCode::RateLimited,
-    AuthErrorCode::Overloaded,
-    AuthErrorCode::HandshakeTimeout,
-];
+/// Tunnels with series of their own; the others share `tunnel="other"`.
+pub const MAX_TUNNEL_SERIES: usize = 256;
+/// The label of the tunnels beyond [`MAX_TUNNEL_SERIES`].
+const OTHER_TUNNELS: &str = "other";
 
 /// A limit the gateway enforced, for `ferry_limited_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +53,7 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// Every limit, so each has a series (at 0) from the start.
     const ALL: [Self; 11] = [
         Self::ConnectionsPerAddress,
         Self::Handshakes,
@@ -79,54 +85,161 @@ impl Limit {
     }
 }
 
-/// Gateway-wide counters. Gauges (sessions, streams in flight, bytes of live sessions) are read
-/// from the registry when rendering.
-#[derive(Debug, Default)]
+/// Every handshake error code, so each has a series from the start.
+const AUTH_CODES: [AuthErrorCode; 8] = [
+    AuthErrorCode::UnsupportedVersion,
+    AuthErrorCode::Malformed,
+    AuthErrorCode::InvalidTunnelId,
+    AuthErrorCode::BadCredentials,
+    AuthErrorCode::UnknownTunnel,
+    AuthErrorCode::RateLimited,
+    AuthErrorCode::Overloaded,
+    AuthErrorCode::HandshakeTimeout,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    tunnel: String,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Bucket bounds of the request duration: 1 ms to about 65 s, doubling.
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 17)
+}
+
+/// The gateway's metrics. Cheap to update from any task; rendered on demand.
+#[derive(Debug)]
 pub struct Metrics {
-    /// Tunnel requests answered, by status class (index 0 = 1xx … 4 = 5xx).
-    requests: [AtomicU64; 5],
-    handshake_failures: [AtomicU64; AUTH_CODES.len()],
-    /// Sessions established.
-    sessions_total: AtomicU64,
-    /// Sessions of a tunnel that had one before (an agent coming back).
-    reconnects: AtomicU64,
-    /// Requests that waited for an agent to come back.
-    pending_served: AtomicU64,
-    /// Requests that gave up waiting (503 `tunnel_offline`).
-    pending_expired: AtomicU64,
-    /// WebSocket bytes of sessions that have ended, each way.
+    requests: Family<ClassLabels, Counter>,
+    /// The counters of `requests`, one per status class, at hand for every request.
+    by_class: [Counter; 5],
+    handshake_failures: Family<CodeLabels, Counter>,
+    sessions_started: Counter,
+    reconnects: Family<TunnelLabels, Counter>,
+    pending: Family<OutcomeLabels, Counter>,
+    limited: Family<LimitLabels, Counter>,
+    request_duration: Family<TunnelLabels, Histogram, fn() -> Histogram>,
+    /// WebSocket bytes of sessions that have ended, each way (live ones are added at render).
     closed_bytes_to_agents: AtomicU64,
     closed_bytes_from_agents: AtomicU64,
-    /// Connections and requests refused by a limit, in the order of [`Limit::ALL`].
-    limited: [AtomicU64; Limit::ALL.len()],
+    /// The tunnels with series of their own.
+    tunnels_with_series: Mutex<HashSet<TunnelId>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let requests: Family<ClassLabels, Counter> = Family::default();
+        let by_class = CLASSES.map(|class| requests.get_or_create_owned(&ClassLabels { class }));
+        let metrics = Self {
+            requests,
+            by_class,
+            handshake_failures: Family::default(),
+            sessions_started: Counter::default(),
+            reconnects: Family::default(),
+            pending: Family::default(),
+            limited: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+            closed_bytes_to_agents: AtomicU64::new(0),
+            closed_bytes_from_agents: AtomicU64::new(0),
+            tunnels_with_series: Mutex::default(),
+        };
+        // Every fixed series exists from the start (at 0), so a rate over it is defined.
+        for code in AUTH_CODES {
+            drop(metrics.handshake_failures.get_or_create(&CodeLabels { code: code.as_str() }));
+        }
+        for limit in Limit::ALL {
+            drop(metrics.limited.get_or_create(&LimitLabels { limit: limit.as_str() }));
+        }
+        for outcome in ["served", "expired"] {
+            drop(metrics.pending.get_or_create(&OutcomeLabels { outcome }));
+        }
+        metrics
+    }
+}
+
+/// The per-tunnel metrics a session updates; taken once per session, so a request touches no
+/// label table.
+#[derive(Debug, Clone)]
+pub struct TunnelMetrics {
+    request_duration: Histogram,
+    reconnects: Counter,
+}
+
+impl TunnelMetrics {
+    /// A request got its response head (or its error) after `elapsed`.
+    pub fn request_done(&self, elapsed: Duration) {
+        self.request_duration.observe(elapsed.as_secs_f64());
+    }
 }
 
 impl Metrics {
+    /// The label of tunnel `id`: its own id while fewer than [`MAX_TUNNEL_SERIES`] tunnels have
+    /// series, else `other`.
+    fn tunnel_label(&self, id: &TunnelId) -> TunnelLabels {
+        let mut tunnels = self.tunnels_with_series.lock().unwrap_or_else(|e| e.into_inner());
+        if tunnels.contains(id) || (tunnels.len() < MAX_TUNNEL_SERIES && tunnels.insert(id.clone())) {
+            TunnelLabels { tunnel: id.as_str().to_owned() }
+        } else {
+            TunnelLabels { tunnel: OTHER_TUNNELS.to_owned() }
+        }
+    }
+
     /// Counts a tunnel request by the status class of its answer.
     pub fn request(&self, status: u16) {
-        let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.requests[class].fetch_add(1, Ordering::Relaxed);
+        self.by_class[usize::from(status / 100).clamp(1, 5) - 1].inc();
     }
 
     /// Counts a connection or request refused by `limit`.
     pub fn limited(&self, limit: Limit) {
-        if let Some(i) = Limit::ALL.iter().position(|l| *l == limit) {
-            self.limited[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.limited.get_or_create(&LimitLabels { limit: limit.as_str() }).inc();
     }
 
     /// Counts a failed handshake.
     pub fn handshake_failure(&self, code: AuthErrorCode) {
-        if let Some(i) = AUTH_CODES.iter().position(|c| *c == code) {
-            self.handshake_failures[i].fetch_add(1, Ordering::Relaxed);
+        self.handshake_failures.get_or_create(&CodeLabels { code: code.as_str() }).inc();
+    }
+
+    /// The metrics a new session of tunnel `id` updates.
+    pub fn tunnel(&self, id: &TunnelId) -> TunnelMetrics {
+        let labels = self.tunnel_label(id);
+        TunnelMetrics {
+            request_duration: self.request_duration.get_or_create_owned(&labels),
+            reconnects: self.reconnects.get_or_create_owned(&labels),
         }
     }
 
-    /// Counts a new session, and whether its tunnel had one before.
-    pub fn session_started(&self, reconnect: bool) {
-        self.sessions_total.fetch_add(1, Ordering::Relaxed);
+    /// Counts a new session (listed now), and whether its tunnel had one before.
+    pub fn session_started(&self, tunnel: &TunnelMetrics, reconnect: bool) {
+        self.sessions_started.inc();
         if reconnect {
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            tunnel.reconnects.inc();
         }
     }
 
@@ -138,87 +251,109 @@ impl Metrics {
 
     /// Counts a request that waited for an agent: served, or given up.
     pub fn pending(&self, served: bool) {
-        let counter = if served { &self.pending_served } else { &self.pending_expired };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let outcome = if served { "served" } else { "expired" };
+        self.pending.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition. Gauges (sessions, streams, bytes of live sessions) are
+    /// read from the session registry now.
     pub fn render(&self, registry: &Registry) -> String {
         let sessions = registry.all();
         let in_flight: u64 = sessions.iter().map(|s| s.in_flight()).sum();
         let streams_open: u64 = sessions.iter().map(|s| s.open_streams() as u64).sum();
         let live_to: u64 = sessions.iter().map(|s| s.counters.tx.load(Ordering::Relaxed)).sum();
         let live_from: u64 = sessions.iter().map(|s| s.counters.rx.load(Ordering::Relaxed)).sum();
+        let per_tunnel: Family<TunnelLabels, Gauge> = Family::default();
+        for session in &sessions {
+            let labels = {
+                let tunnels = self.tunnels_with_series.lock().unwrap_or_else(|e| e.into_inner());
+                let id = session.tunnel_id();
+                let tunnel = if tunnels.contains(id) { id.as_str() } else { OTHER_TUNNELS };
+                TunnelLabels { tunnel: tunnel.to_owned() }
+            };
+            per_tunnel.get_or_create(&labels).inc();
+        }
+        // Totals that include live sessions: a fresh counter set to the sum, each render.
+        let bytes: Family<DirectionLabels, Counter> = Family::default();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        metric("ferry_sessions", "gauge", "Live agent sessions.", &[(String::new(), sessions.len() as u64)]);
-        metric(
+        bytes
+            .get_or_create(&DirectionLabels { direction: "to_agents" })
+            .inc_by(load(&self.closed_bytes_to_agents) + live_to);
+        bytes
+            .get_or_create(&DirectionLabels { direction: "from_agents" })
+            .inc_by(load(&self.closed_bytes_from_agents) + live_from);
+
+        let mut out = prometheus_client::registry::Registry::default();
+        out.register("ferry_sessions", "Live agent sessions", ConstGauge::new(sessions.len() as i64));
+        out.register(
             "ferry_tunnels",
-            "gauge",
-            "Tunnels with at least one live session.",
-            &[(String::new(), registry.tunnel_count() as u64)],
+            "Tunnels with at least one live session",
+            ConstGauge::new(registry.tunnel_count() as i64),
         );
-        metric(
+        out.register("ferry_tunnel_sessions", "Live agent sessions per tunnel", per_tunnel);
+        out.register(
             "ferry_streams_in_flight",
-            "gauge",
-            "Requests in flight through tunnels.",
-            &[(String::new(), in_flight)],
+            "Requests in flight through tunnels",
+            ConstGauge::new(i64::try_from(in_flight).unwrap_or(i64::MAX)),
         );
-        metric(
+        out.register(
             "ferry_streams_open",
-            "gauge",
-            "Streams the gateway holds open to agents (a request's stream lives until both its directions are done).",
-            &[(String::new(), streams_open)],
+            "Streams the gateway holds open to agents (a request's stream lives until both its directions are done)",
+            ConstGauge::new(i64::try_from(streams_open).unwrap_or(i64::MAX)),
         );
-        let classes: Vec<(String, u64)> =
-            (0..5).map(|i| (format!("{{class=\"{}xx\"}}", i + 1), load(&self.requests[i]))).collect();
-        metric("ferry_requests_total", "counter", "Tunnel requests answered, by status class.", &classes);
-        let bytes = [
-            ("{direction=\"to_agents\"}".to_owned(), load(&self.closed_bytes_to_agents) + live_to),
-            ("{direction=\"from_agents\"}".to_owned(), load(&self.closed_bytes_from_agents) + live_from),
-        ];
-        metric("ferry_bytes_total", "counter", "WebSocket payload bytes exchanged with agents.", &bytes);
-        let failures: Vec<(String, u64)> = AUTH_CODES
-            .iter()
-            .zip(&self.handshake_failures)
-            .map(|(code, n)| (format!("{{code=\"{}\"}}", code.as_str()), load(n)))
+        out.register("ferry_requests", "Tunnel requests answered, by status class", self.requests.clone());
+        out.register(
+            "ferry_request_duration_seconds",
+            "Time from a request's arrival to its response head, per tunnel, for requests a session took",
+            self.request_duration.clone(),
+        );
+        out.register("ferry_bytes", "WebSocket payload bytes exchanged with agents", bytes);
+        out.register(
+            "ferry_handshake_failures",
+            "Agent handshakes refused, by code",
+            self.handshake_failures.clone(),
+        );
+        out.register("ferry_sessions_started", "Agent sessions established", self.sessions_started.clone());
+        out.register(
+            "ferry_reconnects",
+            "Sessions of tunnels that had a session before, per tunnel",
+            self.reconnects.clone(),
+        );
+        out.register(
+            "ferry_pending_requests",
+            "Requests that waited for an agent to come back",
+            self.pending.clone(),
+        );
+        out.register("ferry_limited", "Connections and requests refused by a limit", self.limited.clone());
+        let mut text = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &out);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnels_beyond_the_cap_share_one_series() {
+        let metrics = Metrics::default();
+        for i in 0..MAX_TUNNEL_SERIES + 50 {
+            let id: TunnelId = format!("agent_0b6f4c1e-8a51-4c3e-9d2a-{i:012}_web").parse().unwrap();
+            let tunnel = metrics.tunnel(&id);
+            metrics.session_started(&tunnel, true);
+            tunnel.request_done(Duration::from_millis(3));
+        }
+        let text = metrics.render(&Registry::default());
+        let series: HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ferry_reconnects_total{"))
+            .filter_map(|l| l.split('"').nth(1))
             .collect();
-        metric("ferry_handshake_failures_total", "counter", "Agent handshakes refused, by code.", &failures);
-        metric(
-            "ferry_sessions_total",
-            "counter",
-            "Agent sessions established.",
-            &[(String::new(), load(&self.sessions_total))],
-        );
-        metric(
-            "ferry_reconnects_total",
-            "counter",
-            "Sessions of tunnels that had a session before.",
-            &[(String::new(), load(&self.reconnects))],
-        );
-        let pending = [
-            ("{outcome=\"served\"}".to_owned(), load(&self.pending_served)),
-            ("{outcome=\"expired\"}".to_owned(), load(&self.pending_expired)),
-        ];
-        metric(
-            "ferry_pending_requests_total",
-            "counter",
-            "Requests that waited for an agent to come back.",
-            &pending,
-        );
-        let limited: Vec<(String, u64)> = Limit::ALL
-            .iter()
-            .zip(&self.limited)
-            .map(|(limit, n)| (format!("{{limit=\"{}\"}}", limit.as_str()), load(n)))
-            .collect();
-        metric("ferry_limited_total", "counter", "Connections and requests refused by a limit.", &limited);
-        out
+        assert_eq!(series.len(), MAX_TUNNEL_SERIES + 1, "the first tunnels, and `other`");
+        assert!(text.contains("ferry_reconnects_total{tunnel=\"other\"} 50"), "{text}");
+        assert!(text.contains("ferry_request_duration_seconds_count{tunnel=\"other\"} 50"));
+        assert!(text.contains(&format!("ferry_sessions_started_total {}", MAX_TUNNEL_SERIES + 50)));
     }
 }

@@ -22,6 +22,9 @@ use crate::proxy::{ForwardSettings, Forwarding};
 use crate::registry::Registry;
 use crate::{server, tls};
 
+/// How long connections cut at the drain deadline get to close before the agents are let go.
+const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// State shared by every connection and session of one gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -33,6 +36,8 @@ pub struct Gateway {
     pub(crate) tracker: TaskTracker,
     /// Fires when the gateway stops accepting; public connections then drain.
     pub(crate) shutdown: CancellationToken,
+    /// Fires at the drain deadline: connections still busy then close.
+    pub(crate) cut: CancellationToken,
     /// Agent sessions and their control streams; they outlive `shutdown` until requests drained.
     pub(crate) session_tracker: TaskTracker,
     /// Closes every agent session.
@@ -76,6 +81,7 @@ impl Gateway {
             registry: Registry::default(),
             tracker: TaskTracker::new(),
             shutdown,
+            cut: CancellationToken::new(),
             session_tracker: TaskTracker::new(),
             sessions: CancellationToken::new(),
             forwarding: ForwardSettings::new(&config, scheme, format!("ferry-{instance:08x}")),
@@ -158,8 +164,11 @@ impl Gateway {
         }
         self.tracker.close();
         if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
-            // Connections still busy (and uploads still running): what the deadline cuts.
+            // Connections still busy (and uploads still running): what the deadline cuts. Counted
+            // before they are told, so the count is what the deadline found.
             warn!(left = self.tracker.len(), "drain deadline passed; cutting the requests still in flight");
+            self.cut.cancel();
+            let _ = tokio::time::timeout(CUT_GRACE, self.tracker.wait()).await;
         }
         // Requests are done: now the agents can go.
         self.sessions.cancel();

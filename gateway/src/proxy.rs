@@ -119,6 +119,7 @@ pub(crate) async fn forward(
     target: String,
     request_id: &str,
 ) -> Result<Response<ResponseBody>, PublicError> {
+    let started = std::time::Instant::now();
     // Admit: the edge's limits, a session (or the wait for one), the announced body.
     let (session, client_slot) = fw.limits.admit(fw.registry, id, peer)?;
     let session = match session {
@@ -138,13 +139,16 @@ pub(crate) async fn forward(
     let head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
 
     // Open: a stream on that session, or on another if it closed before the head was written.
+    let metrics = session.metrics.clone();
     let (stream, slot, in_flight) = open(fw, session, id).await?;
     let admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
     let (reader, writer) = split_counted(stream, slot);
 
     // Exchange: the head and body up, the response down.
     let exchange = Exchange { id, head, body_len, body, on_upgrade, reader, writer, admitted };
-    exchange.run(fw, conn).await
+    let response = exchange.run(fw, conn).await;
+    metrics.request_done(started.elapsed());
+    response
 }
 
 /// Opens a stream on `session`. Nothing has reached an agent until the head is written: a

@@ -146,7 +146,7 @@ where
     let head_timer = tokio::time::sleep_until(head_deadline);
     tokio::pin!(head_timer);
     let mut head_pending = true;
-    let mut drain_deadline = None;
+    let mut draining = false;
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
@@ -165,12 +165,13 @@ where
                     return;
                 }
             }
-            () = gateway.shutdown.cancelled(), if drain_deadline.is_none() => {
+            () = gateway.shutdown.cancelled(), if !draining => {
                 // Finish the requests in flight, refuse new ones, keep polling until done.
                 conn.as_mut().graceful_shutdown();
-                drain_deadline = Some(Box::pin(tokio::time::sleep(gateway.config.drain_timeout)));
+                draining = true;
             }
-            () = async { drain_deadline.as_mut().expect("guarded").await }, if drain_deadline.is_some() => {
+            // The gateway's drain deadline (one for every connection, counted there first).
+            () = gateway.cut.cancelled() => {
                 debug!("connection still busy at the drain deadline; closing it");
                 return;
             }

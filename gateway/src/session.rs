@@ -16,6 +16,7 @@ use ferry_transport::{IoCounters, StreamOpener, StreamSlot, TransportError, yamu
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Fingerprint;
+use crate::metrics::TunnelMetrics;
 use crate::registry::Changes;
 
 /// A live agent session.
@@ -46,6 +47,8 @@ pub struct Session {
     health: Mutex<Health>,
     /// Wakes the registry's waiters.
     changes: Changes,
+    /// This tunnel's series in `/metrics`.
+    pub metrics: TunnelMetrics,
 }
 
 /// What the agent last said about its upstream.
@@ -78,6 +81,7 @@ impl Session {
         identity: Identity,
         link: &ferry_transport::Session,
         changes: Changes,
+        metrics: TunnelMetrics,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -94,6 +98,7 @@ impl Session {
             control: link.control.clone(),
             health: Mutex::new(Health { state: HealthState::Unknown, detail: String::new() }),
             changes,
+            metrics,
         }
     }
 

@@ -83,7 +83,12 @@ async fn metrics_are_prometheus_text() {
         }
         let (response, body) = admin(&env, Method::GET, "/metrics", Some(TOKEN)).await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+        assert!(
+            response.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
         let text = String::from_utf8(body.to_vec()).unwrap();
         for line in [
             "# TYPE ferry_sessions gauge",
@@ -93,14 +98,29 @@ async fn metrics_are_prometheus_text() {
             "ferry_requests_total{class=\"4xx\"} 1",
             "ferry_requests_total{class=\"5xx\"} 1",
             "ferry_handshake_failures_total{code=\"bad_credentials\"} 0",
-            "ferry_sessions_total 1",
-            "ferry_reconnects_total 0",
+            "ferry_sessions_started_total 1",
+            "ferry_limited_total{limit=\"send_idle\"} 0",
+            "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
         let bytes_line =
             text.lines().find(|l| l.starts_with("ferry_bytes_total{direction=\"to_agents\"}")).unwrap();
         assert!(bytes_line.split(' ').nth(1).unwrap().parse::<u64>().unwrap() > 0);
+        // Per tunnel: its sessions, and how long its requests took to their response head.
+        let tunnel = env.tunnel_id.as_str();
+        assert!(
+            text.lines().any(|l| l == format!("ferry_tunnel_sessions{{tunnel=\"{tunnel}\"}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == format!("ferry_reconnects_total{{tunnel=\"{tunnel}\"}} 0")),
+            "{text}"
+        );
+        let count = format!("ferry_request_duration_seconds_count{{tunnel=\"{tunnel}\"}} ");
+        let line =
+            text.lines().find(|l| l.starts_with(&count)).unwrap_or_else(|| panic!("no {count} in {text}"));
+        assert_eq!(line[count.len()..].parse::<u64>().unwrap(), 3, "three requests reached the tunnel");
     })
     .await;
 }

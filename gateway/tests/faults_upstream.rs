@@ -112,7 +112,7 @@ async fn t03_upstream_down() {
         assert!(took[9] < Duration::from_millis(500), "slowest {:?}", took[9]);
         // No session churn: the same session throughout.
         assert_eq!(session_id(&env), session);
-        assert!(env.gateway.metrics.render(&env.gateway.registry).contains("ferry_sessions_total 2"));
+        assert!(env.gateway.metrics.render(&env.gateway.registry).contains("ferry_sessions_started_total 2"));
         witness.finish().await;
     })
     .await;

@@ -74,7 +74,10 @@ async fn a_request_waiting_through_an_agent_restart_is_served() {
         assert_eq!(body.len(), 1000);
         let metrics = env.gateway.metrics.render(&env.gateway.registry);
         assert!(metrics.contains("ferry_pending_requests_total{outcome=\"served\"} 1"), "{metrics}");
-        assert!(metrics.contains("ferry_reconnects_total 1"), "{metrics}");
+        assert!(
+            metrics.contains(&format!("ferry_reconnects_total{{tunnel=\"{}\"}} 1", env.tunnel_id)),
+            "{metrics}"
+        );
     })
     .await;
 }

@@ -9,6 +9,10 @@
 //! Every buffer is bounded: tungstenite's by [`websocket_config`], ours by [`MAX_PENDING_WRITE`]
 //! and [`MAX_READ_AHEAD`].
 //!
+//! Written here because no maintained crate fits: `ws_stream_tungstenite` needs async-tungstenite
+//! and an older tungstenite, and async-tungstenite's byte reader passes ping payloads into the
+//! stream and reads an empty message as its end.
+//!
 //! Reading goes on while a write waits. yamux stops reading its socket while it has a reply (a
 //! pong) it cannot write yet; if both peers push data, both send buffers fill, each holds a pong
 //! for the other and neither reads: the session deadlocks (rust-yamux #227, seen here with 1,000

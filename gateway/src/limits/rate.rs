@@ -1,4 +1,11 @@
 //! Request rates: token buckets per key, in a table whose size is bounded.
+//!
+//! Written here rather than taken from `governor` (keyed GCRA): governor's keyed store adds any
+//! new key on its first check, so the number of keys cannot be capped (a flood of addresses or
+//! made-up tunnel ids would grow it without bound between `retain_recent` sweeps), and its check
+//! cannot refuse a new key while the table is full, which is what keeps this one at 65,536
+//! buckets (`buckets_stay_bounded_when_every_key_is_busy`). It would also add `dashmap` and
+//! `quanta` to the tree for 60 lines of arithmetic.
 
 use std::collections::HashMap;
 use std::fmt;
