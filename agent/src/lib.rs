@@ -96,22 +96,24 @@ async fn serve(
         health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
         metrics: metrics::AgentMetrics::new(config.tunnel_id.as_str()),
     });
-    let metrics_server = metrics.map(|listener| {
-        let stop = shutdown.child_token();
-        let server = tokio::spawn(metrics::serve(listener, Arc::clone(&upstream), stop.clone()));
-        (server, stop.drop_guard())
-    });
-    let probes = shutdown.child_token();
-    let _stop_probes = probes.clone().drop_guard();
+    // Background tasks beside the sessions (metrics server, breaker and probe loops): one token,
+    // a child of `shutdown`, stops them; one tracker waits for them at the end.
+    let background = TaskTracker::new();
+    let stop_background = shutdown.child_token();
+    let _stop_background = stop_background.clone().drop_guard();
+    if let Some(listener) = metrics {
+        background.spawn(metrics::serve(listener, Arc::clone(&upstream), stop_background.clone()));
+    }
     {
         let upstream = Arc::clone(&upstream);
-        let probes = probes.clone();
-        tokio::spawn(async move { probe::breaker_loop(&upstream.health, &upstream.config, probes).await });
+        let stop = stop_background.clone();
+        background.spawn(async move { probe::breaker_loop(&upstream.health, &upstream.config, stop).await });
     }
     if let Some(path) = config.health_path.clone() {
         let upstream = Arc::clone(&upstream);
-        tokio::spawn(async move {
-            probe::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, probes).await;
+        let stop = stop_background.clone();
+        background.spawn(async move {
+            probe::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, stop).await;
         });
     }
     // Sessions the gateway sent away, finishing their requests beside the current one.
@@ -121,10 +123,9 @@ async fn serve(
     if tokio::time::timeout(config.drain_timeout, draining.wait()).await.is_err() {
         warn!("sessions the gateway sent away still had requests at the drain deadline");
     }
-    if let Some((server, stop)) = metrics_server {
-        drop(stop);
-        let _ = server.await;
-    }
+    stop_background.cancel();
+    background.close();
+    background.wait().await;
     result
 }
 

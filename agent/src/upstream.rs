@@ -11,6 +11,7 @@ use ferry_transport::heads::{
 };
 use ferry_transport::stream::{FrameReader, FrameWriter, acknowledge, pipe, split};
 use ferry_transport::{FrameBody, yamux};
+use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri, Version};
 use http_body_util::{LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
@@ -229,12 +230,15 @@ async fn proxy(
 
     let config = &upstream.config;
     let target = config.upstream_for(target_path(&head.target));
+    let invalid_target = || Failure::Abort(AbortCode::ProtocolError, "invalid request target".to_owned());
+    // The target's bytes as they came off the wire, without a copy.
+    let path = PathAndQuery::from_maybe_shared(head.target.clone()).map_err(|_| invalid_target())?;
     let uri = Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
-        .path_and_query(head.target.as_ref())
+        .path_and_query(path)
         .build()
-        .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid request target".to_owned()))?;
+        .map_err(|_| invalid_target())?;
     let limit = config.filters.max_request_body;
     let mut request = Request::new(Limited::new(body, limit.map_or(usize::MAX, clamp_usize)));
     *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
@@ -330,6 +334,9 @@ async fn proxy(
         return Ok(Some((TokioIo::new(upstream_io), reader)));
     }
 
+    // The upstream's head shares hyper's read buffer for this connection: let it go before the
+    // body streams, so hyper reuses that buffer for the next response instead of allocating one.
+    drop(parts);
     // The head is queued: it leaves with the first body bytes (or `End`) in one write.
     if writer.queue(&Frame::Head(Head::Response(head))).is_err() {
         return Err(Failure::Abort(AbortCode::Internal, "response head over the frame limit".into()));

@@ -8,10 +8,9 @@ use ferry_codec::TunnelId;
 use ferry_codec::control::GoAwayReason;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::auth::{AuthFileError, Secrets};
 use crate::config::GatewayConfig;
@@ -20,10 +19,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::{ForwardSettings, Forwarding};
 use crate::registry::Registry;
-use crate::{server, tls};
-
-/// How long connections cut at the drain deadline get to close before the agents are let go.
-const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+use crate::tls;
 
 /// State shared by every connection and session of one gateway.
 #[derive(Debug)]
@@ -77,7 +73,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Arc::new(Self {
-            http: server::http_builder(&config),
+            http: config.http_builder(),
             registry: Registry::default(),
             tracker: TaskTracker::new(),
             shutdown,
@@ -131,50 +127,6 @@ impl Gateway {
             info!("TLS certificate reloaded");
         }
         Ok(())
-    }
-
-    /// Accepts on `listener` until shutdown, then drains: lets in-flight requests finish (up to
-    /// the drain timeout), then closes the agent sessions.
-    pub async fn serve(self: &Arc<Self>, listener: TcpListener) {
-        if let Ok(addr) = listener.local_addr() {
-            info!(
-                %addr,
-                scheme = self.public_scheme(),
-                domain = self.config.domain.as_deref().unwrap_or("-"),
-                "gateway listening"
-            );
-        }
-        let secrets = self.secrets();
-        match (&*secrets, secrets.tunnel_count()) {
-            (Secrets::Open, _) => {
-                warn!(
-                    "no agent secret configured: any well-formed tunnel id is accepted (set FERRY_SECRET, --secret-file or --auth-file)"
-                );
-            }
-            (_, Some(tunnels)) => info!(tunnels, "agents authenticate with per-tunnel secrets"),
-            (_, None) => info!("agents authenticate with the shared secret"),
-        }
-        if self.config.admin_token.is_none() && !self.config.admin_loopback {
-            error!("admin endpoints are unreachable: no admin token and loopback access turned off");
-        }
-        server::accept_loop(Arc::clone(self), listener).await;
-        info!("shutting down: telling agents to go away, draining requests in flight");
-        for session in self.registry.all() {
-            session.go_away(GoAwayReason::Shutdown, self.config.drain_timeout).await;
-        }
-        self.tracker.close();
-        if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
-            // Connections still busy (and uploads still running): what the deadline cuts. Counted
-            // before they are told, so the count is what the deadline found.
-            warn!(left = self.tracker.len(), "drain deadline passed; cutting the requests still in flight");
-            self.cut.cancel();
-            let _ = tokio::time::timeout(CUT_GRACE, self.tracker.wait()).await;
-        }
-        // Requests are done: now the agents can go.
-        self.sessions.cancel();
-        self.session_tracker.close();
-        let _ = tokio::time::timeout(self.config.drain_timeout, self.session_tracker.wait()).await;
-        info!("gateway stopped");
     }
 
     /// A request id unique to this gateway process: its instance prefix and a counter.

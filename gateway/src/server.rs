@@ -1,4 +1,5 @@
-//! The accept loop and per-connection serving: HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN over
+//! The gateway's run ([`Gateway::serve`]: accept until shutdown, then drain), the accept loop and
+//! per-connection serving: HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN over
 //! TLS) on one port, with upgrades, bounded connection count, and graceful drain on shutdown.
 //!
 //! Each connection is watched by the task that serves it ([`ConnWatch`]): it must deliver its first
@@ -13,41 +14,69 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use ferry_codec::control::GoAwayReason;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Gateway;
-use crate::config::{GatewayConfig, H2_MAX_CONCURRENT_STREAMS, H2_MAX_PENDING_RESETS};
+use crate::auth::Secrets;
 use crate::limits::AddressSlot;
 use crate::watch::ConnWatch;
+
+/// How long connections cut at the drain deadline get to close before the agents are let go.
+const CUT_GRACE: Duration = Duration::from_secs(1);
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The hyper connection builder for the public port.
-pub(crate) fn http_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
-        .max_headers(config.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
+impl Gateway {
+    /// Accepts on `listener` until shutdown, then drains: lets in-flight requests finish (up to
+    /// the drain timeout), then closes the agent sessions.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener) {
+        if let Ok(addr) = listener.local_addr() {
+            info!(
+                %addr,
+                scheme = self.public_scheme(),
+                domain = self.config.domain.as_deref().unwrap_or("-"),
+                "gateway listening"
+            );
+        }
+        let secrets = self.secrets();
+        match (&*secrets, secrets.tunnel_count()) {
+            (Secrets::Open, _) => {
+                warn!(
+                    "no agent secret configured: any well-formed tunnel id is accepted (set FERRY_SECRET, --secret-file or --auth-file)"
+                );
+            }
+            (_, Some(tunnels)) => info!(tunnels, "agents authenticate with per-tunnel secrets"),
+            (_, None) => info!("agents authenticate with the shared secret"),
+        }
+        if self.config.admin_token.is_none() && !self.config.admin_loopback {
+            error!("admin endpoints are unreachable: no admin token and loopback access turned off");
+        }
+        accept_loop(Arc::clone(self), listener).await;
+        info!("shutting down: telling agents to go away, draining requests in flight");
+        for session in self.registry.all() {
+            session.go_away(GoAwayReason::Shutdown, self.config.drain_timeout).await;
+        }
+        self.tracker.close();
+        if tokio::time::timeout(self.config.drain_timeout, self.tracker.wait()).await.is_err() {
+            // Connections still busy (and uploads still running): what the deadline cuts. Counted
+            // before they are told, so the count is what the deadline found.
+            warn!(left = self.tracker.len(), "drain deadline passed; cutting the requests still in flight");
+            self.cut.cancel();
+            let _ = tokio::time::timeout(CUT_GRACE, self.tracker.wait()).await;
+        }
+        // Requests are done: now the agents can go.
+        self.sessions.cancel();
+        self.session_tracker.close();
+        let _ = tokio::time::timeout(self.config.drain_timeout, self.session_tracker.wait()).await;
+        info!("gateway stopped");
+    }
 }
 
 /// Accepts connections until shutdown; each is served in its own tracked task.

@@ -66,6 +66,7 @@ pub fn headers_to_wire(map: &HeaderMap) -> Vec<Header> {
     let mut out = Vec::with_capacity(map.len());
     for (name, value) in map {
         // `http` enforces the same grammar as the codec; a field it let through always passes.
+        crate::stats::copied(name.as_str().len() + value.len());
         match Header::new(bytes::Bytes::copy_from_slice(name.as_str().as_bytes()), value_bytes(value)) {
             Ok(header) => out.push(header),
             Err(err) => debug!(%err, header = %name, "dropping a header the wire cannot carry"),

@@ -22,6 +22,7 @@
 //!   both driven by their consumer so backpressure runs end to end.
 //! - [`heads`] — conversions between `http` types and codec heads, and hop-by-hop header removal.
 //! - [`error`] — [`TransportError`].
+//! - [`stats`] — bytes our code copies, counted per thread (for the counts bench).
 //! - [`cli`] — what both binaries' `main` share: config files as flags, secrets from a file or the
 //!   environment, signals. It has no tie to the data path; it is here because this is the one
 //!   crate both binaries depend on.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod heads;
 pub mod mux;
 pub mod session;
+pub mod stats;
 pub mod stream;
 pub mod ws;
 

@@ -113,7 +113,10 @@ impl FrameReader {
             }
             let chunk = ready!(Pin::new(&mut *lock(&self.stream)).poll_next(cx));
             match chunk {
-                Some(Ok(packet)) => self.buf.extend_from_slice(packet.as_ref()),
+                Some(Ok(packet)) => {
+                    self.buf.extend_from_slice(packet.as_ref());
+                    crate::stats::copied(packet.as_ref().len());
+                }
                 Some(Err(err)) => return Poll::Ready(Some(Err(err.into()))),
                 None => self.eof = true,
             }
@@ -162,7 +165,12 @@ impl FrameWriter {
     pub fn queue(&mut self, frame: &Frame) -> Result<(), TransportError> {
         match frame {
             Frame::Data(data) => self.queue_data(data),
-            other => Ok(other.encode(&mut self.buf)?),
+            other => {
+                let before = self.buf.len();
+                other.encode(&mut self.buf)?;
+                crate::stats::copied(self.buf.len() - before);
+                Ok(())
+            }
         }
     }
 
@@ -194,6 +202,7 @@ impl FrameWriter {
             self.buf.reserve(HEADER_LEN + chunk.len());
             self.buf.extend_from_slice(&data_header(chunk.len())?);
             self.buf.extend_from_slice(chunk);
+            crate::stats::copied(chunk.len());
         }
         Ok(())
     }

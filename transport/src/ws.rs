@@ -206,12 +206,17 @@ where
             if !this.read_buf.is_empty() {
                 let n = buf.len().min(this.read_buf.len());
                 buf[..n].copy_from_slice(&this.read_buf[..n]);
+                crate::stats::copied(n);
                 this.read_buf.advance(n);
                 return Poll::Ready(Ok(n));
             }
             if buf.is_empty() {
                 return Poll::Ready(Ok(0));
             }
+            // Let go of the finished message before asking for the next one: it shares
+            // tungstenite's read buffer, which can then be reused in place instead of a fresh
+            // buffer (its full 16 KiB) being allocated for every message read.
+            this.read_buf = Bytes::new();
             if let Some(data) = this.read_ahead.pop_front() {
                 this.read_ahead_len -= data.len();
                 this.read_buf = data;
@@ -245,6 +250,7 @@ where
         // bound, and the peer one over `MAX_MESSAGE_LEN`.
         let n = buf.len().min(MAX_PENDING_WRITE - self.write_buf.len());
         self.write_buf.extend_from_slice(&buf[..n]);
+        crate::stats::copied(n);
         self.dirty = true;
         Poll::Ready(Ok(n))
     }
