@@ -8,7 +8,7 @@
 //! | `GET /bytes/{n}` | `n` pattern bytes with `Content-Length` ([`pattern`]) |
 //! | `GET /chunked/{n}?chunk=K` | `n` pattern bytes, chunked, `K` bytes per chunk |
 //! | `POST`/`PUT /echo` | the request body, streamed back as it arrives |
-//! | `POST`/`PUT /sink?delay_ms=D` | reads the body (pausing `D` ms per chunk); JSON byte count and SHA-256 |
+//! | `POST`/`PUT /sink?delay_ms=D&hash=0` | reads the body (pausing `D` ms per chunk); JSON byte count and SHA-256 (`hash=0`: the count alone, for load runs) |
 //! | `GET /sse?n=N&interval_ms=I` | `N` server-sent events, one every `I` ms (`gated=1`: one per gate permit) |
 //! | `GET /slow?ms=M` | answers after `M` ms (counts concurrent requests) |
 //! | `GET /hold` | waits for a permit of [`UpstreamStats::gate`] (the count waiting is watchable) |
@@ -231,7 +231,10 @@ async fn handle(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Respon
             Err(_) => full(StatusCode::BAD_REQUEST, "text/plain", "bad length"),
         },
         (Method::POST | Method::PUT, ["echo"]) => echo(request, stats),
-        (Method::POST | Method::PUT, ["sink"]) => sink(request, number(&params, "delay_ms", 0), stats).await,
+        (Method::POST | Method::PUT, ["sink"]) => {
+            let hash = number(&params, "hash", 1) != 0;
+            sink(request, number(&params, "delay_ms", 0), hash, stats).await
+        }
         (Method::GET, ["sse"]) => {
             let gated = params.get("gated").is_some_and(|v| v == "1");
             sse(number(&params, "n", 5), number(&params, "interval_ms", 100), gated.then_some(stats))
@@ -389,7 +392,7 @@ fn echo(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Response<Body>
     response
 }
 
-async fn sink(request: Request<Incoming>, delay_ms: u64, stats: Arc<UpstreamStats>) -> Response<Body> {
+async fn sink(request: Request<Incoming>, delay_ms: u64, hash: bool, stats: Arc<UpstreamStats>) -> Response<Body> {
     let mut body = request.into_body();
     let mut hasher = Sha256::new();
     let mut total = 0u64;
@@ -397,7 +400,9 @@ async fn sink(request: Request<Incoming>, delay_ms: u64, stats: Arc<UpstreamStat
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
-                    hasher.update(data);
+                    if hash {
+                        hasher.update(data);
+                    }
                     total += data.len() as u64;
                     stats.consumed.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if delay_ms > 0 {
@@ -410,7 +415,10 @@ async fn sink(request: Request<Incoming>, delay_ms: u64, stats: Arc<UpstreamStat
             }
         }
     }
-    let json = serde_json::json!({ "bytes": total, "sha256": hex(&hasher.finalize()) });
+    let json = match hash {
+        true => serde_json::json!({ "bytes": total, "sha256": hex(&hasher.finalize()) }),
+        false => serde_json::json!({ "bytes": total }),
+    };
     full(StatusCode::OK, "application/json", json.to_string())
 }
 

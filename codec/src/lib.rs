@@ -24,6 +24,7 @@
 //! - [`control`] — control-stream messages and [`ControlCodec`].
 //! - [`handshake`] — [`ServerHello`], [`ClientAuth`], [`AuthResult`].
 //! - [`auth`] — the canonical transcript, HMAC-SHA256 MACs, the [`Secret`] type.
+//! - [`ws`] — WebSocket frame headers and masking (RFC 6455), for the session's framing.
 //! - [`error`] — [`CodecError`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, clippy::unwrap_used)]
@@ -38,6 +39,7 @@ pub mod handshake;
 pub mod head;
 pub mod id;
 mod pb;
+pub mod ws;
 
 pub use auth::{Mac, Nonce, Secret, Transcript};
 pub use control::{ControlCodec, ControlMessage};

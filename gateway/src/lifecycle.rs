@@ -12,12 +12,10 @@ use ferry_transport::control::Heartbeat;
 use ferry_transport::session::{Ended, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tracing::{debug, info, warn};
 
 use crate::Gateway;
 use crate::session::{Identity, Session};
-use ferry_transport::ws::websocket_config;
 
 /// Runs the session of an agent that passed its handshake on `ws`, until it ends.
 pub(crate) async fn run<S>(
@@ -29,10 +27,6 @@ pub(crate) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let peer = identity.peer;
-    // Past the handshake the peer is a known agent: lift the message cap to the session's. The
-    // agent sends nothing between ClientAuth and our AuthResult, so nothing is buffered here.
-    let ws =
-        WebSocketStream::from_raw_socket(ws.into_inner(), WsRole::Server, Some(websocket_config())).await;
     let heartbeat = Heartbeat { interval: heartbeat_interval, misses: gateway.config.heartbeat_misses };
     let role = Role::Gateway { control_deadline: gateway.config.handshake_timeout };
     let (mut link, task) = ferry_transport::session::start(ws, role, heartbeat, &gateway.config.session);

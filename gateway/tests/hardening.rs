@@ -157,7 +157,11 @@ async fn a_secret_revoked_during_the_handshake_keeps_no_session() {
         assert!(matches!(result, AuthResult::Accepted(_)));
         revoke(&env.gateway).await;
         let (driver, opener) = session(
-            WsIo::new(ws, Arc::new(IoCounters::default())),
+            WsIo::new(
+                ws,
+                tokio_tungstenite::tungstenite::protocol::Role::Client,
+                Arc::new(IoCounters::default()),
+            ),
             yamux::Mode::Client,
             &SessionConfig::default(),
         );

@@ -314,7 +314,11 @@ async fn misbehaving_agents_only_kill_their_own_session() {
             raw_handshake(env.gateway_addr, &other, InstanceId(Uuid::new_v4()), None, None).await;
         assert!(matches!(result, AuthResult::Accepted(_)));
         let (driver, opener) = session(
-            WsIo::new(ws, Arc::new(IoCounters::default())),
+            WsIo::new(
+                ws,
+                tokio_tungstenite::tungstenite::protocol::Role::Client,
+                Arc::new(IoCounters::default()),
+            ),
             yamux::Mode::Client,
             &SessionConfig::default(),
         );
@@ -363,7 +367,11 @@ async fn the_same_agent_instance_replaces_its_stale_session() {
             raw_handshake(env.gateway_addr, &env.tunnel_id, instance, None, None).await;
         assert!(matches!(result, AuthResult::Accepted(_)));
         let (driver, opener) = session(
-            WsIo::new(stale_ws, Arc::new(IoCounters::default())),
+            WsIo::new(
+                stale_ws,
+                tokio_tungstenite::tungstenite::protocol::Role::Client,
+                Arc::new(IoCounters::default()),
+            ),
             yamux::Mode::Client,
             &SessionConfig::default(),
         );

@@ -15,6 +15,7 @@ use ferry_codec::ControlMessage;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_util::sync::CancellationToken;
 
 use crate::TransportError;
@@ -129,7 +130,11 @@ where
         Role::Agent => yamux::Mode::Client,
         Role::Gateway { .. } => yamux::Mode::Server,
     };
-    let (driver, opener) = mux::session(WsIo::new(ws, Arc::clone(&counters)), mode, config);
+    let ws_role = match role {
+        Role::Agent => WsRole::Client,
+        Role::Gateway { .. } => WsRole::Server,
+    };
+    let (driver, opener) = mux::session(WsIo::new(ws, ws_role, Arc::clone(&counters)), mode, config);
     let (control, control_loop, events) = control::channel();
     let (established_tx, established_rx) = oneshot::channel();
     let session =

@@ -28,10 +28,16 @@ async fn a_thousand_streams_both_ways_do_not_stall() {
     let client_ws = WebSocketStream::from_raw_socket(client_tcp, Role::Client, cfg).await;
     let config = SessionConfig::default();
     let stop = CancellationToken::new();
-    let (server, opener) =
-        session(WsIo::new(server_ws, Arc::new(IoCounters::default())), yamux::Mode::Server, &config);
-    let (client, _) =
-        session(WsIo::new(client_ws, Arc::new(IoCounters::default())), yamux::Mode::Client, &config);
+    let (server, opener) = session(
+        WsIo::new(server_ws, Role::Server, Arc::new(IoCounters::default())),
+        yamux::Mode::Server,
+        &config,
+    );
+    let (client, _) = session(
+        WsIo::new(client_ws, Role::Client, Arc::new(IoCounters::default())),
+        yamux::Mode::Client,
+        &config,
+    );
     tokio::spawn(server.run(|_| {}, stop.clone()));
     // The "agent": on each stream, sends 1 MiB and reads 1 MiB, at the same time.
     tokio::spawn(client.run(

@@ -29,10 +29,16 @@ async fn pair() -> (StreamOpener, mpsc::Receiver<yamux::Stream>, CancellationTok
     let config = SessionConfig::default();
     let shutdown = CancellationToken::new();
 
-    let (server, opener) =
-        session(WsIo::new(server_ws, Arc::new(IoCounters::default())), yamux::Mode::Server, &config);
-    let (client, _client_opener) =
-        session(WsIo::new(client_ws, Arc::new(IoCounters::default())), yamux::Mode::Client, &config);
+    let (server, opener) = session(
+        WsIo::new(server_ws, Role::Server, Arc::new(IoCounters::default())),
+        yamux::Mode::Server,
+        &config,
+    );
+    let (client, _client_opener) = session(
+        WsIo::new(client_ws, Role::Client, Arc::new(IoCounters::default())),
+        yamux::Mode::Client,
+        &config,
+    );
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(server.run(|_| {}, shutdown.clone()));
     tokio::spawn(

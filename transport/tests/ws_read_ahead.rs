@@ -23,6 +23,7 @@ async fn a_blocked_write_still_lets_the_peer_write() {
         let cfg = Some(websocket_config());
         let mut ours = WsIo::new(
             WebSocketStream::from_raw_socket(ours, Role::Server, cfg).await,
+            Role::Server,
             Arc::new(IoCounters::default()),
         );
         let mut theirs = WebSocketStream::from_raw_socket(theirs, Role::Client, cfg).await;

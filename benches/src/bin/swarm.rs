@@ -22,6 +22,7 @@ use http::HeaderValue;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 /// Opens N idle ferry agent sessions to a gateway (for scale tests).
@@ -106,8 +107,11 @@ async fn session_task(
     let AuthResult::Accepted(accepted) = AuthResult::decode(recv_message(&mut ws).await?)? else {
         anyhow::bail!("refused");
     };
-    let (driver, opener) =
-        session(WsIo::new(ws, Arc::default()), yamux::Mode::Client, &SessionConfig::with_max_streams(16));
+    let (driver, opener) = session(
+        WsIo::new(ws, Role::Client, Arc::default()),
+        yamux::Mode::Client,
+        &SessionConfig::with_max_streams(16),
+    );
     let driving = tokio::spawn(driver.run(|_| {}, stop.clone()));
     let (handle, control_loop, _events) = control::channel();
     handle

@@ -513,7 +513,11 @@ impl EvilAgent {
             raw_handshake(gateway, tunnel, InstanceId(uuid::Uuid::new_v4()), None, None).await;
         assert!(matches!(result, AuthResult::Accepted(_)), "{result:?}");
         let (driver, opener) = ferry_transport::mux::session(
-            ferry_transport::WsIo::new(ws, Arc::default()),
+            ferry_transport::WsIo::new(
+                ws,
+                tokio_tungstenite::tungstenite::protocol::Role::Client,
+                Arc::default(),
+            ),
             ferry_transport::yamux::Mode::Client,
             &ferry_transport::SessionConfig::default(),
         );
