@@ -12,7 +12,10 @@
 //! # Layout
 //!
 //! - [`config`] — [`GatewayConfig`] and its defaults.
-//! - `server` — accept loop and per-connection serving.
+//! - `node` — [`Gateway`]: the state every part shares (config, registry, limits, metrics, the
+//!   trackers and tokens of the drain).
+//! - `server` — [`Gateway::serve`] (accept until shutdown, then drain), the accept loop and
+//!   per-connection serving.
 //! - `watch` — what a connection's requests tell its server task (head seen, bodies stalled).
 //! - `routes` — Host and path routing rules.
 //! - `proxy` — forwarding one request through a tunnel.
