@@ -392,7 +392,12 @@ fn echo(request: Request<Incoming>, stats: Arc<UpstreamStats>) -> Response<Body>
     response
 }
 
-async fn sink(request: Request<Incoming>, delay_ms: u64, hash: bool, stats: Arc<UpstreamStats>) -> Response<Body> {
+async fn sink(
+    request: Request<Incoming>,
+    delay_ms: u64,
+    hash: bool,
+    stats: Arc<UpstreamStats>,
+) -> Response<Body> {
     let mut body = request.into_body();
     let mut hasher = Sha256::new();
     let mut total = 0u64;
