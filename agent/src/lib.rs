@@ -102,7 +102,12 @@ async fn serve(
     let stop_background = shutdown.child_token();
     let _stop_background = stop_background.clone().drop_guard();
     if let Some(listener) = metrics {
-        background.spawn(metrics::serve(listener, Arc::clone(&upstream), stop_background.clone()));
+        let forwarder = Arc::clone(&upstream);
+        let render: metrics::Render = Arc::new(move || {
+            let health = forwarder.health.subscribe().borrow().0;
+            forwarder.metrics.render(forwarder.in_flight.load(std::sync::atomic::Ordering::Relaxed), health)
+        });
+        background.spawn(metrics::serve(listener, render, stop_background.clone()));
     }
     {
         let upstream = Arc::clone(&upstream);

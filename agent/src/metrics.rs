@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,8 +23,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-
-use crate::upstream::Forwarder;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
@@ -100,8 +97,8 @@ impl AgentMetrics {
         self.sessions_lost.inc();
     }
 
-    /// The exposition, with the gauges read from `forwarder` now.
-    pub(crate) fn render(&self, forwarder: &Forwarder) -> String {
+    /// The exposition, with the gauges as given (read now by the caller).
+    pub(crate) fn render(&self, in_flight: usize, health: HealthState) -> String {
         let mut registry = prometheus_client::registry::Registry::default();
         let info: Family<TunnelLabels, ConstGauge, fn() -> ConstGauge> =
             Family::new_with_constructor(|| ConstGauge::new(1));
@@ -110,9 +107,9 @@ impl AgentMetrics {
         registry.register(
             "ferry_agent_requests_in_flight",
             "Requests the agent is serving now",
-            ConstGauge::new(i64::try_from(forwarder.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX)),
+            ConstGauge::new(i64::try_from(in_flight).unwrap_or(i64::MAX)),
         );
-        let health = match forwarder.health.subscribe().borrow().0 {
+        let health = match health {
             HealthState::Unknown => -1,
             HealthState::Unhealthy => 0,
             HealthState::Healthy => 1,
@@ -154,8 +151,11 @@ impl AgentMetrics {
     }
 }
 
+/// Renders the exposition now (built by the caller, which knows where the gauges live).
+pub(crate) type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Serves `GET /metrics` on `listener` until `shutdown`.
-pub(crate) async fn serve(listener: TcpListener, forwarder: Arc<Forwarder>, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, render: Render, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics at http://{addr}/metrics");
     }
@@ -172,12 +172,12 @@ pub(crate) async fn serve(listener: TcpListener, forwarder: Arc<Forwarder>, shut
                 }
             },
         };
-        let forwarder = Arc::clone(&forwarder);
+        let render = Arc::clone(&render);
         let stop = shutdown.clone();
         connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let forwarder = Arc::clone(&forwarder);
-                async move { Ok::<_, Infallible>(answer(&request, &forwarder)) }
+                let render = Arc::clone(&render);
+                async move { Ok::<_, Infallible>(answer(&request, &*render)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -196,13 +196,11 @@ pub(crate) async fn serve(listener: TcpListener, forwarder: Arc<Forwarder>, shut
     connections.wait().await;
 }
 
-fn answer(request: &Request<Incoming>, forwarder: &Forwarder) -> Response<Full<Bytes>> {
+fn answer(request: &Request<Incoming>, render: &(dyn Fn() -> String + Send + Sync)) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            forwarder.metrics.render(forwarder),
-        ),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", render())
+        }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_owned()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -16,7 +16,15 @@ use tracing::info;
 
 use crate::Gateway;
 use crate::error::{PublicError, json_response};
-use crate::routes::Action;
+
+/// Admin actions on the sessions of one tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Measure the round-trip time over the control stream.
+    Ping,
+    /// Ask the agent to drain and reconnect.
+    Drain,
+}
 
 /// How long an admin ping waits for the pong.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);

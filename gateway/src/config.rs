@@ -2,6 +2,7 @@
 //! flags. Defaults are named constants with the reason for their value.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 use ferry_codec::Secret;
@@ -11,7 +12,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use crate::auth::AuthSource;
-use crate::limits::Rate;
 use crate::tls::TlsFiles;
 
 /// How long an agent has to complete the ferry handshake after its WebSocket is up.
@@ -269,6 +269,54 @@ impl GatewayConfig {
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(20));
         builder
+    }
+}
+
+/// A request rate: `count` per `per`, allowing bursts of up to `count` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Requests allowed per period (and the burst size).
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `N/s`, `N/m` or `N/h` (N ≥ 1).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (count, unit) =
+            text.split_once('/').ok_or_else(|| format!("{text:?} is not a rate like 100/s or 600/m"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{count:?} is not a positive whole number of requests"))?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => return Err(format!("{other:?} is not a rate unit (use s, m or h)")),
+        };
+        Ok(Self { count, per })
+    }
+
+    pub(crate) fn tokens_per_second(self) -> f64 {
+        f64::from(self.count) / self.per.as_secs_f64()
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
     }
 }
 

@@ -17,8 +17,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use crate::registry::Registry;
-
 /// Tunnels with series of their own; the others share `tunnel="other"`.
 pub const MAX_TUNNEL_SERIES: usize = 256;
 /// The label of the tunnels beyond [`MAX_TUNNEL_SERIES`].
@@ -256,22 +254,23 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition. Gauges (sessions, streams, bytes of live sessions) are
-    /// read from the session registry now.
-    pub fn render(&self, registry: &Registry) -> String {
-        let sessions = registry.all();
-        let in_flight: u64 = sessions.iter().map(|s| s.in_flight()).sum();
-        let streams_open: u64 = sessions.iter().map(|s| s.open_streams() as u64).sum();
-        let live_to: u64 = sessions.iter().map(|s| s.counters.tx.load(Ordering::Relaxed)).sum();
-        let live_from: u64 = sessions.iter().map(|s| s.counters.rx.load(Ordering::Relaxed)).sum();
+    /// read from the live sessions now (the registry).
+    pub fn render(&self, live: &impl LiveSessions) -> String {
+        let (mut sessions, mut in_flight, mut streams_open, mut live_to, mut live_from) =
+            (0usize, 0u64, 0u64, 0u64, 0u64);
         let per_tunnel: Family<TunnelLabels, Gauge> = Family::default();
-        for session in &sessions {
-            let labels = {
-                let tunnels = self.tunnels_with_series.lock().unwrap_or_else(|e| e.into_inner());
-                let id = session.tunnel_id();
+        {
+            let tunnels = self.tunnels_with_series.lock().unwrap_or_else(|e| e.into_inner());
+            live.live_sessions(&mut |session| {
+                sessions += 1;
+                in_flight += session.in_flight;
+                streams_open += session.open_streams;
+                live_to += session.bytes_to_agent;
+                live_from += session.bytes_from_agent;
+                let id = session.tunnel;
                 let tunnel = if tunnels.contains(id) { id.as_str() } else { OTHER_TUNNELS };
-                TunnelLabels { tunnel: tunnel.to_owned() }
-            };
-            per_tunnel.get_or_create(&labels).inc();
+                per_tunnel.get_or_create(&TunnelLabels { tunnel: tunnel.to_owned() }).inc();
+            });
         }
         // Totals that include live sessions: a fresh counter set to the sum, each render.
         let bytes: Family<DirectionLabels, Counter> = Family::default();
@@ -284,11 +283,11 @@ impl Metrics {
             .inc_by(load(&self.closed_bytes_from_agents) + live_from);
 
         let mut out = prometheus_client::registry::Registry::default();
-        out.register("ferry_sessions", "Live agent sessions", ConstGauge::new(sessions.len() as i64));
+        out.register("ferry_sessions", "Live agent sessions", ConstGauge::new(sessions as i64));
         out.register(
             "ferry_tunnels",
             "Tunnels with at least one live session",
-            ConstGauge::new(registry.tunnel_count() as i64),
+            ConstGauge::new(live.live_tunnels() as i64),
         );
         out.register("ferry_tunnel_sessions", "Live agent sessions per tunnel", per_tunnel);
         out.register(
@@ -332,6 +331,30 @@ impl Metrics {
     }
 }
 
+/// What `/metrics` reads of one live session.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveSession<'a> {
+    /// Its tunnel.
+    pub tunnel: &'a TunnelId,
+    /// Requests in flight on it.
+    pub in_flight: u64,
+    /// Streams open on it.
+    pub open_streams: u64,
+    /// WebSocket payload bytes sent to its agent so far.
+    pub bytes_to_agent: u64,
+    /// WebSocket payload bytes received from its agent so far.
+    pub bytes_from_agent: u64,
+}
+
+/// The live sessions the gauges of `/metrics` are read from: the registry. A trait so the
+/// metrics need not know the registry (which holds sessions, which hold their metrics).
+pub trait LiveSessions {
+    /// Calls `each` with every live session.
+    fn live_sessions(&self, each: &mut dyn FnMut(LiveSession<'_>));
+    /// Tunnels with at least one live session.
+    fn live_tunnels(&self) -> usize;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +368,7 @@ mod tests {
             metrics.session_started(&tunnel, true);
             tunnel.request_done(Duration::from_millis(3));
         }
-        let text = metrics.render(&Registry::default());
+        let text = metrics.render(&crate::registry::Registry::default());
         let series: HashSet<&str> = text
             .lines()
             .filter(|l| l.starts_with("ferry_reconnects_total{"))

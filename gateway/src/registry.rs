@@ -4,13 +4,15 @@
 //! time and never across an `.await`.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ferry_codec::{SessionId, TunnelId};
 use tokio::sync::watch;
 
-use crate::session::Session;
+use crate::metrics::{LiveSession, LiveSessions};
+use crate::session::{Changes, Session};
 
 /// How long after its last session ended a tunnel counts as "offline" rather than unknown:
 /// requests for it wait for an agent to come back instead of getting 404.
@@ -132,7 +134,7 @@ impl Registry {
     /// What a session uses to announce its own changes (draining, health, closed) to the
     /// registry's waiters.
     pub fn changes(&self) -> Changes {
-        Changes(self.changes.clone())
+        Changes::new(self.changes.clone())
     }
 
     /// Waits until `condition` holds for the registry (checked now and after every change).
@@ -196,14 +198,21 @@ impl Registry {
     }
 }
 
-/// Wakes the waiters of one registry; held by each of its sessions.
-#[derive(Debug, Clone)]
-pub struct Changes(watch::Sender<u64>);
+impl LiveSessions for Registry {
+    fn live_sessions(&self, each: &mut dyn FnMut(LiveSession<'_>)) {
+        for session in self.all() {
+            each(LiveSession {
+                tunnel: session.tunnel_id(),
+                in_flight: session.in_flight(),
+                open_streams: session.open_streams() as u64,
+                bytes_to_agent: session.counters.tx.load(Ordering::Relaxed),
+                bytes_from_agent: session.counters.rx.load(Ordering::Relaxed),
+            });
+        }
+    }
 
-impl Changes {
-    /// Something that matters to routing changed.
-    pub fn notify(&self) {
-        self.0.send_modify(|n| *n += 1);
+    fn live_tunnels(&self) -> usize {
+        self.tunnel_count()
     }
 }
 

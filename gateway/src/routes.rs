@@ -18,6 +18,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tracing::debug;
 
+use crate::admin::Action;
 use crate::error::PublicError;
 use crate::proxy::ResponseBody;
 use crate::watch::ConnWatch;
@@ -44,15 +45,6 @@ pub(crate) enum Route {
     InvalidTunnelId(String),
     /// Nothing here.
     NotFound,
-}
-
-/// Admin actions on the sessions of one tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Action {
-    /// Measure the round-trip time over the control stream.
-    Ping,
-    /// Ask the agent to drain and reconnect.
-    Drain,
 }
 
 /// Lowercase host without port or trailing dot, so `Agent-…-Web.Example.com.:443` and

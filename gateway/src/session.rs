@@ -13,11 +13,11 @@ use ferry_codec::control::{GoAwayReason, HealthState};
 use ferry_codec::{ControlMessage, InstanceId, SessionId, TunnelId};
 use ferry_transport::control::ControlHandle;
 use ferry_transport::{IoCounters, StreamOpener, StreamSlot, TransportError, yamux};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Fingerprint;
 use crate::metrics::TunnelMetrics;
-use crate::registry::Changes;
 
 /// A live agent session.
 ///
@@ -269,6 +269,23 @@ pub(crate) fn rfc3339(unix_secs: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+}
+
+/// Wakes the waiters of the registry a session is listed in (requests waiting for a tunnel,
+/// the registry's own watchers); each session holds one and notifies it of its own changes.
+#[derive(Debug, Clone)]
+pub struct Changes(watch::Sender<u64>);
+
+impl Changes {
+    /// Wraps the registry's change counter.
+    pub(crate) fn new(sender: watch::Sender<u64>) -> Self {
+        Self(sender)
+    }
+
+    /// Something that matters to routing changed.
+    pub fn notify(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
 }
 
 #[cfg(test)]

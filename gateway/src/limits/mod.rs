@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use ferry_codec::TunnelId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::config::Rate;
 pub(crate) use clients::{AddressSlot, ClientSlot, client_ip, client_key};
-pub use rate::Rate;
 
 use crate::auth::FailureLimiter;
 use crate::config::GatewayConfig;

@@ -1,4 +1,5 @@
 //! Request rates: token buckets per key, in a table whose size is bounded.
+//! (`Rate`, the value a flag or config key gives, lives in `config`.)
 //!
 //! Written here rather than taken from `governor` (keyed GCRA): governor's keyed store adds any
 //! new key on its first check, so the number of keys cannot be capped (a flood of addresses or
@@ -8,58 +9,11 @@
 //! `quanta` to the tree for 60 lines of arithmetic.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A request rate: `count` per `per`, allowing bursts of up to `count` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Requests allowed per period (and the burst size).
-    pub count: u32,
-    /// The period.
-    pub per: Duration,
-}
-
-impl Rate {
-    /// Parses `N/s`, `N/m` or `N/h` (N ≥ 1).
-    ///
-    /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (count, unit) =
-            text.split_once('/').ok_or_else(|| format!("{text:?} is not a rate like 100/s or 600/m"))?;
-        let count: u32 = count
-            .trim()
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{count:?} is not a positive whole number of requests"))?;
-        let per = match unit.trim() {
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            other => return Err(format!("{other:?} is not a rate unit (use s, m or h)")),
-        };
-        Ok(Self { count, per })
-    }
-
-    fn tokens_per_second(self) -> f64 {
-        f64::from(self.count) / self.per.as_secs_f64()
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.per.as_secs() {
-            1 => "s",
-            60 => "m",
-            _ => "h",
-        };
-        write!(f, "{}/{unit}", self.count)
-    }
-}
+use crate::config::Rate;
 
 /// Token buckets by key: each holds up to `rate.count` tokens, refilled continuously; a request
 /// takes one or is refused with the wait until the next.
