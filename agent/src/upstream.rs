@@ -334,8 +334,7 @@ async fn proxy(
         return Ok(Some((TokioIo::new(upstream_io), reader)));
     }
 
-    // The upstream's head shares hyper's read buffer for this connection: let it go before the
-    // body streams, so hyper reuses that buffer for the next response instead of allocating one.
+    // The upstream's head (which shares hyper's read buffer) is not needed past this point.
     drop(parts);
     // The head is queued: it leaves with the first body bytes (or `End`) in one write.
     if writer.queue(&Frame::Head(Head::Response(head))).is_err() {
