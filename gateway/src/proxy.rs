@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ferry_codec::{AbortCode, Frame, Head, RequestHead, TunnelId};
 use ferry_transport::body::{BodyError, IdleError, IdleTimeout, SendBodyError, send_body};
 use ferry_transport::heads::{
@@ -393,27 +393,42 @@ fn request_head(
         .or_else(|| headers.get(header::HOST).cloned());
     strip_hop_by_hop(&mut headers, upgrade);
     let client_ip = client_ip(peer.ip());
-    append_list(&mut headers, X_FORWARDED_FOR, &client_ip.to_string());
+    // The values added here are written into one buffer and handed to the map as slices of it.
+    let mut scratch = Scratch(BytesMut::with_capacity(256));
+    if let Some(value) = scratch.list(&headers, &X_FORWARDED_FOR, format_args!("{client_ip}")) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
     let proto = settings.scheme;
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let mut forwarded = match client_ip {
-        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    let host_param = ForwardedHost(
+        host.as_ref().and_then(|h| h.to_str().ok()).map(str::trim).filter(|t| !t.contains(['"', '\\'])),
+    );
+    let forwarded = match client_ip {
+        IpAddr::V4(ip) => {
+            scratch.list(&headers, &header::FORWARDED, format_args!("for={ip};proto={proto}{host_param}"))
+        }
+        IpAddr::V6(ip) => scratch.list(
+            &headers,
+            &header::FORWARDED,
+            format_args!("for=\"[{ip}]\";proto={proto}{host_param}"),
+        ),
     };
     if let Some(host) = host {
-        if let Some(text) = host.to_str().ok().map(str::trim).filter(|t| !t.contains(['"', '\\'])) {
-            forwarded.push_str(&format!(";host=\"{text}\""));
-        }
         headers.insert(X_FORWARDED_HOST, host.clone());
         headers.insert(header::HOST, host);
     }
-    append_list(&mut headers, header::FORWARDED, &forwarded);
+    if let Some(forwarded) = forwarded {
+        headers.insert(header::FORWARDED, forwarded);
+    }
     let received = match parts.version {
         Version::HTTP_10 => "1.0",
         Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    append_list(&mut headers, header::VIA, &format!("{received} {}", settings.via_token));
+    if let Some(via) = scratch.list(&headers, &header::VIA, format_args!("{received} {}", settings.via_token))
+    {
+        headers.insert(header::VIA, via);
+    }
 
     RequestHead {
         method: parts.method.as_str().to_owned(),
@@ -442,14 +457,38 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends `value` to a comma-separated list field (one field, as proxies conventionally do).
-fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {value}"),
-        _ => value.to_owned(),
-    };
-    if let Ok(joined) = HeaderValue::from_str(&joined) {
-        headers.insert(name, joined);
+/// Where the gateway writes the header values it adds to a request.
+struct Scratch(BytesMut);
+
+impl Scratch {
+    /// `value` appended to the comma-separated list field `name` already has (one field, as
+    /// proxies conventionally do), or `value` alone; `None` if the result is not a valid value.
+    fn list(
+        &mut self,
+        headers: &HeaderMap,
+        name: &HeaderName,
+        value: std::fmt::Arguments<'_>,
+    ) -> Option<HeaderValue> {
+        use std::fmt::Write as _;
+        let written = match headers.get(name).and_then(|v| v.to_str().ok()) {
+            Some(existing) if !existing.is_empty() => write!(self.0, "{existing}, {value}"),
+            _ => self.0.write_fmt(value),
+        };
+        let text = self.0.split().freeze();
+        written.ok()?;
+        HeaderValue::from_maybe_shared(text).ok()
+    }
+}
+
+/// The `;host="…"` parameter of `Forwarded`, when there is a host that can be quoted as is.
+struct ForwardedHost<'a>(Option<&'a str>);
+
+impl std::fmt::Display for ForwardedHost<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(host) => write!(f, ";host=\"{host}\""),
+            None => Ok(()),
+        }
     }
 }
 

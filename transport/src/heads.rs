@@ -62,21 +62,32 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Header fields in map order (repeats in order) as wire headers.
+///
+/// Every name and value is copied once, into one buffer, and the wire headers are slices of it:
+/// one allocation for the whole block instead of two per field (the counts bench measured 12 of
+/// them per request head before).
 pub fn headers_to_wire(map: &HeaderMap) -> Vec<Header> {
-    let mut out = Vec::with_capacity(map.len());
+    let size: usize = map.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    crate::stats::copied(size);
+    let mut block = bytes::BytesMut::with_capacity(size);
     for (name, value) in map {
+        block.extend_from_slice(name.as_str().as_bytes());
+        block.extend_from_slice(value.as_bytes());
+    }
+    let block = block.freeze();
+    let mut out = Vec::with_capacity(map.len());
+    let mut at = 0;
+    for (name, value) in map {
+        let name_end = at + name.as_str().len();
+        let value_end = name_end + value.len();
         // `http` enforces the same grammar as the codec; a field it let through always passes.
-        crate::stats::copied(name.as_str().len() + value.len());
-        match Header::new(bytes::Bytes::copy_from_slice(name.as_str().as_bytes()), value_bytes(value)) {
+        match Header::new(block.slice(at..name_end), block.slice(name_end..value_end)) {
             Ok(header) => out.push(header),
             Err(err) => debug!(%err, header = %name, "dropping a header the wire cannot carry"),
         }
+        at = value_end;
     }
     out
-}
-
-fn value_bytes(value: &HeaderValue) -> bytes::Bytes {
-    bytes::Bytes::copy_from_slice(value.as_bytes())
 }
 
 /// Wire headers as a header map, in order.

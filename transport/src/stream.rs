@@ -144,6 +144,8 @@ pub struct FrameWriter {
 
 /// Queued body bytes beyond which [`FrameWriter::send_data`] writes them: one yamux frame.
 const FLUSH_THRESHOLD: usize = DEFAULT_DATA_CHUNK;
+/// What queueing a head reserves: a head of typical size, a 1 KiB body and `End`.
+const HEAD_ROOM: usize = 2 * 1024;
 /// Body chunks at least this large are written from where they are instead of being copied into
 /// the queue: a second, 5-byte yamux frame for the header costs less than copying 16 KiB.
 const DIRECT_WRITE: usize = 16 * 1024;
@@ -166,6 +168,11 @@ impl FrameWriter {
         match frame {
             Frame::Data(data) => self.queue_data(data),
             other => {
+                // Room for the head, a small body and `End` at once: a small exchange is encoded
+                // into one allocation instead of three.
+                if self.buf.capacity() == 0 {
+                    self.buf.reserve(HEAD_ROOM);
+                }
                 let before = self.buf.len();
                 other.encode(&mut self.buf)?;
                 crate::stats::copied(self.buf.len() - before);
