@@ -193,8 +193,14 @@ where
                 ControlError::Closed(err) => Ended::ControlClosed(err),
             }
         };
+        // The control loop is a task of its own: in the same task, every wake-up of the driver
+        // (several per request) polled the heartbeat timer and the control stream's read too,
+        // and that read zero-filled an 8 KiB buffer each time (callgrind: 14 % of the gateway's
+        // instructions per request).
+        let control_run = AbortOnDrop(tokio::spawn(control_run));
         let driving = driver.run(on_inbound, end.clone());
-        tokio::pin!(driving, control_run);
+        tokio::pin!(driving);
+        let mut control_run = control_run;
         let ended = tokio::select! {
             result = &mut driving => {
                 return if unexpected.load(Ordering::Relaxed) {
@@ -208,11 +214,25 @@ where
                     }
                 };
             }
-            ended = &mut control_run => if stop.is_cancelled() { Ended::Stopped } else { ended },
+            ended = &mut control_run.0 => match ended {
+                _ if stop.is_cancelled() => Ended::Stopped,
+                Ok(ended) => ended,
+                // Only a panic in the control loop gets here (it is aborted only when dropped).
+                Err(_) => Ended::ControlClosed(None),
+            },
         };
         // The control stream is over: so is the session (after its last writes go out).
         end.cancel();
         let _ = driving.await;
         ended
+    }
+}
+
+/// Aborts the task when dropped: the control loop never outlives its session.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
