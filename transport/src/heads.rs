@@ -24,6 +24,15 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// upstream sees the upgrade. `TE: trailers` is kept (it only says trailers are welcome, and
 /// HTTP/2 allows exactly that value).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most heads carry none of these: one pass over the names (compared, not hashed) instead of
+    // the eight lookups below.
+    if !keep_upgrade
+        && !headers
+            .keys()
+            .any(|name| HOP_BY_HOP.contains(name) || name == header::TE || name == header::UPGRADE)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -147,6 +156,19 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let left: Vec<_> = headers.iter().map(|(n, v)| (n.as_str(), v.to_str().unwrap())).collect();
         assert_eq!(left, [("te", "trailers"), ("set-cookie", "a=1"), ("set-cookie", "b=2")]);
+    }
+
+    #[test]
+    fn a_lone_hop_by_hop_field_is_still_found() {
+        for name in ["upgrade", "te", "keep-alive", "proxy-connection", "transfer-encoding"] {
+            let mut headers = map(&[("x-a", "1"), (name, "v"), ("x-b", "2")]);
+            strip_hop_by_hop(&mut headers, false);
+            let left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+            assert_eq!(left, ["x-a", "x-b"], "{name}");
+        }
+        let mut untouched = map(&[("x-a", "1"), ("accept", "*/*"), ("x-a", "2")]);
+        strip_hop_by_hop(&mut untouched, false);
+        assert_eq!(untouched, map(&[("x-a", "1"), ("accept", "*/*"), ("x-a", "2")]));
     }
 
     #[test]
