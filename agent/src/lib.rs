@@ -32,6 +32,7 @@ pub mod error;
 pub mod filter;
 mod health;
 mod metrics;
+mod pool;
 mod probe;
 mod session;
 pub mod tls;
@@ -82,7 +83,7 @@ async fn serve(
     config.validate().map_err(AgentError::Config)?;
     let config = Arc::new(config);
     let extra_ca = tls::read_ca(config.upstream_ca.as_deref(), "--upstream-ca-file").await?;
-    let client = upstream::client(&config, extra_ca.as_deref())?;
+    let pool = upstream::pool(&config, extra_ca.as_deref())?;
     let gateway_tls = if config.gateway.tls {
         let ca = tls::read_ca(config.ca_file.as_deref(), "--ca-file").await?;
         Some(tls::gateway_connector(ca.as_deref(), &config.pins)?)
@@ -90,7 +91,7 @@ async fn serve(
         None
     };
     let upstream = Arc::new(upstream::Forwarder {
-        client,
+        pool,
         config: Arc::clone(&config),
         in_flight: Default::default(),
         health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
@@ -114,11 +115,25 @@ async fn serve(
         let stop = stop_background.clone();
         background.spawn(async move { probe::breaker_loop(&upstream.health, &upstream.config, stop).await });
     }
+    {
+        // Idle upstream connections past their timeout are closed even when no request comes.
+        let upstream = Arc::clone(&upstream);
+        let stop = stop_background.clone();
+        background.spawn(async move {
+            let mut ticks = tokio::time::interval(config::POOL_IDLE_TIMEOUT / 3);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = ticks.tick() => upstream.pool.reap(),
+                }
+            }
+        });
+    }
     if let Some(path) = config.health_path.clone() {
         let upstream = Arc::clone(&upstream);
         let stop = stop_background.clone();
         background.spawn(async move {
-            probe::probe_loop(&upstream.health, &upstream.client, &upstream.config, &path, stop).await;
+            probe::probe_loop(&upstream.health, &upstream.pool, &upstream.config, &path, stop).await;
         });
     }
     // Sessions the gateway sent away, finishing their requests beside the current one.

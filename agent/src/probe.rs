@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::AgentConfig;
+use crate::config::Upstream;
 use crate::health::Health;
-use crate::upstream::UpstreamClient;
+use crate::pool::UpstreamPool;
 
 /// Longest a single health probe may take.
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,7 +56,7 @@ pub(crate) async fn breaker_loop(health: &Health, config: &AgentConfig, stop: Ca
 /// pass.
 pub(crate) async fn probe_loop(
     health: &Health,
-    client: &UpstreamClient,
+    pool: &UpstreamPool,
     config: &AgentConfig,
     path: &str,
     stop: CancellationToken,
@@ -70,9 +71,8 @@ pub(crate) async fn probe_loop(
         }
         let mut failures = Vec::new();
         for upstream in config.upstreams() {
-            let uri = format!("{upstream}{path}");
-            if let Err(err) = probe(client, &uri, timeout).await {
-                failures.push(format!("{uri}: {err}"));
+            if let Err(err) = probe(pool, upstream, path, timeout).await {
+                failures.push(format!("{upstream}{path}: {err}"));
             }
         }
         let result = if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) };
@@ -83,19 +83,26 @@ pub(crate) async fn probe_loop(
     }
 }
 
-async fn probe(client: &UpstreamClient, uri: &str, timeout: Duration) -> Result<(), String> {
-    let uri: Uri = uri.parse().map_err(|err| format!("bad URL: {err}"))?;
-    // The pooled upstream client takes request bodies from the tunnel; a probe has none.
+async fn probe(
+    pool: &UpstreamPool,
+    upstream: &Upstream,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let uri: Uri = path.parse().map_err(|err| format!("bad path: {err}"))?;
+    // Pooled connections take request bodies from the tunnel; a probe has none.
     let mut request = Request::new(Limited::new(ferry_transport::FrameBody::empty(), usize::MAX));
     *request.uri_mut() = uri;
-    let response = match tokio::time::timeout(timeout, client.request(request)).await {
-        Ok(Ok(response)) => response,
+    let (response, pooled) = match tokio::time::timeout(timeout, pool.send(upstream, request)).await {
+        Ok(Ok(sent)) => sent,
         Ok(Err(err)) => return Err(crate::error_chain(&err)),
         Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
     };
     let status = response.status();
     // Drain a small body so the connection goes back to the pool.
-    let _ = tokio::time::timeout(timeout, response.into_body().collect()).await;
+    if let Ok(Ok(_)) = tokio::time::timeout(timeout, response.into_body().collect()).await {
+        pooled.release().await;
+    }
     if status.is_success() || status.is_redirection() {
         Ok(())
     } else {

@@ -1,5 +1,5 @@
-//! The agent's side of a request stream: read the request head, proxy to the upstream through a
-//! pooled hyper client with the body streaming, send the response head and body back.
+//! The agent's side of a request stream: read the request head, proxy to the upstream on a pooled
+//! connection ([`crate::pool`]) with the body streaming, send the response head and body back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,10 +14,8 @@ use ferry_transport::{FrameBody, yamux};
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri, Version};
 use http_body_util::{LengthLimitError, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::config::{AgentConfig, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM};
@@ -26,15 +24,14 @@ use crate::error_chain;
 use crate::filter::{Refusal, target_path};
 use crate::health::{Admission, Health};
 use crate::metrics::AgentMetrics;
+use crate::pool::UpstreamPool;
 
-/// The pooled client every stream uses.
-pub(crate) type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 /// A request body on its way upstream, cut at the agent's body limit.
 pub(crate) type UpstreamBody = Limited<FrameBody>;
 
-/// Builds the upstream client: `TCP_NODELAY`, connect timeout, idle pool timeout (with the timer
-/// it needs), and for an `https` upstream TLS trusting the system roots plus `extra_ca` (PEM).
-pub(crate) fn client(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<UpstreamClient, AgentError> {
+/// Builds the upstream connection pool: `TCP_NODELAY`, connect timeout, idle timeout, and for an
+/// `https` upstream TLS trusting the system roots plus `extra_ca` (PEM).
+pub(crate) fn pool(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<UpstreamPool, AgentError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_connect_timeout));
@@ -56,12 +53,7 @@ pub(crate) fn client(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<Up
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_UPSTREAM)
-        .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-        .build(connector))
+    Ok(UpstreamPool::new(connector, UPSTREAM_READ_BUFFER, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM))
 }
 
 /// Largest read buffer per upstream connection. hyper's default (about 400 KiB) is what a
@@ -74,11 +66,11 @@ const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 const UPSTREAM_SOCKET_BUFFER: usize = 512 * 1024;
 
 /// The request forwarder: what every request stream shares on its way to the upstream (the
-/// pooled client, the configuration, the count in flight, the breaker). Not to be confused with
+/// connection pool, the configuration, the count in flight, the breaker). Not to be confused with
 /// [`crate::config::Upstream`], the address of one upstream.
 #[derive(Debug)]
 pub(crate) struct Forwarder {
-    pub(crate) client: UpstreamClient,
+    pub(crate) pool: UpstreamPool,
     pub(crate) config: Arc<AgentConfig>,
     /// Streams being served now, across sessions.
     pub(crate) in_flight: AtomicUsize,
@@ -233,12 +225,8 @@ async fn proxy(
     let invalid_target = || Failure::Abort(AbortCode::ProtocolError, "invalid request target".to_owned());
     // The target's bytes as they came off the wire, without a copy.
     let path = PathAndQuery::from_maybe_shared(head.target.clone()).map_err(|_| invalid_target())?;
-    let uri = Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|_| invalid_target())?;
+    // Origin form (`/path?query`): what an HTTP/1.1 request line carries to an origin server.
+    let uri = Uri::from(path);
     let limit = config.filters.max_request_body;
     let mut request = Request::new(Limited::new(body, limit.map_or(usize::MAX, clamp_usize)));
     *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
@@ -256,7 +244,7 @@ async fn proxy(
         }
     };
     let asked = std::time::Instant::now();
-    let request = tokio::time::timeout(config.upstream_timeout, upstream.client.request(request));
+    let request = tokio::time::timeout(config.upstream_timeout, upstream.pool.send(target, request));
     // With the whole request sent (a known-empty body), the gateway sends nothing more on the
     // stream until our answer: anything it does now means it gave up (client gone, its own
     // deadline), and the upstream request is cancelled with it instead of running on for nobody.
@@ -278,8 +266,8 @@ async fn proxy(
         // No verdict: the connection may be up and the upstream slow.
         Err(_) => {}
     }
-    let response = match result {
-        Ok(Ok(response)) => response,
+    let (response, pooled) = match result {
+        Ok(Ok(sent)) => sent,
         Ok(Err(err)) if err.is_connect() => {
             debug!(err = %error_chain(&err), upstream = %target, "upstream unreachable");
             return Err(Failure::Abort(AbortCode::UpstreamUnreachable, "cannot reach the upstream".into()));
@@ -345,6 +333,8 @@ async fn proxy(
     match send_body(body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {
             let _ = writer.finish().await;
+            // The whole body was read: the connection can take the next request.
+            pooled.release().await;
         }
         Err(SendBodyError::Body(err)) => {
             debug!(err = %error_chain(&*err), "upstream body failed mid-way")
