@@ -146,7 +146,9 @@ async fn serve_connection(
             }
         },
     };
-    serve_http(gateway, stream, peer, head_deadline).await;
+    // Boxed: the TLS stream makes this future twice the size of the plain one, and every
+    // connection's task is allocated at the size of its largest branch.
+    Box::pin(serve_http(gateway, stream, peer, head_deadline)).await;
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes, it misses its
