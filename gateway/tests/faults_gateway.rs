@@ -67,6 +67,9 @@ impl GatewayProcess {
             None => Command::new(env!("CARGO_BIN_EXE_gateway")),
         };
         command.args(["--listen", listen]).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+        // A process group of its own, so that dropping it stops the gateway even when a wrapper
+        // (faketime) runs it as a child instead of exec-ing it.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         command.env_remove("FERRY_SECRET").env_remove("FERRY_ADMIN_TOKEN").env("RUST_LOG", "info");
         for (key, value) in env {
             command.env(key, value);
@@ -158,6 +161,9 @@ impl GatewayProcess {
 
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
+        // The whole group: killing only a faketime wrapper left its gateway running after the test.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
