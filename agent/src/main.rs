@@ -117,10 +117,11 @@ struct Args {
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     upstream_idle_timeout: Duration,
 
-    /// Worker threads. 1 runs everything on one thread (least overhead per request); more help
-    /// when the machine has cores to spare for this process.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    threads: usize,
+    /// Worker threads: a number or `auto` (one per core this process may use). 1 runs everything
+    /// on one thread (least overhead per request, and the agent shares its host with the service
+    /// it exposes); more help when the host has cores to spare for it.
+    #[arg(long, default_value = "1", value_name = "N|auto")]
+    threads: ferry_transport::Threads,
 
     /// How long a shutdown (SIGINT/SIGTERM) lets requests in flight finish.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -162,7 +163,7 @@ struct ConfigFile {
     max_retries: Option<u64>,
     upstream_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
-    threads: Option<u64>,
+    threads: Option<toml::Value>,
     drain_timeout: Option<String>,
     metrics: Option<String>,
 }
@@ -247,7 +248,7 @@ fn main() -> anyhow::Result<()> {
         render_table,
     )?;
     let args = Args::parse_from(argv);
-    let runtime = ferry_transport::runtime(args.threads).context("cannot start the async runtime")?;
+    let runtime = ferry_transport::runtime(args.threads.get()).context("cannot start the async runtime")?;
     runtime.block_on(run(args))
 }
 

@@ -16,6 +16,8 @@
 //!   trackers and tokens of the drain).
 //! - `server` — [`Gateway::serve`] (accept until shutdown, then drain), the accept loop and
 //!   per-connection serving.
+//! - `shards` — a gateway on several threads: one current-thread runtime and one `SO_REUSEPORT`
+//!   listener per thread ([`bind`], [`Gateway::spawn_shards`]).
 //! - `watch` — what a connection's requests tell its server task (head seen, bodies stalled).
 //! - `routes` — Host and path routing rules.
 //! - `proxy` — forwarding one request through a tunnel.
@@ -46,6 +48,7 @@ pub mod registry;
 mod routes;
 mod server;
 pub mod session;
+mod shards;
 pub mod tls;
 mod watch;
 
@@ -56,6 +59,7 @@ pub use config::GatewayConfig;
 pub use error::{GatewayError, PublicError};
 pub use node::Gateway;
 pub use registry::Registry;
+pub use shards::{Shards, bind};
 
 /// Runs a gateway on `listener` until `shutdown` fires, then drains (see [`Gateway::serve`]).
 ///

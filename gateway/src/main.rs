@@ -46,10 +46,11 @@ struct Args {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     response_timeout: Duration,
 
-    /// Worker threads. 1 runs everything on one thread (least overhead per request); more help
-    /// when the machine has cores to spare for this process.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    threads: usize,
+    /// Threads serving the port: `auto` (one per core this process may use) or a number. Each
+    /// accepts connections of its own; 1 has the least overhead per request on a box shared with
+    /// other busy processes.
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
+    threads: ferry_transport::Threads,
 
     /// How long a shutdown (SIGINT/SIGTERM) waits for requests in flight.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -175,7 +176,7 @@ struct ConfigFile {
     domain: Option<String>,
     max_streams: Option<u64>,
     response_timeout: Option<String>,
-    threads: Option<u64>,
+    threads: Option<toml::Value>,
     drain_timeout: Option<String>,
     secret_file: Option<PathBuf>,
     auth_file: Option<PathBuf>,
@@ -319,7 +320,8 @@ fn main() -> anyhow::Result<()> {
         render_table,
     )?;
     let args = Args::parse_from(argv);
-    let runtime = ferry_transport::runtime(args.threads).context("cannot start the async runtime")?;
+    // The main thread's runtime is single-threaded; other threads get theirs in `spawn_shards`.
+    let runtime = ferry_transport::runtime(1).context("cannot start the async runtime")?;
     runtime.block_on(run(args))
 }
 
@@ -335,11 +337,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let listen = args.listen;
+    let threads = args.threads.get();
     let config = args.into_config()?;
     let auth_file = matches!(config.auth, AuthSource::File(_));
     let tls = config.tls.is_some();
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let mut listeners =
+        ferry_gateway::bind(listen, threads).with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = listeners.remove(0);
     let shutdown = CancellationToken::new();
     tokio::spawn(
         ferry_transport::cli::cancel_on_signal(shutdown.clone(), "shutting down")
@@ -353,7 +357,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("cannot listen for SIGHUP (which reloads the auth file and certificate)")?;
         tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), hangups, auth_file, tls));
     }
+    let shards = gateway.spawn_shards(listeners).context("cannot start the gateway's threads")?;
+    tracing::info!(threads = shards.len() + 1, "threads serving the port");
     gateway.serve(listener).await;
+    shards.stop();
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use ferry_codec::TunnelId;
 use ferry_codec::control::GoAwayReason;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -30,6 +31,8 @@ pub struct Gateway {
     pub(crate) http: auto::Builder<TokioExecutor>,
     /// Public connections and the tasks of their requests.
     pub(crate) tracker: TaskTracker,
+    /// One permit per open public connection, shared by every thread's accept loop.
+    pub(crate) connection_slots: Arc<Semaphore>,
     /// Fires when the gateway stops accepting; public connections then drain.
     pub(crate) shutdown: CancellationToken,
     /// Fires at the drain deadline: connections still busy then close.
@@ -76,6 +79,7 @@ impl Gateway {
             http: config.http_builder(),
             registry: Registry::default(),
             tracker: TaskTracker::new(),
+            connection_slots: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
             shutdown,
             cut: CancellationToken::new(),
             session_tracker: TaskTracker::new(),

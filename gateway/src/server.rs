@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Gateway;
@@ -81,11 +81,12 @@ impl Gateway {
 
 /// Accepts connections until shutdown; each is served in its own tracked task.
 pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
-    let limit = Arc::new(Semaphore::new(gateway.config.max_connections.min(Semaphore::MAX_PERMITS)));
     loop {
         let permit = tokio::select! {
             () = gateway.shutdown.cancelled() => break,
-            permit = Arc::clone(&limit).acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = Arc::clone(&gateway.connection_slots).acquire_owned() => {
+                permit.expect("the semaphore is never closed")
+            }
         };
         let (socket, peer) = tokio::select! {
             () = gateway.shutdown.cancelled() => break,

@@ -281,6 +281,83 @@ async fn t02a_gateway_sigterm_cuts_what_outlives_the_drain_timeout() {
     .await;
 }
 
+/// Voluntary context switches of each of `pid`'s threads, by thread name.
+fn switches_by_thread(pid: u32) -> Vec<(String, u64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default().trim().to_owned();
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        threads.push((name, switches));
+    }
+    threads.sort();
+    threads
+}
+
+#[tokio::test]
+async fn t02a_a_gateway_on_several_threads_serves_and_drains_on_each() {
+    let _serial = serial();
+    bounded(async {
+        let (up, stats, _stop) = upstream().await;
+        let mut gateway =
+            GatewayProcess::start("127.0.0.1:0", &["--threads", "3", "--drain-timeout", "10s"], &[]);
+        assert!(gateway.log().contains("threads=3"), "{}", gateway.log());
+        let id = tunnel("web");
+        // Two sessions, which may live on different threads than the connections that use them.
+        let _agents: Vec<_> = (0..2).map(|_| spawn_agent(agent_for(gateway.addr, &id, up))).collect();
+        gateway.wait_for_sessions(&id, 2).await;
+        let before = switches_by_thread(gateway.child.id());
+        let shards: Vec<_> = before.iter().filter(|(name, _)| name.starts_with("gateway-")).collect();
+        assert_eq!(shards.len(), 2, "threads besides the main one: {before:?}");
+        // 64 requests at once open 64 connections, which the kernel spreads over the threads'
+        // listeners (that one thread gets none of 64 has odds of (2/3)^64).
+        let client = client();
+        let batch = |path: &'static str| -> Vec<_> {
+            (0..64)
+                .map(|_| {
+                    let (client, url) = (client.clone(), gateway.url(&id, path));
+                    tokio::spawn(async move {
+                        let response =
+                            client.request(Request::get(url).body(empty()).unwrap()).await.unwrap();
+                        let status = response.status();
+                        (status, response.into_body().collect().await.unwrap().to_bytes())
+                    })
+                })
+                .collect()
+        };
+        for request in batch("/slow?ms=300") {
+            assert_eq!(request.await.unwrap(), (StatusCode::OK, bytes::Bytes::from_static(b"slow done")));
+        }
+        let after = switches_by_thread(gateway.child.id());
+        for (name, was) in before.iter().filter(|(name, _)| name.starts_with("gateway")) {
+            let now = after.iter().find(|(n, _)| n == name).map_or(0, |(_, now)| *now);
+            assert!(now > *was, "thread {name} served nothing: {before:?} -> {after:?}");
+        }
+        // SIGTERM while requests are in flight on every thread: each thread's requests finish.
+        let in_flight = batch("/slow?ms=1500");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while stats.slow_in_flight.load(Ordering::SeqCst) < 64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        gateway.signal("TERM");
+        for request in in_flight {
+            assert_eq!(request.await.unwrap(), (StatusCode::OK, bytes::Bytes::from_static(b"slow done")));
+        }
+        let (status, took) = gateway.exit(Duration::from_secs(10)).await;
+        println!("a gateway on 3 threads drained 64 requests and exited {status} after {took:?}");
+        assert!(status.success(), "{}", gateway.log());
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn t02b_gateway_sigkill_and_restart() {
     let _serial = serial();

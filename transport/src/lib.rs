@@ -49,9 +49,51 @@ pub use ws::{IoCounters, WsIo};
 /// The multiplexer, re-exported so the gateway and agent use the exact version this crate drives.
 pub use yamux;
 
-/// The tokio runtime both binaries run on: the current-thread flavour for one thread (no
-/// cross-thread wake-ups, the cheapest per request), else a multi-thread runtime with that many
-/// workers.
+/// How many threads a binary runs on: `auto` (what [`std::thread::available_parallelism`] says
+/// this process may use, which honours CPU affinity and cgroup quotas) or a number of at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One per core this process may use.
+    Auto,
+    /// Exactly this many.
+    Count(std::num::NonZeroUsize),
+}
+
+impl Threads {
+    /// The number of threads: `Auto` resolved now (1 when the system cannot tell).
+    pub fn get(self) -> usize {
+        match self {
+            Self::Auto => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            Self::Count(n) => n.get(),
+        }
+    }
+}
+
+impl std::str::FromStr for Threads {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        text.parse()
+            .map(Self::Count)
+            .map_err(|_| format!("{text:?} is not `auto` or a number of threads of at least 1"))
+    }
+}
+
+impl std::fmt::Display for Threads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The tokio runtime the agent runs on (the gateway runs one current-thread runtime per thread,
+/// see its `Shards`): the current-thread flavour for one thread (no cross-thread wake-ups, the
+/// cheapest per request), else a multi-thread runtime with that many workers.
 ///
 /// # Errors
 /// The runtime could not be created (out of threads or file descriptors).
@@ -60,5 +102,23 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Threads;
+
+    #[test]
+    fn threads_parse_auto_or_a_positive_count() {
+        assert_eq!("auto".parse::<Threads>(), Ok(Threads::Auto));
+        assert_eq!("AUTO".parse::<Threads>(), Ok(Threads::Auto));
+        assert_eq!("3".parse::<Threads>().map(Threads::get), Ok(3));
+        assert_eq!(Threads::Auto.to_string(), "auto");
+        assert!(Threads::Auto.get() >= 1);
+        for bad in ["0", "-1", "", "two", "1.5"] {
+            let err = bad.parse::<Threads>().unwrap_err();
+            assert!(err.contains("auto") && err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
     }
 }

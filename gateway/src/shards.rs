@@ -1,0 +1,152 @@
+//! A gateway on several threads: each thread has a current-thread runtime and a listener of its
+//! own, all bound to the same address with `SO_REUSEPORT`, so the kernel spreads new connections
+//! over them. A connection, its requests, and the agent session it may carry stay on the thread
+//! that accepted it; threads share only the [`Gateway`] (registry, limits, metrics, trackers).
+//!
+//! This is the shape of nginx's workers with `reuseport`, chosen over tokio's multi-thread
+//! runtime: a work-stealing scheduler wakes idle workers to look for work whenever a task is
+//! woken, and on a loaded box those wake-ups and the tasks that move between threads cost more
+//! than the second core gives back (see the README's Performance section). Here a thread is woken
+//! from another only where a request meets a session that lives on another thread, through the
+//! session's stream handles.
+//!
+//! The first listener is served by the caller ([`Gateway::serve`], on the main thread, which
+//! also handles signals and runs the drain); [`Gateway::spawn_shards`] runs the others.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::Gateway;
+use crate::server::accept_loop;
+
+/// Binds `count` listeners (at least one) to `addr`, sharing the port through `SO_REUSEPORT`
+/// when there are several; port 0 picks one free port for all of them. Call it within a runtime
+/// (they are registered with it); [`Gateway::spawn_shards`] moves all but one to their threads.
+///
+/// # Errors
+/// The address cannot be bound (in use, not local, no permission).
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<TcpListener>> {
+    // Elsewhere than Unix there is no SO_REUSEPORT to share a port: one listener, one thread.
+    let count = if cfg!(unix) { count.max(1) } else { 1 };
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    if count > 1 {
+        // SO_REUSEPORT would also let these share the port with another process of the same user
+        // that bound it that way (a second gateway started by mistake), and each would then get
+        // a share of the connections. A socket without it cannot bind a port anyone listens on:
+        // bound first, it turns that mistake into "address in use", as with one thread.
+        let probe = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+        addr = probe.local_addr()?;
+    }
+    for _ in 0..count {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // As tokio's `TcpListener::bind`: a restarted gateway can bind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        if count > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// The gateway's threads beyond the main one; see the module docs.
+#[derive(Debug)]
+pub struct Shards {
+    /// Fires once the gateway has stopped; until then each thread drives its connections and
+    /// sessions (which outlive its accept loop during the drain).
+    done: CancellationToken,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Serves each of `listeners` on a thread of its own until the gateway stops (the accept
+    /// loops end at shutdown, like [`Gateway::serve`]'s; the drain is run by `serve`). Call
+    /// [`Shards::stop`] once `serve` has returned.
+    ///
+    /// # Errors
+    /// A runtime or thread cannot be created; the threads started so far are stopped.
+    pub fn spawn_shards(self: &Arc<Self>, listeners: Vec<TcpListener>) -> std::io::Result<Shards> {
+        let mut shards =
+            Shards { done: CancellationToken::new(), threads: Vec::with_capacity(listeners.len()) };
+        for (n, listener) in listeners.into_iter().enumerate() {
+            let listener = listener.into_std()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (gateway, done) = (Arc::clone(self), shards.done.clone());
+            let thread = std::thread::Builder::new().name(format!("gateway-{}", n + 1)).spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept_loop(gateway, listener).await,
+                        Err(err) => error!(%err, "a gateway thread cannot accept connections"),
+                    }
+                    done.cancelled().await;
+                });
+            })?;
+            shards.threads.push(thread);
+        }
+        Ok(shards)
+    }
+}
+
+impl Shards {
+    /// Stops the threads and waits for them; what still runs on them is dropped. Call it once
+    /// [`Gateway::serve`] has returned (the drain is over).
+    pub fn stop(mut self) {
+        self.done.cancel();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+
+    /// How many threads there are besides the main one.
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Whether there are none (the gateway runs on one thread).
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listeners_share_one_port_and_a_second_gateway_is_refused() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let listeners = bind(any, 3).unwrap();
+        let port = listeners[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(listeners.iter().all(|l| l.local_addr().unwrap().port() == port));
+        // Another gateway on the same port, with one thread or several, is told the port is taken
+        // instead of sharing its connections.
+        let taken = SocketAddr::from(([127, 0, 0, 1], port));
+        for count in [1, 2] {
+            let err = bind(taken, count).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{count} threads: {err}");
+        }
+        // A port that one listener holds without SO_REUSEPORT is refused to a group as well.
+        let single = bind(any, 1).unwrap();
+        let err = bind(single[0].local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
+}
