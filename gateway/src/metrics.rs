@@ -140,6 +140,8 @@ pub struct Metrics {
     by_class: [Counter; 5],
     handshake_failures: Family<CodeLabels, Counter>,
     sessions_started: Counter,
+    /// Public connections handed to the thread of their tunnel's session.
+    connections_moved: Counter,
     reconnects: Family<TunnelLabels, Counter>,
     pending: Family<OutcomeLabels, Counter>,
     limited: Family<LimitLabels, Counter>,
@@ -160,6 +162,7 @@ impl Default for Metrics {
             by_class,
             handshake_failures: Family::default(),
             sessions_started: Counter::default(),
+            connections_moved: Counter::default(),
             reconnects: Family::default(),
             pending: Family::default(),
             limited: Family::default(),
@@ -207,6 +210,11 @@ impl Metrics {
         } else {
             TunnelLabels { tunnel: OTHER_TUNNELS.to_owned() }
         }
+    }
+
+    /// A public connection went to the thread of its tunnel's session.
+    pub(crate) fn connection_moved(&self) {
+        self.connections_moved.inc();
     }
 
     /// Counts a tunnel request by the status class of its answer.
@@ -313,6 +321,11 @@ impl Metrics {
             self.handshake_failures.clone(),
         );
         out.register("ferry_sessions_started", "Agent sessions established", self.sessions_started.clone());
+        out.register(
+            "ferry_connections_moved",
+            "Public connections handed to the gateway thread that runs their tunnel's session",
+            self.connections_moved.clone(),
+        );
         out.register(
             "ferry_reconnects",
             "Sessions of tunnels that had a session before, per tunnel",

@@ -8,7 +8,7 @@ use ferry_codec::TunnelId;
 use ferry_codec::control::GoAwayReason;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -20,6 +20,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::{ForwardSettings, Forwarding};
 use crate::registry::Registry;
+use crate::shards::Handover;
 use crate::tls;
 
 /// State shared by every connection and session of one gateway.
@@ -33,6 +34,11 @@ pub struct Gateway {
     pub(crate) tracker: TaskTracker,
     /// One permit per open public connection, shared by every thread's accept loop.
     pub(crate) connection_slots: Arc<Semaphore>,
+    /// Where connections are handed to each gateway thread (index 0: the main thread); set when
+    /// the gateway runs on several (see `shards`).
+    pub(crate) inboxes: std::sync::OnceLock<Vec<mpsc::UnboundedSender<Handover>>>,
+    /// The main thread's end of its inbox, taken by [`Gateway::serve`].
+    pub(crate) main_inbox: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Handover>>>,
     /// Fires when the gateway stops accepting; public connections then drain.
     pub(crate) shutdown: CancellationToken,
     /// Fires at the drain deadline: connections still busy then close.
@@ -79,6 +85,8 @@ impl Gateway {
             http: config.http_builder(),
             registry: Registry::default(),
             tracker: TaskTracker::new(),
+            inboxes: std::sync::OnceLock::new(),
+            main_inbox: std::sync::Mutex::new(None),
             connection_slots: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
             shutdown,
             cut: CancellationToken::new(),

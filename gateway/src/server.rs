@@ -19,12 +19,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Gateway;
 use crate::auth::Secrets;
 use crate::limits::AddressSlot;
+use crate::shards::{Handover, hand_over, home_of};
 use crate::watch::ConnWatch;
 
 /// How long connections cut at the drain deadline get to close before the agents are let go.
@@ -58,7 +59,8 @@ impl Gateway {
         if self.config.admin_token.is_none() && !self.config.admin_loopback {
             error!("admin endpoints are unreachable: no admin token and loopback access turned off");
         }
-        accept_loop(Arc::clone(self), listener).await;
+        let inbox = self.main_inbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+        accept_loop(Arc::clone(self), listener, inbox).await;
         info!("shutting down: telling agents to go away, draining requests in flight");
         for session in self.registry.all() {
             session.go_away(GoAwayReason::Shutdown, self.config.drain_timeout).await;
@@ -79,44 +81,86 @@ impl Gateway {
     }
 }
 
-/// Accepts connections until shutdown; each is served in its own tracked task.
-pub(crate) async fn accept_loop(gateway: Arc<Gateway>, listener: TcpListener) {
+/// Accepts connections until shutdown, and takes those other threads hand to this one (`inbox`,
+/// when the gateway runs on several); each is served in its own tracked task.
+pub(crate) async fn accept_loop(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    mut inbox: Option<mpsc::UnboundedReceiver<Handover>>,
+) {
     loop {
-        let permit = tokio::select! {
+        tokio::select! {
             () = gateway.shutdown.cancelled() => break,
-            permit = Arc::clone(&gateway.connection_slots).acquire_owned() => {
-                permit.expect("the semaphore is never closed")
-            }
-        };
-        let (socket, peer) = tokio::select! {
-            () = gateway.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+            Some(handover) = handed(&mut inbox) => serve_handed(&gateway, handover),
+            (socket, peer, permit) = accept(&gateway, &listener) => {
+                let Some(slot) = gateway.limits.connection(peer.ip()) else {
+                    debug!(%peer, "too many connections from this address; closing");
                     continue;
-                }
-            },
-        };
-        let Some(slot) = gateway.limits.connection(peer.ip()) else {
-            debug!(%peer, "too many connections from this address; closing");
-            continue;
-        };
-        let conn_gateway = Arc::clone(&gateway);
-        gateway.tracker.spawn(
-            serve_connection(conn_gateway, socket, peer, (permit, slot), Instant::now())
-                .instrument(info_span!("conn", %peer)),
-        );
+                };
+                let conn_gateway = Arc::clone(&gateway);
+                gateway.tracker.spawn(
+                    serve_connection(conn_gateway, socket, peer, (permit, slot), Instant::now(), false)
+                        .instrument(info_span!("conn", %peer)),
+                );
+            }
+        }
     }
+    // Connections already on their way here are served; later ones stay where they are.
+    if let Some(inbox) = &mut inbox {
+        inbox.close();
+        while let Ok(handover) = inbox.try_recv() {
+            serve_handed(&gateway, handover);
+        }
+    }
+}
+
+/// The next connection from a permit's worth of room and the listener (cancel safe: the permit
+/// goes back if this is dropped, and `accept` is cancel safe).
+async fn accept(gateway: &Gateway, listener: &TcpListener) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    let permit =
+        Arc::clone(&gateway.connection_slots).acquire_owned().await.expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => return (socket, peer, permit),
+            Err(err) => {
+                warn!(%err, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// The next connection handed to this thread; never, without an inbox.
+async fn handed(inbox: &mut Option<mpsc::UnboundedReceiver<Handover>>) -> Option<Handover> {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves a connection another thread handed to this one, from its first byte.
+fn serve_handed(gateway: &Arc<Gateway>, handover: Handover) {
+    let Handover { socket, peer, slots, accepted, _tracked } = handover;
+    let socket = match TcpStream::from_std(socket) {
+        Ok(socket) => socket,
+        Err(err) => {
+            warn!(%err, %peer, "cannot take over a connection from another thread; closing it");
+            return;
+        }
+    };
+    gateway.tracker.spawn(
+        serve_connection(Arc::clone(gateway), socket, peer, slots, accepted, true)
+            .instrument(info_span!("conn", %peer)),
+    );
 }
 
 async fn serve_connection(
     gateway: Arc<Gateway>,
     socket: TcpStream,
     peer: SocketAddr,
-    _slots: (OwnedSemaphorePermit, AddressSlot),
+    slots: Slots,
     accepted: Instant,
+    handed_over: bool,
 ) {
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");
@@ -129,6 +173,14 @@ async fn serve_connection(
     // From accept to the first complete request head, whatever the protocol.
     let head_deadline = tokio::time::Instant::from_std(accepted + gateway.config.header_read_timeout);
     let Some(tls) = &gateway.tls else {
+        let shard = if handed_over { None } else { home_of(&gateway, &socket, head_deadline).await };
+        let (socket, _slots) = match shard {
+            Some(shard) => match move_to(&gateway, shard, socket, peer, slots, accepted) {
+                Some(back) => back,
+                None => return,
+            },
+            None => (socket, slots),
+        };
         return serve_http(gateway, socket, peer, head_deadline).await;
     };
     let handshake = tls.acceptor().accept(socket);
@@ -150,6 +202,39 @@ async fn serve_connection(
     // Boxed: the TLS stream makes this future twice the size of the plain one, and every
     // connection's task is allocated at the size of its largest branch.
     Box::pin(serve_http(gateway, stream, peer, head_deadline)).await;
+}
+
+type Slots = (OwnedSemaphorePermit, AddressSlot);
+
+/// Hands a connection to thread `shard` (see `shards`); `None` once it is on its way, or the
+/// connection back to be served here if that thread takes no more (it stopped at shutdown).
+fn move_to(
+    gateway: &Gateway,
+    shard: usize,
+    socket: TcpStream,
+    peer: SocketAddr,
+    slots: Slots,
+    accepted: Instant,
+) -> Option<(TcpStream, Slots)> {
+    let socket = match socket.into_std() {
+        Ok(socket) => socket,
+        Err(err) => {
+            warn!(%err, "cannot take a connection off this thread's poller; closing it");
+            return None;
+        }
+    };
+    let handover = Handover { socket, peer, slots, accepted, _tracked: gateway.tracker.token() };
+    let Err(back) = hand_over(gateway, shard, handover) else {
+        gateway.metrics.connection_moved();
+        return None;
+    };
+    match TcpStream::from_std(back.socket) {
+        Ok(socket) => Some((socket, back.slots)),
+        Err(err) => {
+            warn!(%err, "cannot take a connection back onto this thread's poller; closing it");
+            None
+        }
+    }
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes, it misses its

@@ -49,6 +49,8 @@ pub struct Session {
     changes: Changes,
     /// This tunnel's series in `/metrics`.
     pub metrics: TunnelMetrics,
+    /// The gateway thread the session runs on (see `shards`).
+    shard: usize,
 }
 
 /// What the agent last said about its upstream.
@@ -92,6 +94,7 @@ impl Session {
             in_flight: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
             streams_total: AtomicU64::new(0),
+            shard: crate::shards::current(),
             counters: Arc::clone(&link.counters),
             draining: AtomicBool::new(false),
             cancel,
@@ -100,6 +103,11 @@ impl Session {
             changes,
             metrics,
         }
+    }
+
+    /// The gateway thread this session runs on: its connections are best served there.
+    pub(crate) fn shard(&self) -> usize {
+        self.shard
     }
 
     /// The session's id.

@@ -10,19 +10,108 @@
 //! from another only where a request meets a session that lives on another thread, through the
 //! session's stream handles.
 //!
+//! Which thread a connection lands on is the kernel's choice, and the session its requests go to
+//! may live on another; each request would then wake the session's thread and be woken back
+//! several times (opening the stream, its head, the response, the stream's end). So before a
+//! plain HTTP/1 connection is served, its first request head is peeked at (read without
+//! consuming it): when it goes to a tunnel whose session lives on another thread, the connection
+//! is handed to that thread ([`Handover`]), which serves it from its first byte. Later requests
+//! on the connection usually go to the same tunnel. TLS and HTTP/2 connections, heads that are
+//! not complete in the first read, and requests for no tunnel are served where they landed.
+//!
 //! The first listener is served by the caller ([`Gateway::serve`], on the main thread, which
 //! also handles signals and runs the drain); [`Gateway::spawn_shards`] runs the others.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::error;
 
 use crate::Gateway;
+use crate::limits::AddressSlot;
+use crate::routes::{Route, normalize_host, route};
 use crate::server::accept_loop;
+
+/// Largest request head looked at to place a connection; a longer one is served where it landed.
+const PEEK_BYTES: usize = 4096;
+/// Header fields parsed to find `Host`.
+const PEEK_HEADERS: usize = 64;
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The gateway thread this runs on: 0 on the main thread (and outside a gateway).
+pub(crate) fn current() -> usize {
+    SHARD.with(Cell::get)
+}
+
+/// A connection on its way to the thread of the session its first request goes to.
+#[derive(Debug)]
+pub(crate) struct Handover {
+    pub(crate) socket: std::net::TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) slots: (OwnedSemaphorePermit, AddressSlot),
+    pub(crate) accepted: Instant,
+    /// Holds the drain open while the connection is between threads.
+    pub(crate) _tracked: TaskTrackerToken,
+}
+
+/// The thread whose session the first request on `socket` goes to, when that is not this one.
+/// Waits (up to `deadline`, or the shutdown) for the client's first bytes and reads them without
+/// consuming them; `None` (serve it here) for anything but a complete HTTP/1 head for a tunnel
+/// with a live session on another thread.
+pub(crate) async fn home_of(
+    gateway: &Gateway,
+    socket: &TcpStream,
+    deadline: tokio::time::Instant,
+) -> Option<usize> {
+    gateway.inboxes.get()?;
+    // On the heap: a buffer in this future would make every connection's task that much bigger.
+    let mut head = vec![0; PEEK_BYTES];
+    let n = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, socket.peek(&mut head)) => peeked.ok()?.ok()?,
+        () = gateway.shutdown.cancelled() => return None,
+    };
+    let shard = session_shard(gateway, &head[..n])?;
+    (shard != current()).then_some(shard)
+}
+
+/// The thread of the session a request head (as the client sent it) goes to.
+fn session_shard(gateway: &Gateway, head: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; PEEK_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    if !request.parse(head).ok()?.is_complete() {
+        return None;
+    }
+    let host = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(normalize_host);
+    let Route::Tunnel { id, .. } = route(gateway.config.domain.as_deref(), host.as_deref(), request.path?)
+    else {
+        return None;
+    };
+    gateway.registry.pick(&id).map(|session| session.shard())
+}
+
+/// Sends a connection to thread `shard`; gives it back when that thread no longer takes any
+/// (it stopped accepting at shutdown).
+pub(crate) fn hand_over(gateway: &Gateway, shard: usize, handover: Handover) -> Result<(), Handover> {
+    match gateway.inboxes.get().and_then(|inboxes| inboxes.get(shard)) {
+        Some(inbox) => inbox.send(handover).map_err(|err| err.0),
+        None => Err(handover),
+    }
+}
 
 /// Binds `count` listeners (at least one) to `addr`, sharing the port through `SO_REUSEPORT`
 /// when there are several; port 0 picks one free port for all of them. Call it within a runtime
@@ -80,14 +169,25 @@ impl Gateway {
     pub fn spawn_shards(self: &Arc<Self>, listeners: Vec<TcpListener>) -> std::io::Result<Shards> {
         let mut shards =
             Shards { done: CancellationToken::new(), threads: Vec::with_capacity(listeners.len()) };
-        for (n, listener) in listeners.into_iter().enumerate() {
+        if listeners.is_empty() {
+            return Ok(shards);
+        }
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..=listeners.len()).map(|_| mpsc::unbounded_channel()).unzip();
+        if self.inboxes.set(senders).is_err() {
+            return Err(std::io::Error::other("the gateway's threads were started already"));
+        }
+        let mut receivers = receivers.into_iter();
+        *self.main_inbox.lock().unwrap_or_else(|e| e.into_inner()) = receivers.next();
+        for ((n, listener), inbox) in listeners.into_iter().enumerate().zip(receivers) {
             let listener = listener.into_std()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (gateway, done) = (Arc::clone(self), shards.done.clone());
             let thread = std::thread::Builder::new().name(format!("gateway-{}", n + 1)).spawn(move || {
+                SHARD.with(|shard| shard.set(n + 1));
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => accept_loop(gateway, listener).await,
+                        Ok(listener) => accept_loop(gateway, listener, Some(inbox)).await,
                         Err(err) => error!(%err, "a gateway thread cannot accept connections"),
                     }
                     done.cancelled().await;

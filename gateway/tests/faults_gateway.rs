@@ -315,7 +315,8 @@ async fn t02a_a_gateway_on_several_threads_serves_and_drains_on_each() {
         let shards: Vec<_> = before.iter().filter(|(name, _)| name.starts_with("gateway-")).collect();
         assert_eq!(shards.len(), 2, "threads besides the main one: {before:?}");
         // 64 requests at once open 64 connections, which the kernel spreads over the threads'
-        // listeners (that one thread gets none of 64 has odds of (2/3)^64).
+        // listeners (that one thread gets none of 64 has odds of (2/3)^64); each thread accepts
+        // some, and serves them or hands them to the thread of their session.
         let client = client();
         let batch = |path: &'static str| -> Vec<_> {
             (0..64)
@@ -334,6 +335,21 @@ async fn t02a_a_gateway_on_several_threads_serves_and_drains_on_each() {
             assert_eq!(request.await.unwrap(), (StatusCode::OK, bytes::Bytes::from_static(b"slow done")));
         }
         let after = switches_by_thread(gateway.child.id());
+        // Each went to the thread of the session its request was for: those that landed on
+        // another were handed over (that none did has odds of (2/3)^64 with one session's thread,
+        // less with two), and every request above was answered there.
+        let metrics = client
+            .request(Request::get(format!("http://{}/metrics", gateway.addr)).body(empty()).unwrap())
+            .await
+            .unwrap();
+        let metrics =
+            String::from_utf8(metrics.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        let moved: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ferry_connections_moved_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ferry_connections_moved_total in {metrics}"));
+        assert!((1..=64).contains(&moved), "{moved} connections moved");
         for (name, was) in before.iter().filter(|(name, _)| name.starts_with("gateway")) {
             let now = after.iter().find(|(n, _)| n == name).map_or(0, |(_, now)| *now);
             assert!(now > *was, "thread {name} served nothing: {before:?} -> {after:?}");
