@@ -27,6 +27,7 @@ pub(crate) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let peer = identity.peer;
+    let _counted = crate::shards::count_session(&gateway);
     let heartbeat = Heartbeat { interval: heartbeat_interval, misses: gateway.config.heartbeat_misses };
     let role = Role::Gateway { control_deadline: gateway.config.handshake_timeout };
     let (mut link, task) = ferry_transport::session::start(ws, role, heartbeat, &gateway.config.session);

@@ -20,7 +20,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy::{ForwardSettings, Forwarding};
 use crate::registry::Registry;
-use crate::shards::Handover;
+use crate::shards::{Handover, Inbox};
 use crate::tls;
 
 /// State shared by every connection and session of one gateway.
@@ -36,7 +36,7 @@ pub struct Gateway {
     pub(crate) connection_slots: Arc<Semaphore>,
     /// Where connections are handed to each gateway thread (index 0: the main thread); set when
     /// the gateway runs on several (see `shards`).
-    pub(crate) inboxes: std::sync::OnceLock<Vec<mpsc::UnboundedSender<Handover>>>,
+    pub(crate) inboxes: std::sync::OnceLock<Vec<Inbox>>,
     /// The main thread's end of its inbox, taken by [`Gateway::serve`].
     pub(crate) main_inbox: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Handover>>>,
     /// Fires when the gateway stops accepting; public connections then drain.

@@ -232,6 +232,7 @@ impl Session {
             "instance_id": identity.instance_id.to_string(),
             "agent_version": identity.agent_version,
             "peer": identity.peer.to_string(),
+            "thread": self.shard,
             "connected_since": rfc3339(since),
             "connected_for_secs": self.started.elapsed().as_secs(),
             "in_flight": self.in_flight(),

@@ -17,7 +17,9 @@
 //! consuming it): when it goes to a tunnel whose session lives on another thread, the connection
 //! is handed to that thread ([`Handover`]), which serves it from its first byte. Later requests
 //! on the connection usually go to the same tunnel. TLS and HTTP/2 connections, heads that are
-//! not complete in the first read, and requests for no tunnel are served where they landed.
+//! not complete in the first read, and requests for no tunnel are served where they landed. An
+//! agent's connection is handed the same way to the thread with the fewest sessions, so tunnels
+//! spread evenly over the threads.
 //!
 //! The first listener is served by the caller ([`Gateway::serve`], on the main thread, which
 //! also handles signals and runs the drain); [`Gateway::spawn_shards`] runs the others.
@@ -25,6 +27,7 @@
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -51,6 +54,33 @@ thread_local! {
 /// The gateway thread this runs on: 0 on the main thread (and outside a gateway).
 pub(crate) fn current() -> usize {
     SHARD.with(Cell::get)
+}
+
+/// What other threads know of one gateway thread.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    /// Connections handed to it.
+    tx: mpsc::UnboundedSender<Handover>,
+    /// Agent sessions it runs.
+    sessions: AtomicUsize,
+}
+
+/// Counts a session against the thread it runs on while it lives (see [`count_session`]).
+#[derive(Debug)]
+pub(crate) struct SessionCount<'a>(&'a AtomicUsize);
+
+impl Drop for SessionCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts the session about to run on this thread, so the next agent that connects is placed
+/// on the thread with the fewest. `None` when the gateway runs on one thread.
+pub(crate) fn count_session(gateway: &Gateway) -> Option<SessionCount<'_>> {
+    let inbox = gateway.inboxes.get()?.get(current())?;
+    inbox.sessions.fetch_add(1, Ordering::Relaxed);
+    Some(SessionCount(&inbox.sessions))
 }
 
 /// A connection on its way to the thread of the session its first request goes to.
@@ -84,7 +114,8 @@ pub(crate) async fn home_of(
     (shard != current()).then_some(shard)
 }
 
-/// The thread of the session a request head (as the client sent it) goes to.
+/// The thread of the session a request head (as the client sent it) goes to; for an agent that
+/// connects, the thread with the fewest sessions (this one among equals).
 fn session_shard(gateway: &Gateway, head: &[u8]) -> Option<usize> {
     let mut headers = [httparse::EMPTY_HEADER; PEEK_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
@@ -97,18 +128,23 @@ fn session_shard(gateway: &Gateway, head: &[u8]) -> Option<usize> {
         .find(|h| h.name.eq_ignore_ascii_case("host"))
         .and_then(|h| std::str::from_utf8(h.value).ok())
         .map(normalize_host);
-    let Route::Tunnel { id, .. } = route(gateway.config.domain.as_deref(), host.as_deref(), request.path?)
-    else {
-        return None;
-    };
-    gateway.registry.pick(&id).map(|session| session.shard())
+    match route(gateway.config.domain.as_deref(), host.as_deref(), request.path?) {
+        Route::Tunnel { id, .. } => gateway.registry.pick(&id).map(|session| session.shard()),
+        Route::AgentConnect => {
+            let here = current();
+            let inboxes = gateway.inboxes.get()?;
+            let fewest = |shard: &usize| (inboxes[*shard].sessions.load(Ordering::Relaxed), *shard != here);
+            (0..inboxes.len()).min_by_key(fewest)
+        }
+        _ => None,
+    }
 }
 
 /// Sends a connection to thread `shard`; gives it back when that thread no longer takes any
 /// (it stopped accepting at shutdown).
 pub(crate) fn hand_over(gateway: &Gateway, shard: usize, handover: Handover) -> Result<(), Handover> {
     match gateway.inboxes.get().and_then(|inboxes| inboxes.get(shard)) {
-        Some(inbox) => inbox.send(handover).map_err(|err| err.0),
+        Some(inbox) => inbox.tx.send(handover).map_err(|err| err.0),
         None => Err(handover),
     }
 }
@@ -172,9 +208,13 @@ impl Gateway {
         if listeners.is_empty() {
             return Ok(shards);
         }
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..=listeners.len()).map(|_| mpsc::unbounded_channel()).unzip();
-        if self.inboxes.set(senders).is_err() {
+        let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..=listeners.len())
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Inbox { tx, sessions: AtomicUsize::new(0) }, rx)
+            })
+            .unzip();
+        if self.inboxes.set(inboxes).is_err() {
             return Err(std::io::Error::other("the gateway's threads were started already"));
         }
         let mut receivers = receivers.into_iter();

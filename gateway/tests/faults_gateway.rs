@@ -309,8 +309,22 @@ async fn t02a_a_gateway_on_several_threads_serves_and_drains_on_each() {
         assert!(gateway.log().contains("threads=3"), "{}", gateway.log());
         let id = tunnel("web");
         // Two sessions, which may live on different threads than the connections that use them.
-        let _agents: Vec<_> = (0..2).map(|_| spawn_agent(agent_for(gateway.addr, &id, up))).collect();
-        gateway.wait_for_sessions(&id, 2).await;
+        // One after the other: an agent is placed by the sessions counted when it connects.
+        let mut agents = Vec::new();
+        for n in 1..=2 {
+            agents.push(spawn_agent(agent_for(gateway.addr, &id, up)));
+            gateway.wait_for_sessions(&id, n).await;
+        }
+        // Agents are placed on the threads with the fewest sessions: two sessions, two threads.
+        let listed = client()
+            .request(Request::get(format!("http://{}/connections/{id}", gateway.addr)).body(empty()).unwrap())
+            .await
+            .unwrap();
+        let listed = json(&listed.into_body().collect().await.unwrap().to_bytes());
+        let threads: Vec<_> =
+            listed["sessions"].as_array().unwrap().iter().map(|s| s["thread"].as_u64()).collect();
+        assert!(threads.iter().all(|t| t.is_some_and(|t| t < 3)), "{listed}");
+        assert_ne!(threads[0], threads[1], "both sessions on one thread: {listed}");
         let before = switches_by_thread(gateway.child.id());
         let shards: Vec<_> = before.iter().filter(|(name, _)| name.starts_with("gateway-")).collect();
         assert_eq!(shards.len(), 2, "threads besides the main one: {before:?}");
