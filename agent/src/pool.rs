@@ -62,6 +62,12 @@ struct IdleList {
     conns: Vec<Idle>,
 }
 
+impl IdleList {
+    fn is_for(&self, upstream: &Upstream) -> bool {
+        self.scheme == upstream.scheme && self.authority == upstream.authority
+    }
+}
+
 #[derive(Debug)]
 struct Idle {
     sender: SendRequest<UpstreamBody>,
@@ -137,9 +143,7 @@ impl UpstreamPool {
 
     fn take_idle(&self, upstream: &Upstream) -> Option<SendRequest<UpstreamBody>> {
         let mut lists = self.lists();
-        let list = lists
-            .iter_mut()
-            .find(|list| list.scheme == upstream.scheme && list.authority == upstream.authority)?;
+        let list = lists.iter_mut().find(|list| list.is_for(upstream))?;
         while let Some(idle) = list.conns.pop() {
             if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
                 return Some(idle.sender);
@@ -203,10 +207,7 @@ impl Pooled<'_> {
         }
         let Self { pool, upstream, sender } = self;
         let mut lists = pool.lists();
-        let index = match lists
-            .iter()
-            .position(|list| list.scheme == upstream.scheme && list.authority == upstream.authority)
-        {
+        let index = match lists.iter().position(|list| list.is_for(upstream)) {
             Some(index) => index,
             None => {
                 lists.push(IdleList {
@@ -293,13 +294,18 @@ mod tests {
         (Upstream::parse(&addr.to_string()).unwrap(), accepted)
     }
 
+    /// Runs a test body with a deadline, so a hang fails instead of stalling the run.
+    async fn within(test: impl Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(10), test).await.expect("the test timed out");
+    }
+
     async fn body(response: Response<Incoming>) -> String {
         String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn reuses_a_released_connection_and_sends_origin_form_with_host() {
-        tokio::time::timeout(Duration::from_secs(10), async {
+        within(async {
             let pool = pool();
             let (upstream, accepted) = upstream(100).await;
             for i in 0..5 {
@@ -311,13 +317,12 @@ mod tests {
             assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for five requests");
             assert_eq!(pool.idle_count(), 1);
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn an_unreleased_connection_is_not_reused() {
-        tokio::time::timeout(Duration::from_secs(10), async {
+        within(async {
             let pool = pool();
             let (upstream, accepted) = upstream(100).await;
             let (first, _held) = pool.send(&upstream, get("/a")).await.unwrap();
@@ -327,13 +332,12 @@ mod tests {
             pooled.release().await;
             assert_eq!(accepted.load(Ordering::SeqCst), 2);
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_connection_the_upstream_closed_is_replaced() {
-        tokio::time::timeout(Duration::from_secs(10), async {
+        within(async {
             let pool = pool();
             // One request per connection: the upstream closes each after its answer.
             let (upstream, accepted) = upstream(1).await;
@@ -345,13 +349,12 @@ mod tests {
             }
             assert_eq!(accepted.load(Ordering::SeqCst), 3);
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn refused_connections_are_connect_errors() {
-        tokio::time::timeout(Duration::from_secs(10), async {
+        within(async {
             let pool = pool();
             let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let upstream = Upstream::parse(&closed.local_addr().unwrap().to_string()).unwrap();
@@ -359,13 +362,12 @@ mod tests {
             let err = pool.send(&upstream, get("/")).await.unwrap_err();
             assert!(err.is_connect(), "{err:?}");
         })
-        .await
-        .unwrap();
+        .await;
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn reap_drops_expired_idle_connections() {
-        tokio::time::timeout(Duration::from_secs(10), async {
+        within(async {
             let mut pool = pool();
             pool.idle_timeout = Duration::from_millis(1);
             let (upstream, _) = upstream(100).await;
@@ -377,7 +379,6 @@ mod tests {
             pool.reap();
             assert_eq!(pool.idle_count(), 0);
         })
-        .await
-        .unwrap();
+        .await;
     }
 }

@@ -10,8 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::AgentConfig;
-use crate::config::Upstream;
+use crate::config::{AgentConfig, Upstream};
 use crate::health::Health;
 use crate::pool::UpstreamPool;
 

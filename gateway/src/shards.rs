@@ -221,7 +221,7 @@ impl Gateway {
         *self.main_inbox.lock().unwrap_or_else(|e| e.into_inner()) = receivers.next();
         for ((n, listener), inbox) in listeners.into_iter().enumerate().zip(receivers) {
             let listener = listener.into_std()?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = ferry_transport::runtime(1)?;
             let (gateway, done) = (Arc::clone(self), shards.done.clone());
             let thread = std::thread::Builder::new().name(format!("gateway-{}", n + 1)).spawn(move || {
                 SHARD.with(|shard| shard.set(n + 1));

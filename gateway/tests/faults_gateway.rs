@@ -180,6 +180,17 @@ async fn upstream() -> (SocketAddr, Arc<UpstreamStats>, CancellationToken) {
     (addr, stats, stop)
 }
 
+/// Waits until the upstream holds `n` `/slow` requests at once (it counts them, nothing more).
+async fn wait_for_slow_requests(stats: &UpstreamStats, n: u64) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stats.slow_in_flight.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the upstream never held {n} slow requests"));
+}
+
 fn tunnel(purpose: &str) -> TunnelId {
     format!("agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_{purpose}").parse().unwrap()
 }
@@ -218,13 +229,7 @@ async fn t02a_gateway_sigterm_with_traffic_in_flight() {
                 })
             })
             .collect();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while stats.slow_in_flight.load(Ordering::SeqCst) < 50 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .unwrap();
+        wait_for_slow_requests(&stats, 50).await;
         gateway.signal("TERM");
         // New connections are refused (the listener is gone) or closed without an answer.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -370,13 +375,7 @@ async fn t02a_a_gateway_on_several_threads_serves_and_drains_on_each() {
         }
         // SIGTERM while requests are in flight on every thread: each thread's requests finish.
         let in_flight = batch("/slow?ms=1500");
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while stats.slow_in_flight.load(Ordering::SeqCst) < 64 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .unwrap();
+        wait_for_slow_requests(&stats, 64).await;
         gateway.signal("TERM");
         for request in in_flight {
             assert_eq!(request.await.unwrap(), (StatusCode::OK, bytes::Bytes::from_static(b"slow done")));

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::TransportError;
 use crate::control::{self, ControlError, ControlHandle, ControlLoop, Heartbeat};
@@ -197,10 +198,10 @@ where
         // (several per request) polled the heartbeat timer and the control stream's read too,
         // and that read zero-filled an 8 KiB buffer each time (callgrind: 14 % of the gateway's
         // instructions per request).
-        let control_run = AbortOnDrop(tokio::spawn(control_run));
+        // Aborted when dropped: the control loop never outlives its session.
+        let mut control_run = AbortOnDropHandle::new(tokio::spawn(control_run));
         let driving = driver.run(on_inbound, end.clone());
         tokio::pin!(driving);
-        let mut control_run = control_run;
         let ended = tokio::select! {
             result = &mut driving => {
                 return if unexpected.load(Ordering::Relaxed) {
@@ -214,7 +215,7 @@ where
                     }
                 };
             }
-            ended = &mut control_run.0 => match ended {
+            ended = &mut control_run => match ended {
                 _ if stop.is_cancelled() => Ended::Stopped,
                 Ok(ended) => ended,
                 // Only a panic in the control loop gets here (it is aborted only when dropped).
@@ -225,14 +226,5 @@ where
         end.cancel();
         let _ = driving.await;
         ended
-    }
-}
-
-/// Aborts the task when dropped: the control loop never outlives its session.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
