@@ -109,6 +109,21 @@ impl GatewayProcess {
         assert!(status.success());
     }
 
+    /// SIGHUP, then waits for the gateway to log that it applied the new secrets: an agent that
+    /// dials before the reload is applied would be refused with the old file (and back off 30 s).
+    async fn reload_secrets(&self) {
+        const APPLIED: &str = "agent secrets reloaded";
+        let before = self.log().matches(APPLIED).count();
+        self.signal("HUP");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while self.log().matches(APPLIED).count() == before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("SIGHUP never reloaded the secrets: {}", self.log()));
+    }
+
     /// Waits for the process to exit (up to `limit`); returns its status and how long it took.
     async fn exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
@@ -830,7 +845,7 @@ async fn t25_credential_rotation_and_revocation_on_sighup() {
         gateway.wait_for_sessions(&id, 1).await;
         // Rotation: key two is added, an agent on it joins; both keys work.
         std::fs::write(&path, format!("[tunnels.{id}]\nsecrets = [\"key one\", \"key two\"]\n")).unwrap();
-        gateway.signal("HUP");
+        gateway.reload_secrets().await;
         let mut two = agent_for(gateway.addr, &id, up);
         two.secret = Some(Secret::new("key two").unwrap());
         let _second = spawn_agent(two);
@@ -838,7 +853,7 @@ async fn t25_credential_rotation_and_revocation_on_sighup() {
         // Key one is revoked: its live session is closed within a second.
         std::fs::write(&path, format!("[tunnels.{id}]\nsecrets = [\"key two\"]\n")).unwrap();
         let revoked = Instant::now();
-        gateway.signal("HUP");
+        gateway.reload_secrets().await;
         gateway.wait_for_sessions(&id, 1).await;
         let took = revoked.elapsed();
         println!("revoked session closed {took:?} after SIGHUP");
