@@ -15,7 +15,7 @@ use ferry_codec::control::GoAwayReason;
 use ferry_codec::handshake::AuthAccepted;
 use ferry_transport::control::Heartbeat;
 use ferry_transport::session::{self, Ended, Role};
-use ferry_transport::{SessionConfig, TransportError, yamux};
+use ferry_transport::{SessionConfig, TransportError, multiplex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
@@ -107,7 +107,7 @@ pub(crate) async fn serve(
 
     let stream_upstream = Arc::clone(upstream);
     let stream_tracker = streams.clone();
-    let on_request = move |stream: yamux::Stream| {
+    let on_request = move |stream: multiplex::Stream| {
         stream_tracker.spawn(serve_stream(Arc::clone(&stream_upstream), stream).in_current_span());
     };
     let mut run = Box::pin(task.run(on_request, stop.clone()).in_current_span());

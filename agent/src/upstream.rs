@@ -10,7 +10,7 @@ use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
 use ferry_transport::stream::{FrameReader, FrameWriter, acknowledge, pipe, split};
-use ferry_transport::{FrameBody, yamux};
+use ferry_transport::{FrameBody, multiplex};
 use http::uri::PathAndQuery;
 use http::{Request, StatusCode, Uri, Version};
 use http_body_util::{LengthLimitError, Limited};
@@ -97,7 +97,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// Serves one inbound stream to the end.
-pub(crate) async fn serve_stream(upstream: Arc<Forwarder>, mut stream: yamux::Stream) {
+pub(crate) async fn serve_stream(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     let span = debug_span!("stream", stream_id = %stream.id(), request_id = tracing::field::Empty);
     async move {
         let _in_flight = InFlight(&upstream.in_flight);

@@ -16,7 +16,7 @@ use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
 use ferry_transport::stream::{FrameReader, FrameWriter, split_counted};
-use ferry_transport::{FrameBody, StreamSlot, TransportError, yamux};
+use ferry_transport::{FrameBody, StreamSlot, TransportError, multiplex};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
@@ -158,7 +158,7 @@ async fn open(
     fw: Forwarding<'_>,
     mut session: Arc<Session>,
     id: &TunnelId,
-) -> Result<(yamux::Stream, StreamSlot, InFlight), PublicError> {
+) -> Result<(multiplex::Stream, StreamSlot, InFlight), PublicError> {
     let mut attempts = 0;
     loop {
         let in_flight = session.begin_request();

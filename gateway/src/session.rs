@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferry_codec::control::{GoAwayReason, HealthState};
 use ferry_codec::{ControlMessage, InstanceId, SessionId, TunnelId};
 use ferry_transport::control::ControlHandle;
-use ferry_transport::{IoCounters, StreamOpener, StreamSlot, TransportError, yamux};
+use ferry_transport::{IoCounters, StreamOpener, StreamSlot, TransportError, multiplex};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -206,7 +206,7 @@ impl Session {
     ///
     /// # Cancel safety
     /// Cancel safe.
-    pub async fn open_stream(&self) -> Result<(yamux::Stream, StreamSlot), TransportError> {
+    pub async fn open_stream(&self) -> Result<(multiplex::Stream, StreamSlot), TransportError> {
         self.opener.open().await
     }
 

@@ -102,7 +102,7 @@ async fn t01_agent_killed_mid_stream() {
 }
 
 /// Reads frames off an inbound stream until the request head and the end of its body.
-async fn read_request(stream: &mut ferry_transport::yamux::Stream) -> ferry_codec::RequestHead {
+async fn read_request(stream: &mut ferry_transport::multiplex::Stream) -> ferry_codec::RequestHead {
     let mut buf = BytesMut::new();
     let mut head = None;
     loop {

@@ -908,7 +908,11 @@ async fn t26c_secrets_never_reach_the_logs() {
         let _ = fetch(&client(), request).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let log = gateway.log();
-        assert!(log.len() > 10_000, "the trace log is suspiciously short");
+        // The log was taken at trace level and covers the moments the secrets were handled
+        // (it used to be long with the yamux crate's trace lines; ours logs none per frame).
+        for expected in ["TRACE", "tunnel up", "bad_credentials"] {
+            assert!(log.contains(expected), "the trace log lacks {expected:?}: {log}");
+        }
         for secret in [
             shared,
             admin,

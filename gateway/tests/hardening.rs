@@ -18,7 +18,7 @@ use ferry_gateway::auth::AuthSource;
 use ferry_gateway::limits::Rate;
 use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::ws::{recv_message, send_message};
-use ferry_transport::{IoCounters, WsIo, yamux};
+use ferry_transport::{IoCounters, WsIo, multiplex};
 use http::{Request, StatusCode, header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -162,7 +162,7 @@ async fn a_secret_revoked_during_the_handshake_keeps_no_session() {
                 tokio_tungstenite::tungstenite::protocol::Role::Client,
                 Arc::new(IoCounters::default()),
             ),
-            yamux::Mode::Client,
+            multiplex::Mode::Client,
             &SessionConfig::default(),
         );
         let driving = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));

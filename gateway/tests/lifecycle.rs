@@ -11,7 +11,7 @@ use common::*;
 use ferry_codec::{AuthResult, InstanceId};
 use ferry_gateway::GatewayConfig;
 use ferry_transport::mux::{SessionConfig, session};
-use ferry_transport::{IoCounters, WsIo, yamux};
+use ferry_transport::{IoCounters, WsIo, multiplex};
 use futures_util::SinkExt;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -319,7 +319,7 @@ async fn misbehaving_agents_only_kill_their_own_session() {
                 tokio_tungstenite::tungstenite::protocol::Role::Client,
                 Arc::new(IoCounters::default()),
             ),
-            yamux::Mode::Client,
+            multiplex::Mode::Client,
             &SessionConfig::default(),
         );
         let driving = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));
@@ -372,7 +372,7 @@ async fn the_same_agent_instance_replaces_its_stale_session() {
                 tokio_tungstenite::tungstenite::protocol::Role::Client,
                 Arc::new(IoCounters::default()),
             ),
-            yamux::Mode::Client,
+            multiplex::Mode::Client,
             &SessionConfig::default(),
         );
         let stale = tokio::spawn(driver.run(|_| {}, tokio_util::sync::CancellationToken::new()));

@@ -25,6 +25,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tracing::{debug, trace};
 
 use crate::TransportError;
+use crate::multiplex;
 
 /// Commands waiting for the control loop.
 const COMMAND_QUEUE: usize = 32;
@@ -133,7 +134,7 @@ pub fn channel() -> (ControlHandle, ControlLoop, mpsc::Receiver<ControlMessage>)
 ///
 /// Messages other than pings and pongs go to the events receiver from [`channel`]; if the owner
 /// does not keep up, they are dropped (with a debug log) rather than stalling the heartbeat.
-pub async fn run(stream: yamux::Stream, heartbeat: Heartbeat, inputs: ControlLoop) -> ControlError {
+pub async fn run(stream: multiplex::Stream, heartbeat: Heartbeat, inputs: ControlLoop) -> ControlError {
     match drive(stream, heartbeat, inputs).await {
         Ok(never) => match never {},
         Err(err) => err,
@@ -141,7 +142,7 @@ pub async fn run(stream: yamux::Stream, heartbeat: Heartbeat, inputs: ControlLoo
 }
 
 async fn drive(
-    stream: yamux::Stream,
+    stream: multiplex::Stream,
     heartbeat: Heartbeat,
     mut inputs: ControlLoop,
 ) -> Result<std::convert::Infallible, ControlError> {

@@ -15,9 +15,9 @@ pub enum TransportError {
     /// The WebSocket layer failed.
     #[error("websocket error")]
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
-    /// The yamux session failed.
+    /// The multiplexed session failed.
     #[error("multiplexer error")]
-    Yamux(#[from] yamux::ConnectionError),
+    Mux(#[from] crate::multiplex::MuxError),
     /// The session already has as many streams open as it may; it goes on.
     #[error("too many streams open on the session")]
     TooManyStreams,

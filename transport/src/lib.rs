@@ -34,6 +34,7 @@ pub mod cli;
 pub mod control;
 pub mod error;
 pub mod heads;
+pub mod multiplex;
 pub mod mux;
 pub mod session;
 pub mod stats;
@@ -46,8 +47,6 @@ pub use mux::{SessionConfig, SessionDriver, StreamOpener, StreamSlot};
 pub use session::{Ended, Role, Session, SessionTask};
 pub use stream::{FrameReader, FrameWriter, TunnelStream};
 pub use ws::{IoCounters, WsIo};
-/// The multiplexer, re-exported so the gateway and agent use the exact version this crate drives.
-pub use yamux;
 
 /// How many threads a binary runs on: `auto` (what [`std::thread::available_parallelism`] says
 /// this process may use, which honours CPU affinity and cgroup quotas) or a number of at least 1.

@@ -1,33 +1,28 @@
-//! The yamux layer of a session: the driver that owns the connection, and the handle used to open
-//! streams on it. [`crate::session`] builds a ferry session (control stream, heartbeat) on top.
+//! The multiplexer layer of a session: the driver that owns the connection, and the handle used
+//! to open streams on it. [`crate::session`] builds a ferry session (control stream, heartbeat) on
+//! top. The protocol is yamux, spoken by [`crate::multiplex`].
 //!
-//! `yamux::Connection` has no control handle: it makes progress only while someone polls it. One
-//! task, running [`SessionDriver::run`], owns it and polls it continuously; every other task opens
-//! streams through a cloneable [`StreamOpener`] that sends a request over a bounded channel and waits
-//! for the stream on a oneshot. Inbound streams are handed to a callback the owner provides (the
-//! agent spawns a task per stream there), so the driver never waits on a slow consumer.
+//! One task, running [`SessionDriver::run`], owns the connection's I/O; every other task opens
+//! streams through a cloneable [`StreamOpener`], at once (the stream id is taken under the
+//! session's lock; the peer learns of the stream with its first frame). Inbound streams are
+//! handed to a callback the owner provides (the agent spawns a task per stream there), so the
+//! driver never waits on a slow consumer.
 //!
-//! yamux ends the *whole connection* when a stream would go over its limit, outbound or inbound.
-//! So the limit a caller sees is ours: the opener counts the streams it handed out that are still
-//! alive ([`StreamSlot`]) and refuses one over [`SessionConfig::max_streams`] without asking
-//! yamux, whose own limit has headroom for streams that were dropped but not yet collected.
+//! The limit a caller sees is ours: the opener counts the streams it handed out that are still
+//! alive ([`StreamSlot`]) and refuses one over [`SessionConfig::max_streams`]; the connection's
+//! own limit (which also bounds the peer's streams, whose extra ones are reset) has headroom.
 
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::TransportError;
-
-/// Open requests that may wait for the driver; beyond this, openers wait for room (backpressure
-/// on request bursts instead of an unbounded queue).
-const OPEN_QUEUE: usize = 256;
+use crate::multiplex::{self, Mode, MuxError, Stream};
 /// yamux's initial (and minimum) stream window; the connection window must cover it per stream.
 pub const STREAM_WINDOW: usize = 256 * 1024;
 /// Receive window a session may hand out beyond every stream's initial 256 KiB, so fast streams
@@ -41,9 +36,8 @@ pub const MAX_STREAMS: usize = 10_240;
 /// wrote last, and the deferred WebSocket flush, still go out) before it is dropped.
 pub const FLUSH_GRACE: Duration = Duration::from_millis(100);
 
-/// yamux's stream limit for a session whose callers may hold `max_streams` at once. yamux counts
-/// a dropped stream until its driver gets round to it (after the frames queued before it are
-/// written), and counts the peer's streams too; going over ends the connection, so it gets room.
+/// The connection's stream limit for a session whose callers may hold `max_streams` at once: it
+/// counts the peer's streams too (the agent's control stream), so it gets room.
 fn yamux_streams(max_streams: usize) -> usize {
     max_streams.saturating_add(max_streams / 4).saturating_add(64)
 }
@@ -104,29 +98,19 @@ impl SessionConfig {
         Ok(())
     }
 
-    fn yamux(&self) -> yamux::Config {
-        let mut config = yamux::Config::default();
-        // Order matters: each setter asserts window ≥ streams × 256 KiB against the other value.
-        config
-            .set_max_connection_receive_window(Some(self.max_connection_window.max(yamux_default_window())));
-        config.set_max_num_streams(yamux_streams(self.max_streams));
-        config.set_max_connection_receive_window(Some(self.max_connection_window));
-        config.set_split_send_size(self.split_send_size);
-        config
+    fn multiplex(&self) -> multiplex::Config {
+        multiplex::Config {
+            max_streams: yamux_streams(self.max_streams),
+            max_connection_window: self.max_connection_window,
+            split_send_size: self.split_send_size,
+        }
     }
 }
-
-/// yamux's default connection window (1 GiB), which its default 512 streams fit in.
-fn yamux_default_window() -> usize {
-    1024 * 1024 * 1024
-}
-
-type OpenReply = oneshot::Sender<Result<yamux::Stream, TransportError>>;
 
 /// Opens streams on a session driven elsewhere. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct StreamOpener {
-    tx: mpsc::Sender<OpenReply>,
+    opener: multiplex::Opener,
     /// Streams handed out and still alive.
     open: Arc<AtomicUsize>,
     max: usize,
@@ -146,32 +130,32 @@ impl Drop for StreamSlot {
 }
 
 impl StreamOpener {
-    /// Opens a new outbound stream.
+    /// Opens a new outbound stream, at once (no round trip through the driver).
     ///
     /// The peer learns of the stream with its first frame, so write to it promptly.
     ///
     /// # Errors
     /// [`TransportError::TooManyStreams`] when [`SessionConfig::max_streams`] streams are open
-    /// (the session goes on); [`TransportError::SessionClosed`] when the session is gone; a yamux
-    /// error otherwise.
+    /// (the session goes on); [`TransportError::SessionClosed`] when the session is gone.
     ///
     /// # Cancel safety
-    /// Cancel safe: a stream opened for a cancelled call is dropped (and reset) by the driver.
-    pub async fn open(&self) -> Result<(yamux::Stream, StreamSlot), TransportError> {
+    /// Cancel safe.
+    pub async fn open(&self) -> Result<(Stream, StreamSlot), TransportError> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(TransportError::TooManyStreams);
         }
         let slot = StreamSlot { open: Arc::clone(&self.open) };
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(reply).await.map_err(|_| TransportError::SessionClosed)?;
-        let stream = rx.await.map_err(|_| TransportError::SessionClosed)??;
+        let stream = self.opener.open().await.map_err(|err| match err {
+            MuxError::Closed => TransportError::SessionClosed,
+            other => TransportError::Mux(other),
+        })?;
         Ok((stream, slot))
     }
 
     /// Whether the driver has stopped.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.opener.is_closed()
     }
 
     /// Streams opened here that are still alive.
@@ -180,11 +164,9 @@ impl StreamOpener {
     }
 }
 
-/// Owns a yamux connection; see the module docs.
+/// Owns a session's connection; see the module docs.
 pub struct SessionDriver<T> {
-    conn: yamux::Connection<T>,
-    open_rx: mpsc::Receiver<OpenReply>,
-    pending_open: Option<OpenReply>,
+    driver: multiplex::Driver<T>,
 }
 
 impl<T> std::fmt::Debug for SessionDriver<T> {
@@ -197,14 +179,13 @@ impl<T> std::fmt::Debug for SessionDriver<T> {
 ///
 /// `mode` is `Client` on the agent (it dialled) and `Server` on the gateway. The caller must have
 /// validated `config` ([`SessionConfig::validate`]).
-pub fn session<T>(io: T, mode: yamux::Mode, config: &SessionConfig) -> (SessionDriver<T>, StreamOpener)
+pub fn session<T>(io: T, mode: Mode, config: &SessionConfig) -> (SessionDriver<T>, StreamOpener)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let (tx, open_rx) = mpsc::channel(OPEN_QUEUE);
-    let conn = yamux::Connection::new(io, config.yamux(), mode);
-    let opener = StreamOpener { tx, open: Arc::default(), max: config.max_streams };
-    (SessionDriver { conn, open_rx, pending_open: None }, opener)
+    let (driver, opener) = multiplex::connection(io, mode, config.multiplex());
+    let opener = StreamOpener { opener, open: Arc::default(), max: config.max_streams };
+    (SessionDriver { driver }, opener)
 }
 
 impl<T> SessionDriver<T>
@@ -225,60 +206,26 @@ where
     /// The connection failed (I/O, protocol violation by the peer).
     pub async fn run(
         mut self,
-        mut on_inbound: impl FnMut(yamux::Stream),
+        mut on_inbound: impl FnMut(Stream),
         shutdown: CancellationToken,
     ) -> Result<(), TransportError> {
         let result = tokio::select! {
-            result = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound)) => return result,
+            result = poll_fn(|cx| self.driver.poll_drive(cx, &mut on_inbound)) => return result.map_err(from_mux),
             () = shutdown.cancelled() => Ok(()),
         };
         // Refuse further opens; let what is queued go out.
-        self.open_rx.close();
-        let flushing = poll_fn(|cx| self.poll_drive(cx, &mut on_inbound));
+        self.driver.stop_opening();
+        let flushing = poll_fn(|cx| self.driver.poll_drive(cx, &mut on_inbound));
         if let Ok(Err(err)) = tokio::time::timeout(FLUSH_GRACE, flushing).await {
             debug!(%err, "the session failed while closing");
         }
         result
     }
+}
 
-    fn poll_drive(
-        &mut self,
-        cx: &mut Context<'_>,
-        on_inbound: &mut impl FnMut(yamux::Stream),
-    ) -> Poll<Result<(), TransportError>> {
-        // Serve open requests until one has to wait (yamux limits unacknowledged streams).
-        loop {
-            if self.pending_open.is_none() {
-                match self.open_rx.poll_recv(cx) {
-                    Poll::Ready(Some(reply)) => self.pending_open = Some(reply),
-                    Poll::Ready(None) | Poll::Pending => break,
-                }
-            }
-            let Some(reply) = self.pending_open.take() else {
-                break;
-            };
-            if reply.is_closed() {
-                continue;
-            }
-            match self.conn.poll_new_outbound(cx) {
-                Poll::Ready(result) => {
-                    // The opener may have given up meanwhile; the stream is then dropped and reset.
-                    let _ = reply.send(result.map_err(TransportError::from));
-                }
-                Poll::Pending => {
-                    self.pending_open = Some(reply);
-                    break;
-                }
-            }
-        }
-        // Drive all I/O; this is also what delivers inbound streams.
-        loop {
-            match self.conn.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(stream))) => on_inbound(stream),
-                Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(err.into())),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+fn from_mux(err: MuxError) -> TransportError {
+    match err {
+        MuxError::Io(err) => TransportError::Io(err),
+        other => TransportError::Mux(other),
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::TransportError;
 use crate::control::{self, ControlError, ControlHandle, ControlLoop, Heartbeat};
+use crate::multiplex;
 use crate::mux::{self, SessionConfig, SessionDriver, StreamOpener};
 use crate::ws::{IoCounters, WsIo};
 
@@ -128,8 +129,8 @@ where
 {
     let counters = Arc::new(IoCounters::default());
     let mode = match role {
-        Role::Agent => yamux::Mode::Client,
-        Role::Gateway { .. } => yamux::Mode::Server,
+        Role::Agent => multiplex::Mode::Client,
+        Role::Gateway { .. } => multiplex::Mode::Server,
     };
     let ws_role = match role {
         Role::Agent => WsRole::Client,
@@ -153,7 +154,7 @@ where
     /// goes to `on_request` (which must not block); on the gateway `on_request` is never called.
     /// Cancelling `stop` ends the session ([`Ended::Stopped`]) after a short flush of what was
     /// written last.
-    pub async fn run(self, mut on_request: impl FnMut(yamux::Stream), stop: CancellationToken) -> Ended {
+    pub async fn run(self, mut on_request: impl FnMut(multiplex::Stream), stop: CancellationToken) -> Ended {
         let Self { driver, opener, role, heartbeat, control, established } = self;
         // Ended from inside (control stream over, or a broken rule) as well as by `stop`.
         let end = stop.child_token();
@@ -162,7 +163,7 @@ where
         let mut control_tx = Some(control_tx);
         let on_inbound = {
             let (end, unexpected) = (end.clone(), Arc::clone(&unexpected));
-            move |stream: yamux::Stream| match role {
+            move |stream: multiplex::Stream| match role {
                 Role::Agent => on_request(stream),
                 Role::Gateway { .. } => match control_tx.take() {
                     Some(tx) => {

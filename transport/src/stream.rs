@@ -7,23 +7,20 @@
 //! then split off that buffer without another copy.
 
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use ferry_codec::frame::{DEFAULT_DATA_CHUNK, HEADER_LEN, data_header};
 use ferry_codec::{CodecError, Frame};
-use futures_util::Stream;
-use futures_util::io::AsyncWrite as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::TransportError;
+use crate::multiplex;
 use crate::mux::StreamSlot;
 
-/// A whole yamux stream with tokio's I/O traits (for raw byte pipes).
-pub type TunnelStream = Compat<yamux::Stream>;
+/// A whole stream with tokio's I/O traits (for raw byte pipes).
+pub type TunnelStream = multiplex::Stream;
 
 /// The two halves share the stream; the lock is held only inside one `poll_*` call, never across
 /// an `.await`, and the halves rarely contend (one reads, one writes).
@@ -31,12 +28,12 @@ type Shared = Arc<SharedStream>;
 
 #[derive(Debug)]
 struct SharedStream {
-    stream: Mutex<yamux::Stream>,
+    stream: Mutex<multiplex::Stream>,
     /// Counts the stream against its session's limit while either half (or a pipe) lives.
     slot: Option<StreamSlot>,
 }
 
-fn lock(stream: &Shared) -> MutexGuard<'_, yamux::Stream> {
+fn lock(stream: &Shared) -> MutexGuard<'_, multiplex::Stream> {
     stream.stream.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -49,22 +46,22 @@ fn lock(stream: &Shared) -> MutexGuard<'_, yamux::Stream> {
 ///
 /// # Errors
 /// The stream is already closed or reset.
-pub async fn acknowledge(stream: &mut yamux::Stream) -> std::io::Result<()> {
-    futures_util::io::AsyncWriteExt::write(stream, &[]).await.map(drop)
+pub async fn acknowledge(stream: &mut multiplex::Stream) -> std::io::Result<()> {
+    poll_fn(|cx| stream.poll_write_frame(cx, &[])).await.map(drop)
 }
 
 /// Splits a yamux stream into its frame reader and writer.
-pub fn split(stream: yamux::Stream) -> (FrameReader, FrameWriter) {
+pub fn split(stream: multiplex::Stream) -> (FrameReader, FrameWriter) {
     split_with(stream, None)
 }
 
 /// Splits a stream from [`crate::StreamOpener::open`]; it counts against the session's limit
 /// until both halves (or the pipe made of them) are gone.
-pub fn split_counted(stream: yamux::Stream, slot: StreamSlot) -> (FrameReader, FrameWriter) {
+pub fn split_counted(stream: multiplex::Stream, slot: StreamSlot) -> (FrameReader, FrameWriter) {
     split_with(stream, Some(slot))
 }
 
-fn split_with(stream: yamux::Stream, slot: Option<StreamSlot>) -> (FrameReader, FrameWriter) {
+fn split_with(stream: multiplex::Stream, slot: Option<StreamSlot>) -> (FrameReader, FrameWriter) {
     let shared = Arc::new(SharedStream { stream: Mutex::new(stream), slot });
     (
         FrameReader { stream: Arc::clone(&shared), buf: BytesMut::new(), eof: false },
@@ -111,11 +108,11 @@ impl FrameReader {
                 self.buf.clear();
                 return Poll::Ready(Some(Err(err.into())));
             }
-            let chunk = ready!(Pin::new(&mut *lock(&self.stream)).poll_next(cx));
+            let chunk = ready!(lock(&self.stream).poll_chunk(cx, usize::MAX));
             match chunk {
-                Some(Ok(packet)) => {
-                    self.buf.extend_from_slice(packet.as_ref());
-                    crate::stats::copied(packet.as_ref().len());
+                Some(Ok(chunk)) => {
+                    self.buf.extend_from_slice(&chunk);
+                    crate::stats::copied(chunk.len());
                 }
                 Some(Err(err)) => return Poll::Ready(Some(Err(err.into()))),
                 None => self.eof = true,
@@ -235,7 +232,7 @@ impl FrameWriter {
     /// The stream failed.
     pub async fn finish(&mut self) -> Result<(), TransportError> {
         self.flush().await?;
-        poll_fn(|cx| Pin::new(&mut *lock(&self.stream)).poll_close(cx)).await?;
+        poll_fn(|_| lock(&self.stream).poll_finish()).await?;
         Ok(())
     }
 }
@@ -243,7 +240,7 @@ impl FrameWriter {
 /// Writes all of `bytes` to the stream, waiting for yamux credit as needed.
 async fn write_all(stream: &Shared, mut bytes: &[u8]) -> Result<(), TransportError> {
     while !bytes.is_empty() {
-        let n = poll_fn(|cx| Pin::new(&mut *lock(stream)).poll_write(cx, bytes)).await?;
+        let n = poll_fn(|cx| lock(stream).poll_write_frame(cx, bytes)).await?;
         if n == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }
@@ -266,9 +263,8 @@ where
     drop(writer);
     let SharedStream { stream, slot: _slot } =
         Arc::try_unwrap(shared).map_err(|_| std::io::Error::other("stream halves still shared"))?;
-    let stream = stream.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut stream = stream.into_inner().unwrap_or_else(|e| e.into_inner());
     other.write_all(&leftover).await?;
-    let mut stream = stream.compat();
     let (from_stream, to_stream) = tokio::io::copy_bidirectional(&mut stream, &mut other).await?;
     Ok((from_stream + leftover.len() as u64, to_stream))
 }

@@ -1,16 +1,18 @@
-//! A WebSocket as a byte stream, for yamux.
+//! A WebSocket as a byte stream, for the multiplexer.
 //!
-//! yamux wants `AsyncRead + AsyncWrite`; a WebSocket carries messages. Once the ferry handshake
+//! The multiplexer ([`crate::multiplex`]) wants `AsyncRead + AsyncWrite`; a WebSocket carries
+//! messages. Once the ferry handshake
 //! is done (on tungstenite's [`WebSocketStream`], see [`send_message`] and [`recv_message`]),
 //! [`WsIo`] takes the socket itself and frames the session's bytes as RFC 6455 binary frames:
 //!
-//! - **Writing**: what yamux writes is appended to one open frame (masked as it is copied when we
-//!   are the client), and a flush closes the frame and writes it with one syscall. yamux flushes
-//!   after every frame it writes; that flush is deferred (see [`WsIo`]'s `poll_flush`) so the many
-//!   small frames of busy streams leave as one WebSocket frame and one syscall. One copy per byte:
-//!   yamux's buffer into the frame.
+//! - **Writing**: what the multiplexer writes is appended to one open frame (masked as it is
+//!   copied when we are the client), and a flush closes the frame and writes it with one syscall.
+//!   The multiplexer writes everything its streams queued since its last turn, then flushes once,
+//!   so the many small frames of busy streams leave as one WebSocket frame and one syscall. One
+//!   copy per byte: the multiplexer's buffer into the frame.
 //! - **Reading**: bytes are read into a reused buffer (no zero-filling, unlike a `&mut [u8]` read
-//!   buffer) and handed to yamux straight from it, unmasked as they are copied when we are the
+//!   buffer) and handed to the multiplexer straight from it (into its spare capacity, through
+//!   tokio's `AsyncRead`), unmasked as they are copied when we are the
 //!   server. Frame and message boundaries mean nothing to a byte stream, so a frame is never
 //!   gathered whole: a fragmented message, a 1-byte frame or a 2 GiB one all stream the same way,
 //!   in bounded memory.
@@ -26,12 +28,13 @@
 //! payloads into the stream and reads an empty message as its end. tungstenite still does the
 //! HTTP upgrade and the handshake messages.
 //!
-//! Reading goes on while a write waits. yamux stops reading its socket while it has a reply (a
-//! pong) it cannot write yet; if both peers push data, both send buffers fill, each holds a pong
-//! for the other and neither reads: the session deadlocks (rust-yamux #227, seen here with 1,000
-//! downloads at once). So when a write has to wait, [`WsIo`] reads what the peer sent into its
-//! read buffer (bounded by [`MAX_READ_AHEAD`]), which lets the peer's writes (its pong among them)
-//! go out, and the peer reads again; yamux gets the bytes when it asks.
+//! Reading goes on while a write waits. The `yamux` crate stops reading its socket while it has a
+//! reply (a pong) it cannot write yet; if both peers push data, both send buffers fill, each holds
+//! a pong for the other and neither reads: the session deadlocks (rust-yamux #227, seen here with
+//! 1,000 downloads at once). Our multiplexer reads regardless, but a peer may still run the crate,
+//! so when a write has to wait, [`WsIo`] also reads what the peer sent into its read buffer
+//! (bounded by [`MAX_READ_AHEAD`]), which lets the peer's writes (its pong among them) go out;
+//! the multiplexer gets the bytes when it asks.
 
 use std::io;
 use std::pin::Pin;
@@ -58,15 +61,13 @@ use crate::TransportError;
 /// The WebSocket subprotocol both sides ask for.
 pub const SUBPROTOCOL: &str = "ferry.v1";
 /// Most payload bytes in one frame we send: a flush sends sooner, this only bounds the buffer.
-/// 256 KiB is a yamux window.
+/// 256 KiB is a stream's initial window.
 pub const MAX_PENDING_WRITE: usize = 256 * 1024;
 /// Largest message (the sum of its fragments) accepted, before and after the handshake: ours are
 /// at most [`MAX_PENDING_WRITE`]. Bytes stream through as they come; this only refuses a peer
 /// that sends what no ferry peer would (close code 1009), at once for a declared length.
 pub const MAX_MESSAGE_LEN: usize = 2 * 1024 * 1024;
-/// Most flushes deferred in a row (see `WsIo::poll_flush`): 32 window updates are 384 bytes.
-const MAX_DEFERRED_FLUSHES: u32 = 32;
-/// Most bytes read ahead (while a write waits) and not yet taken by yamux. A peer only sends data
+/// Most bytes read ahead (while a write waits) and not yet taken by the multiplexer. A peer only sends data
 /// within the credit we gave it; this only has to make room for its next writes, not hold them.
 pub const MAX_READ_AHEAD: usize = 1024 * 1024;
 /// During the handshake, tungstenite buffers at most this much unsent data before `poll_ready`
@@ -181,10 +182,6 @@ pub struct WsIo<S> {
     pong: Option<([u8; MAX_CONTROL_PAYLOAD], usize)>,
     close_sent: bool,
     keys: MaskKeys,
-    /// Whether something was written since the last `poll_flush` (see `poll_flush`).
-    dirty: bool,
-    /// Flushes deferred in a row since bytes last went out.
-    deferred: u32,
 }
 
 impl<S> WsIo<S>
@@ -214,8 +211,6 @@ where
             pong: None,
             close_sent: false,
             keys: MaskKeys::new(),
-            dirty: false,
-            deferred: 0,
         }
     }
 
@@ -375,13 +370,20 @@ where
     }
 }
 
-impl<S> futures_util::io::AsyncRead for WsIo<S>
+impl<S> WsIo<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if buf.is_empty() {
+    /// Reads up to `room` payload bytes: `put` appends them to the caller's buffer and returns
+    /// them there, to be unmasked in place (one copy, no zero-filling).
+    fn poll_read_payload<'a>(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: usize,
+        put: impl FnOnce(&[u8]) -> &'a mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self;
+        if room == 0 {
             return Poll::Ready(Ok(0));
         }
         loop {
@@ -390,10 +392,10 @@ where
             }
             if this.payload_left > 0 {
                 if !this.rbuf.is_empty() {
-                    let n = (buf.len().min(this.rbuf.len()) as u64).min(this.payload_left) as usize;
-                    buf[..n].copy_from_slice(&this.rbuf[..n]);
+                    let n = (room.min(this.rbuf.len()) as u64).min(this.payload_left) as usize;
+                    let copied = put(&this.rbuf[..n]);
                     if let Some((key, offset)) = this.unmask.as_mut() {
-                        apply_mask(&mut buf[..n], *key, *offset);
+                        apply_mask(copied, *key, *offset);
                         *offset += n;
                     }
                     this.rbuf.advance(n);
@@ -429,6 +431,57 @@ where
     }
 }
 
+impl<S> futures_util::io::AsyncRead for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let room = buf.len();
+        self.poll_read_payload(cx, room, move |bytes| {
+            let n = bytes.len();
+            buf[..n].copy_from_slice(bytes);
+            &mut buf[..n]
+        })
+    }
+}
+
+/// The multiplexer reads through tokio's trait: into spare capacity, never zero-filled.
+impl<S> AsyncRead for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let room = buf.remaining();
+        let start = buf.filled().len();
+        self.poll_read_payload(cx, room, move |bytes| {
+            buf.put_slice(bytes);
+            &mut buf.filled_mut()[start..]
+        })
+        .map_ok(drop)
+    }
+}
+
+impl<S> AsyncWrite for WsIo<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        futures_util::io::AsyncWrite::poll_write(self, cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures_util::io::AsyncWrite::poll_flush(self, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures_util::io::AsyncWrite::poll_close(self, cx)
+    }
+}
+
 impl<S> futures_util::io::AsyncWrite for WsIo<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -443,7 +496,6 @@ where
                 this.read_ahead(cx);
                 return Poll::Pending;
             }
-            this.deferred = 0;
             let mask = if this.client { Some(this.keys.next()?) } else { None };
             this.wbuf.put_bytes(0, MAX_HEADER);
             this.open = Some((0, mask));
@@ -458,29 +510,14 @@ where
             apply_mask(&mut this.wbuf[start..], key, *len);
         }
         *len += n;
-        this.dirty = true;
         this.counters.tx.fetch_add(n as u64, Ordering::Relaxed);
         crate::stats::copied(n);
         Poll::Ready(Ok(n))
     }
 
-    /// yamux flushes after every frame it writes, then looks for more frames. Sending a frame
-    /// and a syscall per yamux frame would cost more than the frames themselves, so a flush that
-    /// comes right after new writes is deferred: this task is woken to run again at once, and
-    /// the bytes go out (as one frame) at the first flush with nothing new written before it —
-    /// when yamux has no more frames ready — or as soon as [`MAX_PENDING_WRITE`] bytes wait, or
-    /// after [`MAX_DEFERRED_FLUSHES`] deferrals in a row: with many streams there is always one
-    /// more small frame (a window update) ready, and holding them back starves the peer of
-    /// credit (measured: 1,000 downloads at once crawled at 5 MB/s).
+    /// Closes the open frame and sends it (with any control frames) in one write.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let waiting = this.open.map_or(0, |(len, _)| len);
-        if this.dirty && waiting < MAX_PENDING_WRITE && this.deferred < MAX_DEFERRED_FLUSHES {
-            this.dirty = false;
-            this.deferred += 1;
-            cx.waker().wake_by_ref();
-            return Poll::Ready(Ok(()));
-        }
         this.close_frame();
         let flushed = match this.poll_send(cx)? {
             Poll::Ready(()) => Pin::new(&mut this.io).poll_flush(cx),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::ws::websocket_config;
-use ferry_transport::{IoCounters, WsIo};
+use ferry_transport::{IoCounters, WsIo, multiplex};
 use futures_util::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -30,12 +30,12 @@ async fn a_thousand_streams_both_ways_do_not_stall() {
     let stop = CancellationToken::new();
     let (server, opener) = session(
         WsIo::new(server_ws, Role::Server, Arc::new(IoCounters::default())),
-        yamux::Mode::Server,
+        multiplex::Mode::Server,
         &config,
     );
     let (client, _) = session(
         WsIo::new(client_ws, Role::Client, Arc::new(IoCounters::default())),
-        yamux::Mode::Client,
+        multiplex::Mode::Client,
         &config,
     );
     tokio::spawn(server.run(|_| {}, stop.clone()));

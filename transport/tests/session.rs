@@ -11,7 +11,7 @@ use ferry_transport::body::{BodyError, send_body};
 use ferry_transport::mux::{STREAM_WINDOW, SessionConfig, session};
 use ferry_transport::stream::split;
 use ferry_transport::ws::websocket_config;
-use ferry_transport::{FrameBody, IoCounters, StreamOpener, WsIo};
+use ferry_transport::{FrameBody, IoCounters, StreamOpener, WsIo, multiplex};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A "gateway" session (server mode) and the inbound streams of an "agent" session (client mode).
-async fn pair() -> (StreamOpener, mpsc::Receiver<yamux::Stream>, CancellationToken) {
+async fn pair() -> (StreamOpener, mpsc::Receiver<multiplex::Stream>, CancellationToken) {
     let (a, b) = tokio::io::duplex(256 * 1024);
     let cfg = Some(websocket_config());
     let server_ws = WebSocketStream::from_raw_socket(a, Role::Server, cfg).await;
@@ -31,12 +31,12 @@ async fn pair() -> (StreamOpener, mpsc::Receiver<yamux::Stream>, CancellationTok
 
     let (server, opener) = session(
         WsIo::new(server_ws, Role::Server, Arc::new(IoCounters::default())),
-        yamux::Mode::Server,
+        multiplex::Mode::Server,
         &config,
     );
     let (client, _client_opener) = session(
         WsIo::new(client_ws, Role::Client, Arc::new(IoCounters::default())),
-        yamux::Mode::Client,
+        multiplex::Mode::Client,
         &config,
     );
     let (tx, rx) = mpsc::channel(1024);

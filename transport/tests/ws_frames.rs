@@ -83,7 +83,7 @@ async fn both_ways(our_role: Role) {
     ours.read_exact(&mut got).await.unwrap();
     assert!(got == expected, "bytes from the peer differ");
 
-    // We write in odd pieces, flushing now and then (the first flush after writes is deferred).
+    // We write in odd pieces, flushing after each.
     let mut outgoing = Vec::new();
     for (i, size) in sizes().enumerate() {
         let data = pattern(size, 1000 + i as u32);

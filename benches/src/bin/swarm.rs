@@ -17,7 +17,7 @@ use ferry_codec::{
 use ferry_transport::control::{self, Heartbeat};
 use ferry_transport::mux::{SessionConfig, session};
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
-use ferry_transport::{WsIo, yamux};
+use ferry_transport::{WsIo, multiplex};
 use http::HeaderValue;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -109,7 +109,7 @@ async fn session_task(
     };
     let (driver, opener) = session(
         WsIo::new(ws, Role::Client, Arc::default()),
-        yamux::Mode::Client,
+        multiplex::Mode::Client,
         &SessionConfig::with_max_streams(16),
     );
     let driving = tokio::spawn(driver.run(|_| {}, stop.clone()));

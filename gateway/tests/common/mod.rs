@@ -501,7 +501,7 @@ pub fn panics_outside_tests() -> usize {
 pub struct EvilAgent {
     pub opener: ferry_transport::StreamOpener,
     pub driver: JoinHandle<Result<(), ferry_transport::TransportError>>,
-    pub inbound: tokio::sync::mpsc::Receiver<ferry_transport::yamux::Stream>,
+    pub inbound: tokio::sync::mpsc::Receiver<ferry_transport::multiplex::Stream>,
     pause: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -518,7 +518,7 @@ impl EvilAgent {
                 tokio_tungstenite::tungstenite::protocol::Role::Client,
                 Arc::default(),
             ),
-            ferry_transport::yamux::Mode::Client,
+            ferry_transport::multiplex::Mode::Client,
             &ferry_transport::SessionConfig::default(),
         );
         let (tx, inbound) = tokio::sync::mpsc::channel(1024);
