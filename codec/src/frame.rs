@@ -147,25 +147,54 @@ impl Frame {
     /// Unknown kind, a length over the kind's limit (reported as soon as the 5-byte header is
     /// there), or a payload that does not decode. The stream cannot continue after an error.
     pub fn decode(src: &mut BytesMut) -> Result<Option<Self>, CodecError> {
-        let Some(&[l0, l1, l2, l3, kind]) = src.get(..HEADER_LEN) else {
+        let Some((kind, len)) = peek_header(src)? else {
             return Ok(None);
         };
-        let kind = FrameKind::try_from(kind)?;
-        let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
-        if len > kind.max_len() {
-            return Err(CodecError::too_large(kind, len));
-        }
         let Some(payload) = take_payload(src, HEADER_LEN, len) else {
             return Ok(None);
         };
+        Self::from_payload(kind, payload.freeze())
+    }
+
+    /// [`Frame::decode`] from `Bytes` (as a multiplexer stream hands them out): a `Data`
+    /// payload is a view of `src`. `Ok(None)` when `src` does not hold a whole frame (nothing is
+    /// consumed).
+    ///
+    /// # Errors
+    /// As [`Frame::decode`].
+    pub fn decode_bytes(src: &mut Bytes) -> Result<Option<Self>, CodecError> {
+        let Some((kind, len)) = peek_header(src)? else {
+            return Ok(None);
+        };
+        if src.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        Self::from_payload(kind, src.split_to(len))
+    }
+
+    fn from_payload(kind: FrameKind, payload: Bytes) -> Result<Option<Self>, CodecError> {
         Ok(Some(match kind {
-            FrameKind::Data => Self::Data(payload.freeze()),
+            FrameKind::Data => Self::Data(payload),
             FrameKind::End => Self::End,
             FrameKind::Head => Self::Head(decode_message::<pb::Head, _>(payload, "Head")?),
             FrameKind::Trailers => Self::Trailers(decode_message::<pb::Trailers, _>(payload, "Trailers")?),
             FrameKind::Abort => Self::Abort(decode_message::<pb::Abort, _>(payload, "Abort")?),
         }))
     }
+}
+
+/// The kind and payload length of the frame at the front of `src`, once its header is there.
+fn peek_header(src: &[u8]) -> Result<Option<(FrameKind, usize)>, CodecError> {
+    let Some(&[l0, l1, l2, l3, kind]) = src.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let kind = FrameKind::try_from(kind)?;
+    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+    if len > kind.max_len() {
+        return Err(CodecError::too_large(kind, len));
+    }
+    Ok(Some((kind, len)))
 }
 
 /// The 5-byte header of a `Data` frame carrying `len` bytes; the payload follows it as is.

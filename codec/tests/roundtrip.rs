@@ -68,6 +68,31 @@ proptest! {
     }
 
     #[test]
+    fn frames_decode_the_same_from_bytes(frames in vec(arb::<Frame>(1024), 0..8), cut in any::<usize>()) {
+        let mut wire = BytesMut::new();
+        for frame in &frames {
+            frame.encode(&mut wire).unwrap();
+        }
+        let mut bytes = wire.freeze();
+        let mut decoded = Vec::new();
+        while let Some(frame) = Frame::decode_bytes(&mut bytes).unwrap() {
+            decoded.push(frame);
+        }
+        prop_assert!(bytes.is_empty());
+        prop_assert_eq!(&decoded, &frames);
+        // A frame cut short is not taken, and nothing is consumed.
+        if let Some(first) = frames.first() {
+            let mut one = BytesMut::new();
+            first.encode(&mut one).unwrap();
+            let len = one.len();
+            let mut short = one.freeze().slice(..cut % len);
+            let before = short.clone();
+            prop_assert_eq!(Frame::decode_bytes(&mut short).unwrap(), None);
+            prop_assert_eq!(short, before);
+        }
+    }
+
+    #[test]
     fn control_round_trip_in_pieces(
         msgs in vec(arb::<ControlMessage>(256), 0..8),
         cuts in vec(any::<usize>(), 0..16),

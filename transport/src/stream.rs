@@ -1,16 +1,16 @@
 //! Ferry frames on one yamux stream: [`FrameReader`] and [`FrameWriter`], its two halves, and the
 //! way back to raw bytes after `101 Switching Protocols`.
 //!
-//! The reader takes yamux's received chunks as they are (one per yamux data frame) and appends them
-//! to its buffer: one copy of exactly the bytes received, and no zero-filled read buffer per read
-//! (reading through `AsyncRead` zeroes its whole spare capacity on every call). `Data` payloads are
-//! then split off that buffer without another copy.
+//! The reader takes the stream's received chunks as they are (one per yamux data frame, each a
+//! view of the session's read buffer) and decodes frames straight from them: a `Data` payload is a
+//! view of the same buffer, never copied. Only a frame that spans chunks is gathered in a buffer
+//! of the reader's own (one copy of exactly its bytes).
 
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use ferry_codec::frame::{DEFAULT_DATA_CHUNK, HEADER_LEN, data_header};
 use ferry_codec::{CodecError, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -64,7 +64,7 @@ pub fn split_counted(stream: multiplex::Stream, slot: StreamSlot) -> (FrameReade
 fn split_with(stream: multiplex::Stream, slot: Option<StreamSlot>) -> (FrameReader, FrameWriter) {
     let shared = Arc::new(SharedStream { stream: Mutex::new(stream), slot });
     (
-        FrameReader { stream: Arc::clone(&shared), buf: BytesMut::new(), eof: false },
+        FrameReader { stream: Arc::clone(&shared), chunk: Bytes::new(), buf: BytesMut::new(), eof: false },
         FrameWriter { stream: shared, buf: BytesMut::new() },
     )
 }
@@ -73,7 +73,9 @@ fn split_with(stream: multiplex::Stream, slot: Option<StreamSlot>) -> (FrameRead
 #[derive(Debug)]
 pub struct FrameReader {
     stream: Shared,
-    /// Received bytes not yet decoded.
+    /// The chunk being decoded.
+    chunk: Bytes,
+    /// The start of a frame that spans chunks.
     buf: BytesMut,
     eof: bool,
 }
@@ -95,7 +97,27 @@ impl FrameReader {
     /// Polls for the next frame; see [`FrameReader::next`].
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, TransportError>>> {
         loop {
-            match Frame::decode(&mut self.buf) {
+            let decoded = if self.buf.is_empty() {
+                // Whole frames straight from the chunk; the start of a frame that goes on in the
+                // next chunk is kept aside.
+                match Frame::decode_bytes(&mut self.chunk) {
+                    Ok(None) if !self.chunk.is_empty() => {
+                        self.buf.extend_from_slice(&self.chunk);
+                        crate::stats::copied(self.chunk.len());
+                        self.chunk = Bytes::new();
+                        Ok(None)
+                    }
+                    other => other,
+                }
+            } else {
+                if !self.chunk.is_empty() {
+                    self.buf.extend_from_slice(&self.chunk);
+                    crate::stats::copied(self.chunk.len());
+                    self.chunk = Bytes::new();
+                }
+                Frame::decode(&mut self.buf)
+            };
+            match decoded {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Ok(None) => {}
                 Err(err) => return Poll::Ready(Some(Err(err.into()))),
@@ -108,12 +130,8 @@ impl FrameReader {
                 self.buf.clear();
                 return Poll::Ready(Some(Err(err.into())));
             }
-            let chunk = ready!(lock(&self.stream).poll_chunk(cx, usize::MAX));
-            match chunk {
-                Some(Ok(chunk)) => {
-                    self.buf.extend_from_slice(&chunk);
-                    crate::stats::copied(chunk.len());
-                }
+            match ready!(lock(&self.stream).poll_chunk(cx, usize::MAX)) {
+                Some(Ok(chunk)) => self.chunk = chunk,
                 Some(Err(err)) => return Poll::Ready(Some(Err(err.into()))),
                 None => self.eof = true,
             }
@@ -122,7 +140,8 @@ impl FrameReader {
 
     /// Gives back the shared stream and the bytes already received past the last frame (the
     /// start of a raw byte pipe after an upgrade).
-    fn into_raw(self) -> (Shared, BytesMut) {
+    fn into_raw(mut self) -> (Shared, BytesMut) {
+        self.buf.extend_from_slice(&self.chunk);
         (self.stream, self.buf)
     }
 }

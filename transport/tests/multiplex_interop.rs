@@ -297,10 +297,10 @@ fn the_connection_ending_fails_every_stream_at_once() {
 }
 
 #[test]
-fn a_stream_the_reader_keeps_up_with_grows_its_window() {
-    // With a round trip measured (the first ping), a stream whose reader takes half its window
-    // within two round trips gets a larger window: 64 MiB cross with fewer window updates than
-    // 256 KiB windows would need. Checked by effect: the transfer completes both ways.
+fn a_64_mib_stream_crosses_with_windows_that_may_grow() {
+    // Past the first ping a stream's window may grow (the rule itself is unit-tested in
+    // `multiplex`, where the round trip can be fixed); here 64 MiB cross both ways whatever the
+    // windows do.
     let sizes = [64 * 1024 * 1024];
     bounded(ours_to_ours(&sizes));
     bounded(ours_to_theirs(&sizes));

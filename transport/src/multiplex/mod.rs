@@ -225,6 +225,27 @@ fn lock(shared: &SharedRef) -> MutexGuard<'_, Shared> {
 }
 
 impl Shared {
+    fn new(mode: Mode, config: Config) -> Self {
+        Self {
+            mode,
+            config,
+            streams: HashMap::default(),
+            next_id: match mode {
+                Mode::Client => 1,
+                Mode::Server => 2,
+            },
+            out: BytesMut::new(),
+            out_waiters: Vec::new(),
+            driver: None,
+            open_waiters: Vec::new(),
+            unacked: 0,
+            grown: 0,
+            rtt: None,
+            no_new_streams: false,
+            closed: false,
+        }
+    }
+
     /// Queues a frame without a body.
     fn queue(&mut self, header: Header) {
         let was_empty = self.out.is_empty();
@@ -538,24 +559,7 @@ pub fn connection<T>(io: T, mode: Mode, config: Config) -> (Driver<T>, Opener)
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let shared = Arc::new(Mutex::new(Shared {
-        mode,
-        config,
-        streams: HashMap::default(),
-        next_id: match mode {
-            Mode::Client => 1,
-            Mode::Server => 2,
-        },
-        out: BytesMut::new(),
-        out_waiters: Vec::new(),
-        driver: None,
-        open_waiters: Vec::new(),
-        unacked: 0,
-        grown: 0,
-        rtt: None,
-        no_new_streams: false,
-        closed: false,
-    }));
+    let shared = Arc::new(Mutex::new(Shared::new(mode, config)));
     let driver = Driver {
         io,
         shared: Arc::clone(&shared),
@@ -813,4 +817,70 @@ fn header_of(buf: &[u8]) -> Result<Header, HeaderError> {
     let mut bytes = [0; HEADER_LEN];
     bytes.copy_from_slice(&buf[..HEADER_LEN]);
     Header::decode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window update queued after the reader of stream 2 took half its window, if any.
+    fn update_after_half_read(rtt: Option<Duration>, config: Config) -> (Option<Header>, usize) {
+        let mut shared = Shared::new(Mode::Client, config);
+        shared.rtt = rtt;
+        let mut entry = Entry::new(flags::ACK, INITIAL_WINDOW);
+        entry.recv_window -= INITIAL_WINDOW / 2;
+        shared.streams.insert(2, entry);
+        shared.consumed(2);
+        let header = (shared.out.len() >= HEADER_LEN).then(|| header_of(&shared.out).unwrap());
+        (header, shared.grown)
+    }
+
+    #[test]
+    fn a_window_grows_when_its_reader_keeps_up_with_the_round_trip_and_the_budget_allows() {
+        // No round trip measured yet: the half read is credited back, no more.
+        let (update, grown) = update_after_half_read(None, Config::default());
+        assert_eq!(update, Some(Header::new(Kind::WindowUpdate, flags::ACK, 2, INITIAL_WINDOW / 2)));
+        assert_eq!(grown, 0);
+        // Half a window read within two round trips: the window doubles.
+        let long = Some(Duration::from_secs(3600));
+        let (update, grown) = update_after_half_read(long, Config::default());
+        let doubled = INITIAL_WINDOW / 2 + INITIAL_WINDOW;
+        assert_eq!(update, Some(Header::new(Kind::WindowUpdate, flags::ACK, 2, doubled)));
+        assert_eq!(grown, INITIAL_WINDOW as usize);
+        // The session's budget is spent (256 KiB per stream and nothing above): no growth.
+        let tight = Config { max_connection_window: 512 * INITIAL_WINDOW as usize, ..Config::default() };
+        let (update, grown) = update_after_half_read(long, tight);
+        assert_eq!(update, Some(Header::new(Kind::WindowUpdate, flags::ACK, 2, INITIAL_WINDOW / 2)));
+        assert_eq!(grown, 0);
+    }
+
+    #[test]
+    fn less_than_half_a_window_read_sends_no_update() {
+        let mut shared = Shared::new(Mode::Server, Config::default());
+        let mut entry = Entry::new(0, INITIAL_WINDOW);
+        entry.recv_window -= INITIAL_WINDOW / 2 - 1;
+        shared.streams.insert(1, entry);
+        shared.consumed(1);
+        assert!(shared.out.is_empty());
+    }
+
+    #[test]
+    fn a_dropped_stream_is_reset_unless_both_sides_finished_or_the_peer_never_heard_of_it() {
+        for (sent_fin, got_fin, flag, reset) in [
+            (false, false, 0, true),
+            (true, false, 0, true),
+            (true, true, 0, false),
+            (false, false, flags::SYN, false),
+        ] {
+            let mut shared = Shared::new(Mode::Client, Config::default());
+            let mut entry = Entry::new(flag, INITIAL_WINDOW);
+            (entry.sent_fin, entry.got_fin) = (sent_fin, got_fin);
+            shared.streams.insert(1, entry);
+            shared.release(1);
+            assert!(shared.streams.is_empty());
+            let expected = reset.then(|| Header::new(Kind::Data, flags::RST, 1, 0));
+            let queued = (shared.out.len() >= HEADER_LEN).then(|| header_of(&shared.out).unwrap());
+            assert_eq!(queued, expected, "sent_fin {sent_fin} got_fin {got_fin} flag {flag}");
+        }
+    }
 }
