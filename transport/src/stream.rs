@@ -110,15 +110,22 @@ impl FrameReader {
                     other => other,
                 }
             } else {
-                if !self.chunk.is_empty() {
-                    self.buf.extend_from_slice(&self.chunk);
-                    crate::stats::copied(self.chunk.len());
-                    self.chunk = Bytes::new();
-                }
+                // Complete the frame that spans chunks with just the bytes it lacks; what follows
+                // it is decoded from the chunk again.
+                let need = match self.buf.get(..4) {
+                    Some(&[l0, l1, l2, l3]) => (HEADER_LEN + u32::from_be_bytes([l0, l1, l2, l3]) as usize)
+                        .saturating_sub(self.buf.len()),
+                    _ => HEADER_LEN.saturating_sub(self.buf.len()),
+                };
+                let take = need.min(self.chunk.len());
+                self.buf.extend_from_slice(&self.chunk.split_to(take));
+                crate::stats::copied(take);
                 Frame::decode(&mut self.buf)
             };
             match decoded {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                // The frame's header just completed: now its payload's length is known.
+                Ok(None) if !self.chunk.is_empty() => continue,
                 Ok(None) => {}
                 Err(err) => return Poll::Ready(Some(Err(err.into()))),
             }
@@ -212,10 +219,13 @@ impl FrameWriter {
             }
             return Ok(());
         }
+        self.flush().await?;
         for piece in data.chunks(DEFAULT_DATA_CHUNK) {
-            self.buf.extend_from_slice(&data_header(piece.len())?);
-            self.flush().await?;
-            write_all(&self.stream, piece).await?;
+            // The 5-byte header rides in the same yamux frame as the piece, so the reader gets
+            // the whole frame in one chunk and takes it without a copy.
+            let header = data_header(piece.len())?;
+            let n = poll_fn(|cx| lock(&self.stream).poll_write_prefixed(cx, &header, piece)).await?;
+            write_all(&self.stream, &piece[n..]).await?;
         }
         Ok(())
     }

@@ -315,3 +315,55 @@ proptest! {
         bounded(theirs_to_ours(&sizes));
     }
 }
+
+/// Ferry frames written in arbitrary pieces (each piece one yamux frame) are read back whole by
+/// a [`ferry_transport::FrameReader`], whether a frame sits inside one chunk or spans several.
+async fn frames_in_pieces(frames: Vec<ferry_codec::Frame>, cuts: Vec<usize>) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let stop = CancellationToken::new();
+    let (opener, _) = ours(a, Mode::Client, stop.clone());
+    let (_, mut inbound) = ours(b, Mode::Server, stop.clone());
+    let mut wire = bytes::BytesMut::new();
+    for frame in &frames {
+        frame.encode(&mut wire).unwrap();
+    }
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+    points.push(wire.len());
+    points.sort_unstable();
+    let mut stream = opener.open().await.unwrap();
+    let writing = tokio::spawn(async move {
+        let mut done = 0;
+        for point in points {
+            stream.write_all(&wire[done..point]).await.unwrap();
+            done = point;
+        }
+        stream.shutdown().await.unwrap();
+        stream
+    });
+    let (mut reader, _writer) = ferry_transport::stream::split(inbound.recv().await.unwrap());
+    let mut read = Vec::new();
+    while let Some(frame) = reader.next().await {
+        read.push(frame.unwrap());
+    }
+    assert_eq!(read, frames);
+    drop(writing.await.unwrap());
+    stop.cancel();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn frames_cut_anywhere_are_read_whole(
+        sizes in proptest::collection::vec(0usize..70_000, 1..6),
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let frames = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| ferry_codec::Frame::Data(bytes::Bytes::from(payload(len, i as u8))))
+            .chain([ferry_codec::Frame::End])
+            .collect();
+        bounded(frames_in_pieces(frames, cuts));
+    }
+}

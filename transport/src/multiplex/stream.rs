@@ -96,6 +96,22 @@ impl Stream {
     /// # Errors
     /// The stream was reset or closed for writing, or the session ended.
     pub fn poll_write_frame(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_prefixed(cx, &[], buf)
+    }
+
+    /// Like [`Stream::poll_write_frame`], with `prefix` (a header of the caller's, at most a few
+    /// bytes) in the same frame before `buf`, so the peer receives both in one chunk. The prefix
+    /// is always written whole; the count returned is of `buf` bytes (possibly 0 if the credit
+    /// only covered the prefix).
+    ///
+    /// # Errors
+    /// As [`Stream::poll_write_frame`].
+    pub fn poll_write_prefixed(
+        &mut self,
+        cx: &mut Context<'_>,
+        prefix: &[u8],
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut shared = lock(&self.shared);
         if shared.closed {
             return Poll::Ready(Err(closed()));
@@ -114,14 +130,15 @@ impl Stream {
                 "the stream is closed for writing",
             )));
         }
-        if buf.is_empty() {
+        if buf.is_empty() && prefix.is_empty() {
             if entry.flag != 0 {
                 let flag = shared.take_flag(self.id);
                 shared.queue(Header::new(Kind::Data, flag, self.id, 0));
             }
             return Poll::Ready(Ok(0));
         }
-        if entry.send_window == 0 {
+        // Credit for the whole prefix and at least one byte.
+        if (entry.send_window as usize) < prefix.len().max(1) {
             if !entry.writer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 entry.writer = Some(cx.waker().clone());
             }
@@ -131,14 +148,17 @@ impl Stream {
             shared.out_waiters.push(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = buf.len().min(entry.send_window as usize).min(split);
-        entry.send_window -= n as u32;
+        let room = (entry.send_window as usize).min(split).saturating_sub(prefix.len());
+        let n = buf.len().min(room);
+        let len = prefix.len() + n;
+        entry.send_window -= len as u32;
         let flag = shared.take_flag(self.id);
         let was_empty = shared.out.is_empty();
-        shared.out.reserve(super::HEADER_LEN + n);
-        Header::new(Kind::Data, flag, self.id, n as u32).encode(&mut shared.out);
+        shared.out.reserve(super::HEADER_LEN + len);
+        Header::new(Kind::Data, flag, self.id, len as u32).encode(&mut shared.out);
+        shared.out.extend_from_slice(prefix);
         shared.out.extend_from_slice(&buf[..n]);
-        crate::stats::copied(n);
+        crate::stats::copied(len);
         if was_empty {
             shared.wake_driver();
         }
