@@ -14,10 +14,13 @@
 //! - [`session`] — one ferry session, the type both sides run: [`session::start`] gives the cheap
 //!   [`Session`] handle and the [`SessionTask`] that owns the I/O, and holds the rule that the agent
 //!   opens the control stream first and no other stream.
-//! - [`mux`] — the yamux layer under it: the driver (one task owns the connection) and
+//! - [`mux`] — the session's multiplexer layer: the driver (one task owns the connection) and
 //!   [`StreamOpener`], the cloneable handle through which many tasks open streams.
+//! - [`multiplex`] — ferry's own implementation of the yamux protocol under it (one lock per
+//!   session, no channels, received bodies as `Bytes` views); the `yamux` crate is its reference
+//!   in the interop tests and a fuzz target.
 //! - [`control`] — the control stream: heartbeats both ways, RTT, go-away and drain messages.
-//! - [`stream`] — [`FrameReader`] / [`FrameWriter`]: ferry frames on one yamux stream.
+//! - [`stream`] — [`FrameReader`] / [`FrameWriter`]: ferry frames on one multiplexed stream.
 //! - [`body`] — [`FrameBody`] (frames in, `http_body::Body` out) and [`send_body`] (the reverse),
 //!   both driven by their consumer so backpressure runs end to end.
 //! - [`heads`] — conversions between `http` types and codec heads, and hop-by-hop header removal.
