@@ -546,6 +546,8 @@ pub struct Driver<T> {
     /// Inbound streams found while the lock was held, handed out after.
     inbound: Vec<Stream>,
     done: bool,
+    /// The peer has sent a frame.
+    heard: bool,
 }
 
 impl<T> std::fmt::Debug for Driver<T> {
@@ -572,6 +574,7 @@ where
         nonce: 0,
         inbound: Vec::new(),
         done: false,
+        heard: false,
     };
     (driver, Opener { shared })
 }
@@ -619,6 +622,10 @@ where
     ) -> Poll<Result<(), MuxError>> {
         for _ in 0..ROUNDS {
             self.poll_ping(cx);
+            // Writing first: a write (or flush) the socket cannot take yet makes `WsIo` read
+            // ahead, taking the socket's readiness with it; the read that follows then finds
+            // those bytes. Read last, a round that ends `Pending` has registered for both.
+            let wrote = self.poll_write_out(cx)?;
             let read = self.poll_read_frames(cx)?;
             for stream in self.inbound.drain(..) {
                 on_inbound(stream);
@@ -626,11 +633,8 @@ where
             match read {
                 Poll::Ready(true) => {}
                 Poll::Ready(false) => return Poll::Ready(Ok(())),
+                Poll::Pending if !wrote => return Poll::Pending,
                 Poll::Pending => {}
-            }
-            let wrote = self.poll_write_out(cx)?;
-            if read.is_pending() && !wrote {
-                return Poll::Pending;
             }
         }
         // More to do: let other tasks run first.
@@ -638,12 +642,16 @@ where
         Poll::Pending
     }
 
+    /// Measures the round trip every [`PING_INTERVAL`], from the first frame the peer sent on:
+    /// before that, the peer may still be reading its handshake with another reader (ferry's
+    /// handshake is lock-step, and the agent sends first), which would swallow our frame. A
+    /// ping never answered is replaced at the next interval.
     fn poll_ping(&mut self, cx: &mut Context<'_>) {
-        if self.next_ping.as_mut().poll(cx).is_pending() {
+        if !self.heard || self.next_ping.as_mut().poll(cx).is_pending() {
             return;
         }
         self.next_ping.as_mut().reset(tokio::time::Instant::now() + PING_INTERVAL);
-        if self.ping.is_none() {
+        if self.ping.is_none_or(|(_, sent)| sent.elapsed() >= PING_INTERVAL) {
             self.nonce = self.nonce.wrapping_add(1);
             self.ping = Some((self.nonce, Instant::now()));
             lock(&self.shared).queue(Header::new(Kind::Ping, flags::SYN, 0, self.nonce));
@@ -706,6 +714,7 @@ where
                 return Ok(());
             }
             let header = header_of(&self.rbuf)?;
+            self.heard = true;
             let body = if header.kind == Kind::Data {
                 let len = header.length as usize;
                 if !header.has(flags::SYN)
