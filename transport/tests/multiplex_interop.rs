@@ -140,6 +140,14 @@ fn serve_theirs(mut inbound: mpsc::UnboundedReceiver<yamux::Stream>) {
     });
 }
 
+/// Every exchange got its own bytes back.
+async fn assert_echoes(tasks: Vec<tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>>) {
+    for task in tasks {
+        let (back, data) = task.await.unwrap();
+        assert!(back == data, "echo of {} bytes came back as {} bytes, or different", data.len(), back.len());
+    }
+}
+
 /// Our client opens, the crate's server echoes.
 async fn ours_to_theirs(sizes: &[usize]) {
     let (a, b) = tokio::io::duplex(64 * 1024);
@@ -153,10 +161,7 @@ async fn ours_to_theirs(sizes: &[usize]) {
         let data = payload(len, i as u8);
         tasks.push(tokio::spawn(async move { (exchange(stream, data.clone()).await, data) }));
     }
-    for task in tasks {
-        let (back, data) = task.await.unwrap();
-        assert!(back == data, "echo of {} bytes came back as {} bytes, or different", data.len(), back.len());
-    }
+    assert_echoes(tasks).await;
     stop.cancel();
 }
 
@@ -177,10 +182,7 @@ async fn theirs_to_ours(sizes: &[usize]) {
         let data = payload(len, i as u8);
         tasks.push(tokio::spawn(async move { (exchange(stream.compat(), data.clone()).await, data) }));
     }
-    for task in tasks {
-        let (back, data) = task.await.unwrap();
-        assert!(back == data, "echo of {} bytes came back as {} bytes, or different", data.len(), back.len());
-    }
+    assert_echoes(tasks).await;
     stop.cancel();
 }
 
@@ -197,10 +199,7 @@ async fn ours_to_ours(sizes: &[usize]) {
         let data = payload(len, i as u8);
         tasks.push(tokio::spawn(async move { (exchange(stream, data.clone()).await, data) }));
     }
-    for task in tasks {
-        let (back, data) = task.await.unwrap();
-        assert!(back == data, "echo of {} bytes came back as {} bytes, or different", data.len(), back.len());
-    }
+    assert_echoes(tasks).await;
     stop.cancel();
 }
 

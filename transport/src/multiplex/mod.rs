@@ -52,6 +52,8 @@ pub const MAX_ACK_BACKLOG: usize = 256;
 /// Bytes queued for the socket beyond which streams' writes wait for the driver (control frames
 /// are always queued).
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Bytes waiting for the socket beyond which the driver stops reading (see `poll_rounds`).
+const OUT_READ_LIMIT: usize = 4 * OUT_HIGH_WATER;
 /// Room asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
 /// How often the round-trip time is measured.
@@ -343,10 +345,6 @@ impl Shared {
         if !self.closed && !entry.reset && !finished && entry.flag != flags::SYN {
             self.queue(Header::new(Kind::Data, flags::RST, id, 0));
         }
-        // Room for the window-update frames of what is left.
-        for waker in self.out_waiters.drain(..) {
-            waker.wake();
-        }
     }
 
     /// The connection ended: every waiting task learns it.
@@ -626,7 +624,12 @@ where
             // ahead, taking the socket's readiness with it; the read that follows then finds
             // those bytes. Read last, a round that ends `Pending` has registered for both.
             let wrote = self.poll_write_out(cx)?;
-            let read = self.poll_read_frames(cx)?;
+            // What reading queues (pongs, window updates, resets) is bounded by what the socket
+            // takes: a peer that floods pings and reads nothing stops being read, instead of
+            // growing our out buffer without end. The write above waits on the socket and wakes
+            // us when it takes more.
+            let backlog = self.wbuf.len() + lock(&self.shared).out.len();
+            let read = if backlog > OUT_READ_LIMIT { Poll::Pending } else { self.poll_read_frames(cx)? };
             for stream in self.inbound.drain(..) {
                 on_inbound(stream);
             }
