@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 use crate::head::{Abort, Head, Trailers};
-use crate::{CodecError, pb};
+use crate::{CodecError, head_wire, pb};
 
 /// Bytes before every payload: 4 length bytes and 1 kind byte.
 pub const HEADER_LEN: usize = 5;
@@ -119,16 +119,24 @@ impl Frame {
     /// The payload is longer than the limit for its kind (the peer would reject it).
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), CodecError> {
         match self {
-            Self::Head(head) => encode_message(FrameKind::Head, &pb::Head::from(head), dst),
+            Self::Head(head) => encode_with(
+                FrameKind::Head,
+                head_wire::head_len(head),
+                |dst| head_wire::put_head(head, dst),
+                dst,
+            ),
             Self::Data(data) => {
                 dst.reserve(HEADER_LEN + data.len());
                 dst.put_slice(&data_header(data.len())?);
                 dst.put_slice(data);
                 Ok(())
             }
-            Self::Trailers(trailers) => {
-                encode_message(FrameKind::Trailers, &pb::Trailers::from(trailers), dst)
-            }
+            Self::Trailers(trailers) => encode_with(
+                FrameKind::Trailers,
+                head_wire::trailers_len(trailers),
+                |dst| head_wire::put_trailers(trailers, dst),
+                dst,
+            ),
             Self::End => {
                 put_header(FrameKind::End, 0, dst);
                 Ok(())
@@ -216,13 +224,24 @@ fn put_header(kind: FrameKind, len: usize, dst: &mut BytesMut) {
 }
 
 fn encode_message(kind: FrameKind, msg: &impl Message, dst: &mut BytesMut) -> Result<(), CodecError> {
-    let len = msg.encoded_len();
+    encode_with(kind, msg.encoded_len(), |dst| msg.encode_raw(dst), dst)
+}
+
+/// Appends a frame of `kind` whose `len`-byte payload `put` writes.
+fn encode_with(
+    kind: FrameKind,
+    len: usize,
+    put: impl FnOnce(&mut BytesMut),
+    dst: &mut BytesMut,
+) -> Result<(), CodecError> {
     if len > kind.max_len() {
         return Err(CodecError::too_large(kind, len));
     }
     dst.reserve(HEADER_LEN + len);
     put_header(kind, len, dst);
-    msg.encode_raw(dst);
+    let start = dst.len();
+    put(dst);
+    debug_assert_eq!(dst.len() - start, len);
     Ok(())
 }
 

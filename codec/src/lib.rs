@@ -37,6 +37,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod head;
+mod head_wire;
 pub mod id;
 mod pb;
 pub mod ws;
