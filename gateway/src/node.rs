@@ -1,6 +1,7 @@
 //! One gateway process: the state every connection and session shares, how it starts, serves,
 //! reloads its secrets and certificate, and drains.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -144,7 +145,10 @@ impl Gateway {
     /// A request id unique to this gateway process: its instance prefix and a counter.
     pub(crate) fn next_request_id(&self) -> String {
         let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}-{n:x}", self.request_prefix)
+        // Sized for the longest id up front: one allocation, where `format!` grew the string.
+        let mut id = String::with_capacity(8 + 1 + 16);
+        let _ = write!(id, "{:08x}-{n:x}", self.request_prefix);
+        id
     }
 
     /// `http`, or `https` once the gateway terminates TLS.

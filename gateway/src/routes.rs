@@ -9,6 +9,7 @@
 //! [`handle`] applies them to each request, after the checks that come before any routing (the
 //! `Via` loop check, one Host, the target's length), and hands the request to where it goes.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -49,7 +50,7 @@ pub(crate) enum Route {
 
 /// Lowercase host without port or trailing dot, so `Agent-…-Web.Example.com.:443` and
 /// `agent-…-web.example.com` route (and later authorise) the same way.
-pub(crate) fn normalize_host(raw: &str) -> String {
+pub(crate) fn normalize_host(raw: &str) -> Cow<'_, str> {
     let raw = raw.trim();
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: keep the brackets, drop the port.
@@ -60,7 +61,13 @@ pub(crate) fn normalize_host(raw: &str) -> String {
             _ => raw,
         }
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    // Clients send lowercase hosts: no copy then.
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// Decides the route. `host` is already normalised; `path_and_query` is the request target in
@@ -220,7 +227,8 @@ mod tests {
 
     #[test]
     fn host_routing_by_label() {
-        let host = normalize_host(&format!("{}.Tunnel.Example.com.:8443", LABEL.to_uppercase()));
+        let raw = format!("{}.Tunnel.Example.com.:8443", LABEL.to_uppercase());
+        let host = normalize_host(&raw);
         assert_eq!(route(Some("tunnel.example.com"), Some(&host), "/a?b"), tunnel("/a?b"));
         // The bare domain and other hosts fall back to the gateway's own routes.
         assert_eq!(route(Some("tunnel.example.com"), Some("tunnel.example.com"), "/"), Route::Health);
@@ -265,5 +273,7 @@ mod tests {
         assert_eq!(normalize_host("example.com."), "example.com");
         assert_eq!(normalize_host("[::1]:3000"), "[::1]");
         assert_eq!(normalize_host("127.0.0.1"), "127.0.0.1");
+        // Already normal: borrowed, not copied.
+        assert!(matches!(normalize_host("example.com:80"), Cow::Borrowed("example.com")));
     }
 }

@@ -33,13 +33,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     {
         return;
     }
+    // Fields named by `Connection` besides the ones removed anyway: usually none (`keep-alive`,
+    // `close`, `upgrade`), so nothing is allocated for them.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .map(str::trim)
+        .filter(|token| !is_removed_anyway(token))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -60,6 +63,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Whether the `Connection` token `token` names a field [`strip_hop_by_hop`] removes (or, for
+/// `upgrade`, decides on) without being told, or none at all (`close`: RFC 9110 §7.6.1 reserves
+/// the name, no field may be called that).
+fn is_removed_anyway(token: &str) -> bool {
+    token.is_empty()
+        || token.eq_ignore_ascii_case("close")
+        || token.eq_ignore_ascii_case("upgrade")
+        || HOP_BY_HOP.iter().any(|name| token.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
@@ -99,13 +112,32 @@ pub fn headers_to_wire(map: &HeaderMap) -> Vec<Header> {
     out
 }
 
+/// Field names outside `http`'s standard set that nearly every head carries (the gateway adds
+/// the `X-Forwarded-*` ones to every request): cloned from here instead of allocated per field.
+const COMMON_NAMES: [HeaderName; 5] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("keep-alive"),
+];
+
+/// A field name from the wire as `http`'s name: a standard name is parsed without allocating, a
+/// common one is cloned from [`COMMON_NAMES`], any other is copied (and lowercased).
+fn name_from_wire(name: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+    COMMON_NAMES
+        .iter()
+        .find(|common| common.as_str().as_bytes() == name)
+        .map_or_else(|| HeaderName::from_bytes(name), |common| Ok(common.clone()))
+}
+
 /// Wire headers as a header map, in order.
 pub fn headers_from_wire(headers: Vec<Header>) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(headers.len());
     for header in headers {
         let (name, value) = header.into_parts();
         // The codec validated both; `from_bytes` only lowercases the name.
-        match (HeaderName::from_bytes(&name), HeaderValue::from_maybe_shared(value)) {
+        match (name_from_wire(&name), HeaderValue::from_maybe_shared(value)) {
             (Ok(name), Ok(value)) => {
                 map.append(name, value);
             }
@@ -143,7 +175,7 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_fields() {
         let mut headers = map(&[
-            ("connection", "keep-alive, x-secret-hop"),
+            ("connection", "keep-alive, Close, x-secret-hop"),
             ("keep-alive", "timeout=5"),
             ("x-secret-hop", "1"),
             ("transfer-encoding", "chunked"),
@@ -178,6 +210,17 @@ mod tests {
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers["upgrade"], "websocket");
         assert_eq!(headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn common_names_come_from_the_table_and_others_are_parsed() {
+        for common in &COMMON_NAMES {
+            assert_eq!(&name_from_wire(common.as_str().as_bytes()).unwrap(), common);
+        }
+        assert_eq!(name_from_wire(b"X-Forwarded-For").unwrap(), "x-forwarded-for");
+        assert_eq!(name_from_wire(b"Content-Type").unwrap(), header::CONTENT_TYPE);
+        assert_eq!(name_from_wire(b"x-other").unwrap(), "x-other");
+        assert!(name_from_wire(b"bad name").is_err());
     }
 
     #[test]
