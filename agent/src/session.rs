@@ -108,7 +108,7 @@ pub(crate) async fn serve(
     let stream_upstream = Arc::clone(upstream);
     let stream_tracker = streams.clone();
     let on_request = move |stream: multiplex::Stream| {
-        stream_tracker.spawn(serve_stream(Arc::clone(&stream_upstream), stream).in_current_span());
+        stream_tracker.spawn(serve_stream(Arc::clone(&stream_upstream), stream));
     };
     let mut run = Box::pin(task.run(on_request, stop.clone()).in_current_span());
 
