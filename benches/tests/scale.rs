@@ -86,7 +86,10 @@ async fn ten_thousand_idle_sessions() {
         "SCALE idle_sessions=10000 gateway_rss_mb={rss} (from {before}) connect_all_s={:.1}",
         started.elapsed().as_secs_f64()
     );
-    assert!(rss < 512, "10,000 idle sessions took {rss} MiB");
+    // The growth, not the total: the tests before this one in the same process (run one at a
+    // time by the harness) leave memory that glibc keeps, 455 MiB after t07's 10,000 streams.
+    let grown = rss.saturating_sub(before);
+    assert!(grown < 512, "10,000 idle sessions took {grown} MiB (from {before} to {rss})");
     // Heartbeats flow: every session still there after a round of them would not prove much in
     // 20 s; the registry count above is what matters. Tear down.
     swarm.kill().await.unwrap();

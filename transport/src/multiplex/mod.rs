@@ -22,10 +22,13 @@
 //!
 //! The protocol as the crate speaks it: 256 KiB initial windows; a window update once half the
 //! window was read; a stream's window doubles when its reader took half of it within two round
-//! trips (RTT from a ping every 10 s), out of a session budget ([`Config::max_connection_window`]
-//! minus 256 KiB per stream); at most 256 outbound streams not yet acknowledged; frames for
-//! streams already gone are ignored (rust-yamux #110). Where we differ, it is on the peer's
-//! mistakes: a stream over the limit is reset (RST) instead of ending the whole session.
+//! trips (RTT from a ping every 10 s) and had to wait for data meanwhile, out of a session
+//! budget ([`Config::max_connection_window`] minus 256 KiB per stream); at most 256 outbound
+//! streams not yet acknowledged; frames for streams already gone are ignored (rust-yamux #110).
+//! Where we differ: a stream over the limit is reset (RST) instead of ending the whole session,
+//! and a window grows only for a reader that waited on the sender (the crate grows it for a
+//! reader that never waits too, so a reader slower than the link gets ever larger buffers; see
+//! [`Shared::consumed`]).
 
 mod header;
 mod stream;
@@ -153,6 +156,9 @@ struct Entry {
     max_window: u32,
     /// When the last window update was sent (for window growth).
     last_update: Instant,
+    /// The reader found nothing to read since the last window update: it waited on the
+    /// sender, so the window (not the reader) may be what limits the stream.
+    starved: bool,
     /// Credit we have left.
     send_window: u32,
     reader: Option<Waker>,
@@ -175,6 +181,7 @@ impl Entry {
             recv_window: INITIAL_WINDOW,
             max_window: INITIAL_WINDOW,
             last_update: Instant::now(),
+            starved: false,
             send_window,
             reader: None,
             writer: None,
@@ -310,7 +317,15 @@ impl Shared {
         if delta < entry.max_window / 2 {
             return;
         }
-        if rtt.is_some_and(|rtt| entry.last_update.elapsed() < rtt * 2) {
+        // Growth is for a window the link cannot fill in a round trip: the reader took half of
+        // it within two round trips *and* had to wait for data since the last update. A reader
+        // that always found data waiting is the bottleneck itself (an upstream slower than the
+        // tunnel), and a larger window would only buffer more here. The crate grows on the
+        // first condition alone; with round trips measured through full socket queues
+        // (milliseconds on loopback under load) every window then grew towards the session
+        // budget, and an upload to an nginx upstream held 20 to 50 MB in the agent.
+        let starved = std::mem::take(&mut entry.starved);
+        if starved && rtt.is_some_and(|rtt| entry.last_update.elapsed() < rtt * 2) {
             let room = u32::try_from(growth_budget.saturating_sub(*grown)).unwrap_or(u32::MAX);
             let new_max = entry.max_window.saturating_mul(2).min(entry.max_window.saturating_add(room));
             *grown += (new_max - entry.max_window) as usize;
@@ -841,6 +856,8 @@ mod tests {
         shared.rtt = rtt;
         let mut entry = Entry::new(flags::ACK, INITIAL_WINDOW);
         entry.recv_window -= INITIAL_WINDOW / 2;
+        // The reader waited for data since the last update.
+        entry.starved = true;
         shared.streams.insert(2, entry);
         shared.consumed(2);
         let header = (shared.out.len() >= HEADER_LEN).then(|| header_of(&shared.out).unwrap());
@@ -864,6 +881,23 @@ mod tests {
         let (update, grown) = update_after_half_read(long, tight);
         assert_eq!(update, Some(Header::new(Kind::WindowUpdate, flags::ACK, 2, INITIAL_WINDOW / 2)));
         assert_eq!(grown, 0);
+    }
+
+    #[test]
+    fn a_window_whose_reader_never_waited_does_not_grow() {
+        // The reader took half the window quickly, but never had to wait for data: the sender
+        // is ahead of the reader, and a larger window would only buffer more.
+        let mut shared = Shared::new(Mode::Client, Config::default());
+        shared.rtt = Some(Duration::from_secs(3600));
+        let mut entry = Entry::new(flags::ACK, INITIAL_WINDOW);
+        entry.recv_window -= INITIAL_WINDOW / 2 + 1024;
+        entry.buffered = 1024;
+        entry.starved = false;
+        shared.streams.insert(2, entry);
+        shared.consumed(2);
+        let update = header_of(&shared.out).ok();
+        assert_eq!(update, Some(Header::new(Kind::WindowUpdate, flags::ACK, 2, INITIAL_WINDOW / 2)));
+        assert_eq!(shared.grown, 0);
     }
 
     #[test]

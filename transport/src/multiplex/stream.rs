@@ -69,6 +69,7 @@ impl Stream {
         if closed_session {
             return Poll::Ready(Some(Err(closed())));
         }
+        entry.starved = true;
         if !entry.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             entry.reader = Some(cx.waker().clone());
         }
