@@ -5,14 +5,15 @@
 
 use std::time::{Duration, Instant};
 
-use http::{Request, Uri};
+use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::{AgentConfig, Upstream};
 use crate::health::Health;
-use crate::pool::UpstreamPool;
+use crate::pool::{OutRequest, UpstreamPool};
+use ferry_transport::h1::RequestFraming;
 
 /// Longest a single health probe may take.
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,19 +89,24 @@ async fn probe(
     path: &str,
     timeout: Duration,
 ) -> Result<(), String> {
-    let uri: Uri = path.parse().map_err(|err| format!("bad path: {err}"))?;
+    let target = path.parse::<http::uri::PathAndQuery>().map_err(|err| format!("bad path: {err}"))?;
     // Pooled connections take request bodies from the tunnel; a probe has none.
-    let mut request = Request::new(Limited::new(ferry_transport::FrameBody::empty(), usize::MAX));
-    *request.uri_mut() = uri;
-    let (response, pooled) = match tokio::time::timeout(timeout, pool.send(upstream, request)).await {
+    let request = OutRequest {
+        method: http::Method::GET,
+        target: Bytes::copy_from_slice(target.as_str().as_bytes()),
+        headers: http::HeaderMap::new(),
+        body: Limited::new(ferry_transport::FrameBody::empty(), usize::MAX),
+        framing: RequestFraming::None,
+    };
+    let (head, mut exchange) = match tokio::time::timeout(timeout, pool.send(upstream, request)).await {
         Ok(Ok(sent)) => sent,
         Ok(Err(err)) => return Err(crate::error_chain(&err)),
         Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
     };
-    let status = response.status();
+    let status = head.status;
     // Drain a small body so the connection goes back to the pool.
-    if let Ok(Ok(_)) = tokio::time::timeout(timeout, response.into_body().collect()).await {
-        pooled.release().await;
+    if let Ok(Ok(_)) = tokio::time::timeout(timeout, (&mut exchange).collect()).await {
+        exchange.release();
     }
     if status.is_success() || status.is_redirection() {
         Ok(())

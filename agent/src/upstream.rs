@@ -11,11 +11,9 @@ use ferry_transport::heads::{
 };
 use ferry_transport::stream::{FrameReader, FrameWriter, acknowledge, pipe, split};
 use ferry_transport::{FrameBody, multiplex};
+use http::StatusCode;
 use http::uri::PathAndQuery;
-use http::{Request, StatusCode, Uri, Version};
 use http_body_util::{LengthLimitError, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::config::{AgentConfig, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM};
@@ -24,7 +22,8 @@ use crate::error_chain;
 use crate::filter::{Refusal, target_path};
 use crate::health::{Admission, Health};
 use crate::metrics::AgentMetrics;
-use crate::pool::UpstreamPool;
+use crate::pool::{OutRequest, UpstreamPool};
+use ferry_transport::h1::RequestFraming;
 
 /// A request body on its way upstream, cut at the agent's body limit.
 pub(crate) type UpstreamBody = Limited<FrameBody>;
@@ -32,38 +31,29 @@ pub(crate) type UpstreamBody = Limited<FrameBody>;
 /// Builds the upstream connection pool: `TCP_NODELAY`, connect timeout, idle timeout, and for an
 /// `https` upstream TLS trusting the system roots plus `extra_ca` (PEM).
 pub(crate) fn pool(config: &AgentConfig, extra_ca: Option<&[u8]>) -> Result<UpstreamPool, AgentError> {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.upstream_connect_timeout));
-    // A fixed receive buffer instead of the kernel's autotuning (up to 32 MiB per socket here):
-    // a response whose client stopped reading parks what the upstream already sent in this
-    // buffer, and a thousand such responses drove the host into TCP memory pressure, which slowed
-    // every socket on it (measured: 2 GiB of socket memory, downloads at 30 MB/s).
-    http.set_recv_buffer_size(Some(UPSTREAM_SOCKET_BUFFER));
-    http.enforce_http(false);
     // Any route may lead to an https upstream, not only the default one.
     let roots = if config.upstreams().iter().any(|u| u.scheme == http::uri::Scheme::HTTPS) {
         crate::tls::root_store(extra_ca, "--upstream-ca-file")?
     } else {
         rustls::RootCertStore::empty()
     };
-    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(UpstreamPool::new(connector, UPSTREAM_READ_BUFFER, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM))
+    let mut tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A fixed receive buffer instead of the kernel's autotuning (up to 32 MiB per socket here):
+    // a response whose client stopped reading parks what the upstream already sent in this
+    // buffer, and a thousand such responses drove the host into TCP memory pressure, which slowed
+    // every socket on it (measured: 2 GiB of socket memory, downloads at 30 MB/s).
+    let dialer = crate::pool::dialer(Arc::new(tls), config.upstream_connect_timeout, UPSTREAM_SOCKET_BUFFER);
+    Ok(UpstreamPool::new(dialer, UPSTREAM_READ_BUFFER, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_UPSTREAM))
 }
 
-/// Largest read buffer per upstream connection. hyper's default (about 400 KiB) is what a
-/// response whose client stopped reading holds here, per request in flight; 64 KiB is one
+/// Largest response head, and the most read from an upstream connection at once: 64 KiB is one
 /// `Data` frame, what the agent sends at a time anyway.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 /// Receive buffer of an upstream connection: an upstream is near (loopback or a LAN), where
 /// 512 KiB keeps a single download at full speed.
-const UPSTREAM_SOCKET_BUFFER: usize = 512 * 1024;
+const UPSTREAM_SOCKET_BUFFER: u32 = 512 * 1024;
 
 /// The request forwarder: what every request stream shares on its way to the upstream (the
 /// connection pool, the configuration, the count in flight, the breaker). Not to be confused with
@@ -134,8 +124,8 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     }
     // The upstream request does not need it; only a refusal made after this point does.
     let request_id = std::mem::take(&mut head.request_id);
-    // Boxed, as the rare paths here are: `proxy` is the bulk of this future (3.6 KB, mostly
-    // hyper's request future) and the rest are rare paths. A task is copied whole when it is
+    // Boxed, as the rare paths here are: `proxy` is the bulk of this future (the upstream
+    // exchange's state) and the rest are rare paths. A task is copied whole when it is
     // spawned and when it completes, and one over 1 KiB missed malloc's per-thread cache:
     // unboxed this task was 4.4 KB, memcpy and malloc's slow path were 8 % and 5 % of the
     // agent's CPU per small request.
@@ -198,7 +188,7 @@ fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'sta
 }
 
 /// After a `101`: the upgraded upstream connection and the stream's reader, to pipe together.
-type Upgraded = (TokioIo<hyper::upgrade::Upgraded>, FrameReader);
+type Upgraded = (crate::pool::Upgraded, FrameReader);
 
 /// Why a request got no response from the upstream.
 enum Failure {
@@ -219,12 +209,14 @@ async fn proxy(
     let mut headers = headers_from_wire(head.headers);
     let upgrade = wants_upgrade(&headers);
     strip_hop_by_hop(&mut headers, upgrade);
+    let method = http::Method::from_bytes(head.method.as_bytes())
+        .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid method".to_owned()))?;
 
-    // A known-empty body is a lone `End`: take it now, give hyper an empty body (no chunked
-    // encoding on a GET) and keep the reader for a possible upgrade.
-    let (body, mut raw_reader) = if head.body_len == Some(0) {
+    // A known-empty body is a lone `End`: take it now (no chunked encoding on a GET) and keep
+    // the reader for a possible upgrade.
+    let (body, mut raw_reader, framing) = if head.body_len == Some(0) {
         match reader.next().await {
-            Some(Ok(Frame::End)) => (FrameBody::empty(), Some(reader)),
+            Some(Ok(Frame::End)) => {}
             _ => {
                 return Err(Failure::Abort(
                     AbortCode::ProtocolError,
@@ -232,24 +224,39 @@ async fn proxy(
                 ));
             }
         }
+        // `Content-Length: 0` where the client sent it, or where a body is expected.
+        let framing = if headers.contains_key(http::header::CONTENT_LENGTH)
+            || matches!(method, http::Method::POST | http::Method::PUT | http::Method::PATCH)
+        {
+            RequestFraming::Length(0)
+        } else {
+            RequestFraming::None
+        };
+        (FrameBody::empty(), Some(reader), framing)
     } else {
-        (FrameBody::new(reader, head.body_len), None)
+        let framing = head.body_len.map_or(RequestFraming::Chunked, RequestFraming::Length);
+        (FrameBody::new(reader, head.body_len), None, framing)
     };
 
     let config = &upstream.config;
     let target = config.upstream_for(target_path(&head.target));
-    let invalid_target = || Failure::Abort(AbortCode::ProtocolError, "invalid request target".to_owned());
-    // The target's bytes as they came off the wire, without a copy.
-    let path = PathAndQuery::from_maybe_shared(head.target.clone()).map_err(|_| invalid_target())?;
-    // Origin form (`/path?query`): what an HTTP/1.1 request line carries to an origin server.
-    let uri = Uri::from(path);
+    // The target's bytes as they came off the wire, without a copy, checked as a request line
+    // allows (no spaces or control bytes).
+    let path = PathAndQuery::from_maybe_shared(head.target.clone())
+        .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid request target".to_owned()))?;
+    let request_target = if path.as_str().starts_with('/') || path.as_str() == "*" {
+        head.target.clone()
+    } else {
+        bytes::Bytes::from(format!("/{}", path.as_str()))
+    };
     let limit = config.filters.max_request_body;
-    let mut request = Request::new(Limited::new(body, limit.map_or(usize::MAX, clamp_usize)));
-    *request.method_mut() = http::Method::from_bytes(head.method.as_bytes())
-        .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid method".to_owned()))?;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
+    let request = OutRequest {
+        method,
+        target: request_target,
+        headers,
+        body: Limited::new(body, limit.map_or(usize::MAX, clamp_usize)),
+        framing,
+    };
 
     let _trial = match upstream.health.admit(std::time::Instant::now()) {
         Admission::Go => None,
@@ -282,7 +289,7 @@ async fn proxy(
         // No verdict: the connection may be up and the upstream slow.
         Err(_) => {}
     }
-    let (response, pooled) = match result {
+    let (response, exchange) = match result {
         Ok(Ok(sent)) => sent,
         Ok(Err(err)) if err.is_connect() => {
             debug!(err = %error_chain(&err), upstream = %target, "upstream unreachable");
@@ -306,16 +313,18 @@ async fn proxy(
         }
     };
 
-    let status = response.status();
+    let status = response.status;
     upstream.metrics.upstream_answered(status, asked.elapsed());
-    let (mut parts, body) = response.into_parts();
+    let mut headers = response.headers;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(&mut parts.headers, switching);
+    strip_hop_by_hop(&mut headers, switching);
     let head = ResponseHead {
         status: status.as_u16(),
-        version: version_to_wire(parts.version),
-        headers: headers_to_wire(&parts.headers),
+        version: version_to_wire(response.version),
+        headers: headers_to_wire(&headers),
     };
+    // The upstream's head (which shares the exchange's read buffer) is not needed past this point.
+    drop(headers);
 
     if switching {
         let Some(reader) = raw_reader.filter(|_| upgrade) else {
@@ -324,33 +333,23 @@ async fn proxy(
                 "101 to a request that cannot be upgraded".into(),
             ));
         };
-        let response = http::Response::from_parts(parts, body);
-        let upstream_io = match hyper::upgrade::on(response).await {
-            Ok(io) => io,
-            Err(err) => {
-                debug!(%err, "upstream upgrade failed");
-                return Err(Failure::Abort(AbortCode::UpstreamReset, "the upstream upgrade failed".into()));
-            }
-        };
         if writer.send(&Frame::Head(Head::Response(head))).await.is_err() {
             return Ok(None);
         }
-        return Ok(Some((TokioIo::new(upstream_io), reader)));
+        return Ok(Some((exchange.into_upgraded(), reader)));
     }
 
-    // The upstream's head (which shares hyper's read buffer) is not needed past this point.
-    drop(parts);
     // The head is queued: it leaves with the first body bytes (or `End`) in one write.
     if writer.queue(&Frame::Head(Head::Response(head))).is_err() {
         return Err(Failure::Abort(AbortCode::Internal, "response head over the frame limit".into()));
     }
     // An upstream that goes quiet mid-body is given up on: the client sees the response cut.
-    let body = ferry_transport::body::IdleTimeout::new(body, config.upstream_idle_timeout);
-    match send_body(body, writer, AbortCode::UpstreamReset).await {
+    let mut body = ferry_transport::body::IdleTimeout::new(exchange, config.upstream_idle_timeout);
+    match send_body(&mut body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {
             let _ = writer.finish().await;
             // The whole body was read: the connection can take the next request.
-            pooled.release().await;
+            body.into_inner().release();
         }
         Err(SendBodyError::Body(err)) => {
             debug!(err = %error_chain(&*err), "upstream body failed mid-way")

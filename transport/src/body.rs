@@ -217,6 +217,11 @@ impl<B> IdleTimeout<B> {
     pub fn new(inner: B, idle: std::time::Duration) -> Self {
         Self { inner, idle, timer: None, waiting: false }
     }
+
+    /// The wrapped body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
 }
 
 impl<B> Body for IdleTimeout<B>

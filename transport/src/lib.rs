@@ -36,6 +36,7 @@ pub mod body;
 pub mod cli;
 pub mod control;
 pub mod error;
+pub mod h1;
 pub mod heads;
 pub mod multiplex;
 pub mod mux;

@@ -14,7 +14,7 @@ thread_local! {
 
 /// Counts `n` bytes copied by this thread.
 #[inline]
-pub(crate) fn copied(n: usize) {
+pub fn copied(n: usize) {
     COPIED.with(|c| c.set(c.get().wrapping_add(n as u64)));
 }
 
