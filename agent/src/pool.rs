@@ -201,10 +201,8 @@ impl UpstreamPool {
         request: OutRequest,
     ) -> Result<(ResponseHead, Exchange<'a>), PoolError> {
         let OutRequest { method, target, headers, body, framing } = request;
-        let mut head = Vec::new();
-        h1::write_request_head(&mut head, &method, &target, &headers, upstream.authority.as_str(), framing);
+        let head = h1::request_head(&method, &target, &headers, upstream.authority.as_str(), framing);
         drop(headers);
-        let head = Bytes::from(head);
         let retryable = framing == RequestFraming::None && method.is_idempotent();
         // Connecting is rare once the pool is warm: its future is boxed so that it does not
         // make every request's task larger (a task is allocated, and moved, at its full size).

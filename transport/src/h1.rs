@@ -57,47 +57,62 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Writes a request head in origin form. `headers` must already be free of hop-by-hop fields;
+/// A request head in origin form. `headers` must already be free of hop-by-hop fields;
 /// `Content-Length` and `Transfer-Encoding` in it are replaced by what `framing` says, and `Host`
-/// is `host` if missing, and written first.
-pub fn write_request_head(
-    dst: &mut Vec<u8>,
+/// is `host` if missing, and written first. Built in one allocation of exactly its size (so the
+/// `Bytes` needs no second one to share it).
+pub fn request_head(
     method: &Method,
     target: &[u8],
     headers: &HeaderMap,
     host: &str,
     framing: RequestFraming,
-) {
-    let fields: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
-    dst.reserve(method.as_str().len() + target.len() + fields + host.len() + 64);
+) -> Bytes {
+    let skip = |name: &HeaderName| {
+        name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST
+    };
+    let host = headers.get(header::HOST).map_or(host.as_bytes(), HeaderValue::as_bytes);
+    let mut digits = [0; 20];
+    let framing_line: [&[u8]; 3] = match framing {
+        RequestFraming::None => [b"", b"", b""],
+        RequestFraming::Length(n) => [b"content-length: ", itoa(n, &mut digits), b"\r\n"],
+        RequestFraming::Chunked => [b"transfer-encoding: chunked\r\n", b"", b""],
+    };
+    let fields: usize = headers
+        .iter()
+        .filter(|(name, _)| !skip(name))
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let size = method.as_str().len()
+        + 1
+        + target.len()
+        + b" HTTP/1.1\r\nhost: ".len()
+        + host.len()
+        + 2
+        + fields
+        + framing_line.iter().map(|part| part.len()).sum::<usize>()
+        + 2;
+    let mut dst = Vec::with_capacity(size);
     dst.extend_from_slice(method.as_str().as_bytes());
     dst.push(b' ');
     dst.extend_from_slice(target);
-    dst.extend_from_slice(b" HTTP/1.1\r\n");
     // Host first, as RFC 9112 §3.2 asks of a client.
-    dst.extend_from_slice(b"host: ");
-    dst.extend_from_slice(headers.get(header::HOST).map_or(host.as_bytes(), HeaderValue::as_bytes));
+    dst.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    dst.extend_from_slice(host);
     dst.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST {
-            continue;
-        }
+    for (name, value) in headers.iter().filter(|(name, _)| !skip(name)) {
         dst.extend_from_slice(name.as_str().as_bytes());
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
         dst.extend_from_slice(b"\r\n");
     }
-    match framing {
-        RequestFraming::None => {}
-        RequestFraming::Length(n) => {
-            dst.extend_from_slice(b"content-length: ");
-            dst.extend_from_slice(itoa(n, &mut [0; 20]));
-            dst.extend_from_slice(b"\r\n");
-        }
-        RequestFraming::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    for part in framing_line {
+        dst.extend_from_slice(part);
     }
     dst.extend_from_slice(b"\r\n");
+    debug_assert_eq!(dst.len(), size);
     crate::stats::copied(dst.len());
+    Bytes::from(dst)
 }
 
 /// The decimal digits of `n`, written into the end of `buf`.
@@ -446,20 +461,17 @@ mod tests {
         headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         headers.append("x-a", HeaderValue::from_static("1"));
         headers.append("x-a", HeaderValue::from_static("2"));
-        let mut out = Vec::new();
-        write_request_head(&mut out, &Method::POST, b"/p?q=1", &headers, "up:80", RequestFraming::Length(12));
+        let out = request_head(&Method::POST, b"/p?q=1", &headers, "up:80", RequestFraming::Length(12));
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12\r\n\r\n"
         );
         headers.insert(header::HOST, HeaderValue::from_static("example.com"));
-        let mut out = Vec::new();
-        write_request_head(&mut out, &Method::GET, b"/", &headers, "up:80", RequestFraming::None);
-        let text = String::from_utf8(out).unwrap();
+        let out = request_head(&Method::GET, b"/", &headers, "up:80", RequestFraming::None);
+        let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.starts_with("GET / HTTP/1.1\r\nhost: example.com\r\n"), "{text}");
         assert!(!text.contains("content-length") && !text.contains("transfer-encoding"), "{text}");
-        let mut out = Vec::new();
-        write_request_head(&mut out, &Method::PUT, b"/", &HeaderMap::new(), "h", RequestFraming::Chunked);
+        let out = request_head(&Method::PUT, b"/", &HeaderMap::new(), "h", RequestFraming::Chunked);
         assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
     }
 
