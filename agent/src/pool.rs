@@ -378,8 +378,11 @@ impl Upload {
         }
     }
 
+    /// Queues `bytes`; callers check [`Upload::free_slots`] first.
     fn push(&mut self, bytes: Bytes) {
-        if let Some(slot) = self.out.iter_mut().find(|slot| slot.is_empty()) {
+        let slot = self.out.iter_mut().find(|slot| slot.is_empty());
+        debug_assert!(slot.is_some(), "upload queue full");
+        if let Some(slot) = slot {
             *slot = bytes;
         }
     }

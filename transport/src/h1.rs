@@ -130,7 +130,16 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// The header of one chunk of `len` bytes: `{len:x}\r\n`.
 pub fn chunk_header(len: usize) -> Bytes {
-    Bytes::from(format!("{len:x}\r\n"))
+    // Written on the stack and copied once: `format!` made a `String` and, with its spare
+    // capacity, a second allocation to share it as `Bytes`.
+    let mut out = [0u8; 2 * size_of::<usize>() + 2];
+    let digits = (usize::BITS as usize - len.leading_zeros() as usize).div_ceil(4).max(1);
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
+        *slot = b"0123456789abcdef"[nibble];
+    }
+    out[digits..digits + 2].copy_from_slice(b"\r\n");
+    Bytes::copy_from_slice(&out[..digits + 2])
 }
 
 /// The last chunk and the trailer section (`trailers` may be empty).
@@ -615,6 +624,8 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert("x-sum", HeaderValue::from_static("1"));
         assert_eq!(last_chunk(Some(&map)), Bytes::from_static(b"0\r\nx-sum: 1\r\n\r\n"));
-        assert_eq!(chunk_header(255), Bytes::from_static(b"ff\r\n"));
+        for len in [0, 1, 15, 16, 255, 16 * 1024, 0x1234_5678, usize::MAX] {
+            assert_eq!(chunk_header(len), Bytes::from(format!("{len:x}\r\n")), "{len}");
+        }
     }
 }
