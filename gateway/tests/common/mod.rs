@@ -363,7 +363,8 @@ pub struct Witness {
 }
 
 impl Witness {
-    /// Starts the witness tunnel and its client; returns once the first request was served.
+    /// Starts the witness tunnel and its client; returns once the witness tunnel is up (its first
+    /// request may still be on its way, counted by the same upstream as the test's own).
     pub async fn start(env: &TestEnv) -> Self {
         let mut config = env.agent_config();
         config.tunnel_id = WITNESS.parse().unwrap();
