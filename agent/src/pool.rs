@@ -174,8 +174,8 @@ pub(crate) struct OutRequest {
     pub(crate) method: Method,
     /// Origin form: `/path?query`.
     pub(crate) target: Bytes,
-    /// Free of hop-by-hop fields; `Host` is added when missing.
-    pub(crate) headers: HeaderMap,
+    /// Free of hop-by-hop fields, in order; `Host` is added when missing.
+    pub(crate) headers: Vec<ferry_codec::Header>,
     pub(crate) body: UpstreamBody,
     pub(crate) framing: RequestFraming,
 }
@@ -709,7 +709,7 @@ mod tests {
         OutRequest {
             method,
             target: Bytes::copy_from_slice(path.as_bytes()),
-            headers: HeaderMap::new(),
+            headers: Vec::new(),
             body,
             framing,
         }

@@ -94,7 +94,7 @@ async fn probe(
     let request = OutRequest {
         method: http::Method::GET,
         target: Bytes::copy_from_slice(target.as_str().as_bytes()),
-        headers: http::HeaderMap::new(),
+        headers: Vec::new(),
         body: Limited::new(ferry_transport::FrameBody::empty(), usize::MAX),
         framing: RequestFraming::None,
     };

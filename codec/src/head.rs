@@ -45,6 +45,28 @@ impl Header {
         Ok(Self { name, value })
     }
 
+    /// A field known at compile time.
+    ///
+    /// # Panics
+    /// The name is not a token or the value has a forbidden byte (a bug in the caller, as with
+    /// `http::HeaderName::from_static`).
+    pub fn from_static(name: &'static str, value: &'static str) -> Self {
+        match Self::new(Bytes::from_static(name.as_bytes()), Bytes::from_static(value.as_bytes())) {
+            Ok(header) => header,
+            Err(err) => panic!("invalid static header field {name}: {err}"),
+        }
+    }
+
+    /// Whether the field is called `name` (compared without regard to ASCII case).
+    pub fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name.as_bytes())
+    }
+
+    /// The field value as text, if it is ASCII-compatible UTF-8 (obs-text that is not, is `None`).
+    pub fn value_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.value).ok()
+    }
+
     /// The field name, as sent.
     pub fn name(&self) -> &Bytes {
         &self.name

@@ -273,7 +273,10 @@ async fn t08a_huge_request_headers() {
         assert_eq!(raw(long_uri).await, [414]);
         // The witness's own requests reach the same upstream (as `/bytes/64`); none of these may.
         let targets = env.stats.targets.lock().unwrap().clone();
-        assert!(targets.iter().all(|t| t.starts_with("/bytes/")), "a refused request reached the upstream: {targets:?}");
+        assert!(
+            targets.iter().all(|t| t.starts_with("/bytes/")),
+            "a refused request reached the upstream: {targets:?}"
+        );
         // 1 MiB of header bytes sent slowly: cut by the header deadline, long before the end.
         let mut socket = TcpStream::connect(env.gateway_addr).await.unwrap();
         socket.write_all(format!("GET /t/{id}/ HTTP/1.1\r\nHost: a\r\n").as_bytes()).await.unwrap();

@@ -9,7 +9,8 @@
 //! The `h1_response` fuzz target feeds them arbitrary bytes.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ferry_codec::Header;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 /// Most header fields a response head or a trailer section may carry.
@@ -57,21 +58,20 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// A request head in origin form. `headers` must already be free of hop-by-hop fields;
-/// `Content-Length` and `Transfer-Encoding` in it are replaced by what `framing` says, and `Host`
-/// is `host` if missing, and written first. Built in one allocation of exactly its size (so the
-/// `Bytes` needs no second one to share it).
+/// A request head in origin form. `headers` (the fields as they came through the tunnel, in
+/// order) must already be free of hop-by-hop fields; `Content-Length` and `Transfer-Encoding` in
+/// it are replaced by what `framing` says, and `Host` is `host` if missing, and written first.
+/// Built in one allocation of exactly its size (so the `Bytes` needs no second one to share it).
 pub fn request_head(
     method: &Method,
     target: &[u8],
-    headers: &HeaderMap,
+    headers: &[Header],
     host: &str,
     framing: RequestFraming,
 ) -> Bytes {
-    let skip = |name: &HeaderName| {
-        name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST
-    };
-    let host = headers.get(header::HOST).map_or(host.as_bytes(), HeaderValue::as_bytes);
+    let skip =
+        |field: &Header| field.is("content-length") || field.is("transfer-encoding") || field.is("host");
+    let host = headers.iter().find(|field| field.is("host")).map_or(host.as_bytes(), |field| field.value());
     let mut digits = [0; 20];
     let framing_line: [&[u8]; 3] = match framing {
         RequestFraming::None => [b"", b"", b""],
@@ -80,8 +80,8 @@ pub fn request_head(
     };
     let fields: usize = headers
         .iter()
-        .filter(|(name, _)| !skip(name))
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .filter(|field| !skip(field))
+        .map(|field| field.name().len() + field.value().len() + 4)
         .sum();
     let size = method.as_str().len()
         + 1
@@ -100,10 +100,10 @@ pub fn request_head(
     dst.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     dst.extend_from_slice(host);
     dst.extend_from_slice(b"\r\n");
-    for (name, value) in headers.iter().filter(|(name, _)| !skip(name)) {
-        dst.extend_from_slice(name.as_str().as_bytes());
+    for field in headers.iter().filter(|field| !skip(field)) {
+        dst.extend_from_slice(field.name());
         dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(field.value());
         dst.extend_from_slice(b"\r\n");
     }
     for part in framing_line {
@@ -155,12 +155,13 @@ pub fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
     Bytes::from(out)
 }
 
-/// A parsed response head.
+/// A parsed response head. The fields are kept as the upstream sent them (order, repeats and
+/// case), ready for the wire, without a `HeaderMap` in between.
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: Vec<Header>,
 }
 
 /// Parses a response head at the start of `buf`. `Ok(None)`: more bytes are needed (and `buf` is
@@ -208,14 +209,11 @@ pub fn parse_response(buf: &mut BytesMut, max_len: usize) -> Result<Option<Respo
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| ParseError::Head(httparse::Error::Status))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = Vec::with_capacity(count);
     for &(name_start, name_end, value_start, value_end) in &ranges[..count] {
-        let (name_start, name_end) = (name_start as usize, name_end as usize);
-        let (value_start, value_end) = (value_start as usize, value_end as usize);
-        let name = HeaderName::from_bytes(&head[name_start..name_end]).map_err(|_| ParseError::Field)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| ParseError::Field)?;
-        headers.append(name, value);
+        let name = head.slice(name_start as usize..name_end as usize);
+        let value = head.slice(value_start as usize..value_end as usize);
+        headers.push(Header::new(name, value).map_err(|_| ParseError::Field)?);
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
     Ok(Some(ResponseHead { status, version, headers }))
@@ -260,18 +258,17 @@ impl Framing {
         {
             return Ok(Self::Empty);
         }
-        if let Some(last) = head.headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+        if let Some(last) = head.headers.iter().rfind(|field| field.is("transfer-encoding")) {
             // Chunked must be the last coding; any other ends with the connection.
             let chunked = last
-                .to_str()
-                .ok()
+                .value_str()
                 .and_then(|value| value.rsplit(',').next())
                 .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
             return Ok(if chunked { Self::Chunked(Chunked::Size) } else { Self::Close });
         }
         let mut length = None;
-        for value in head.headers.get_all(header::CONTENT_LENGTH) {
-            for item in value.to_str().map_err(|_| ParseError::ContentLength)?.split(',') {
+        for field in head.headers.iter().filter(|field| field.is("content-length")) {
+            for item in field.value_str().ok_or(ParseError::ContentLength)?.split(',') {
                 let item = item.trim();
                 if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(ParseError::ContentLength);
@@ -430,8 +427,8 @@ const MAX_TRAILERS: usize = 64 * 1024;
 pub fn keeps_alive(head: &ResponseHead) -> bool {
     let mut close = false;
     let mut keep_alive = false;
-    for value in head.headers.get_all(header::CONNECTION) {
-        for token in value.to_str().unwrap_or("close").split(',') {
+    for field in head.headers.iter().filter(|field| field.is("connection")) {
+        for token in field.value_str().unwrap_or("close").split(',') {
             let token = token.trim();
             close |= token.eq_ignore_ascii_case("close");
             keep_alive |= token.eq_ignore_ascii_case("keep-alive");
@@ -475,22 +472,26 @@ mod tests {
 
     #[test]
     fn writes_an_origin_form_head_with_host_and_framing() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        headers.append("x-a", HeaderValue::from_static("1"));
-        headers.append("x-a", HeaderValue::from_static("2"));
+        let field = |name: &'static str, value: &'static str| Header::from_static(name, value);
+        let mut headers = vec![
+            field("Content-Length", "99"),
+            field("transfer-encoding", "chunked"),
+            field("x-a", "1"),
+            field("X-B", "3"),
+            field("x-a", "2"),
+        ];
         let out = request_head(&Method::POST, b"/p?q=1", &headers, "up:80", RequestFraming::Length(12));
         assert_eq!(
             String::from_utf8(out.to_vec()).unwrap(),
-            "POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12\r\n\r\n"
+            "POST /p?q=1 HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nX-B: 3\r\nx-a: 2\r\ncontent-length: 12\r\n\r\n"
         );
-        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        headers.push(field("Host", "example.com"));
         let out = request_head(&Method::GET, b"/", &headers, "up:80", RequestFraming::None);
         let text = String::from_utf8(out.to_vec()).unwrap();
-        assert!(text.starts_with("GET / HTTP/1.1\r\nhost: example.com\r\n"), "{text}");
-        assert!(!text.contains("content-length") && !text.contains("transfer-encoding"), "{text}");
-        let out = request_head(&Method::PUT, b"/", &HeaderMap::new(), "h", RequestFraming::Chunked);
+        assert!(text.starts_with("GET / HTTP/1.1\r\nhost: example.com\r\nx-a: 1\r\n"), "{text}");
+        assert!(!text.to_ascii_lowercase().contains("content-length"), "{text}");
+        assert!(!text.contains("transfer-encoding") && !text.contains("Host"), "{text}");
+        let out = request_head(&Method::PUT, b"/", &[], "h", RequestFraming::Chunked);
         assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
     }
 
@@ -511,7 +512,7 @@ mod tests {
                 assert_eq!(i, wire.len() - 6, "complete at the blank line");
                 assert_eq!(head.status, StatusCode::OK);
                 assert_eq!(head.version, Version::HTTP_11);
-                assert_eq!(head.headers.get_all("x-two").iter().count(), 2);
+                assert_eq!(head.headers.iter().filter(|field| field.is("x-two")).count(), 2);
                 assert_eq!(Framing::of(&Method::GET, &head), Ok(Framing::Length(5)));
                 assert!(buf.is_empty());
                 return;

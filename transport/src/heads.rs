@@ -83,6 +83,62 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
+/// [`strip_hop_by_hop`] for a wire header list, kept in its order: the agent forwards heads
+/// without building a `HeaderMap` (names come from an upstream in any case, so they are compared
+/// without regard to it). A kept `TE: trailers` stays where the first `TE` was; `Connection:
+/// upgrade` goes last.
+pub fn strip_hop_by_hop_fields(headers: &mut Vec<Header>, keep_upgrade: bool) {
+    let hop = |field: &Header| HOP_BY_HOP.iter().any(|name| field.is(name.as_str()));
+    if !keep_upgrade && !headers.iter().any(|field| hop(field) || field.is("te") || field.is("upgrade")) {
+        return;
+    }
+    // Fields named by `Connection` besides the ones removed anyway: usually none, so nothing is
+    // allocated for them. Views of the values, not copies.
+    let named: Vec<bytes::Bytes> = headers
+        .iter()
+        .filter(|field| field.is("connection"))
+        .flat_map(|field| {
+            let value = field.value();
+            field
+                .value_str()
+                .into_iter()
+                .flat_map(|text| text.split(','))
+                .map(str::trim)
+                .filter(|token| !is_removed_anyway(token))
+                .map(|token| value.slice_ref(token.as_bytes()))
+        })
+        .collect();
+    let te_trailers = headers.iter().filter(|field| field.is("te")).any(|field| {
+        field.value_str().is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+    });
+    let mut te_kept = false;
+    headers.retain_mut(|field| {
+        if hop(field) || named.iter().any(|name| field.name().eq_ignore_ascii_case(name)) {
+            return false;
+        }
+        if field.is("te") {
+            if te_trailers && !te_kept {
+                *field = Header::from_static("te", "trailers");
+                te_kept = true;
+                return true;
+            }
+            return false;
+        }
+        keep_upgrade || !field.is("upgrade")
+    });
+    if keep_upgrade {
+        headers.push(Header::from_static("connection", "upgrade"));
+    }
+}
+
+/// [`wants_upgrade`] for a wire header list.
+pub fn fields_want_upgrade(headers: &[Header]) -> bool {
+    headers.iter().any(|field| field.is("upgrade"))
+        && headers.iter().filter(|field| field.is("connection")).any(|field| {
+            field.value_str().is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
 /// Header fields in map order (repeats in order) as wire headers.
 ///
 /// Every name and value is copied once, into one buffer, and the wire headers are slices of it:
@@ -201,6 +257,65 @@ mod tests {
         let mut untouched = map(&[("x-a", "1"), ("accept", "*/*"), ("x-a", "2")]);
         strip_hop_by_hop(&mut untouched, false);
         assert_eq!(untouched, map(&[("x-a", "1"), ("accept", "*/*"), ("x-a", "2")]));
+    }
+
+    fn fields(list: &[(&str, &str)]) -> Vec<Header> {
+        list.iter()
+            .map(|(name, value)| Header::new(name.as_bytes().to_vec(), value.as_bytes().to_vec()).unwrap())
+            .collect()
+    }
+
+    fn pairs(headers: &[Header]) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|h| (String::from_utf8_lossy(h.name()).into(), String::from_utf8_lossy(h.value()).into()))
+            .collect()
+    }
+
+    /// The field-list version removes exactly what the map version removes, in any case of name,
+    /// and keeps the list's order.
+    #[test]
+    fn field_lists_are_stripped_as_maps_are() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[
+                ("Connection", "keep-alive, Close, X-Secret-Hop"),
+                ("Keep-Alive", "timeout=5"),
+                ("x-secret-hop", "1"),
+                ("Transfer-Encoding", "chunked"),
+                ("set-cookie", "a=1"),
+                ("TE", "gzip, trailers"),
+                ("Upgrade", "websocket"),
+                ("Proxy-Authorization", "Basic x"),
+                ("te", "deflate"),
+                ("set-cookie", "b=2"),
+            ],
+            &[("x-a", "1"), ("accept", "*/*"), ("x-a", "2")],
+            &[("x-a", "1"), ("te", "gzip"), ("x-b", "2")],
+            &[("connection", "Upgrade"), ("upgrade", "websocket"), ("host", "h")],
+            &[("Proxy-Connection", "keep-alive"), ("connection", ", ,x-b"), ("X-B", "1"), ("x-c", "2")],
+        ];
+        for case in cases {
+            for keep_upgrade in [false, true] {
+                let mut list = fields(case);
+                strip_hop_by_hop_fields(&mut list, keep_upgrade);
+                let mut expected = map(case);
+                strip_hop_by_hop(&mut expected, keep_upgrade);
+                let mut got: Vec<_> =
+                    pairs(&list).into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
+                let mut want: Vec<_> = expected
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                    .collect();
+                got.sort();
+                want.sort();
+                assert_eq!(got, want, "{case:?} keep_upgrade={keep_upgrade}");
+                assert_eq!(fields_want_upgrade(&fields(case)), wants_upgrade(&map(case)), "{case:?}");
+            }
+        }
+        let mut ordered = fields(cases[0]);
+        strip_hop_by_hop_fields(&mut ordered, false);
+        let names: Vec<_> = pairs(&ordered).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["set-cookie", "te", "set-cookie"]);
     }
 
     #[test]
