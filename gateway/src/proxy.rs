@@ -229,6 +229,8 @@ impl Exchange<'_> {
         let response_timeout =
             fw.settings.response_timeouts.get(id).copied().unwrap_or(fw.settings.response_timeout);
         let first = tokio::select! {
+            // First: a client body that failed is the cause of whatever the agent says next.
+            biased;
             Ok(err) = upload_failed => return Err(err),
             first = tokio::time::timeout(response_timeout, reader.next()) => first,
         };
@@ -296,32 +298,67 @@ async fn upload<B>(
     B: Body<Data = Bytes> + Send + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let sent = tokio::select! {
-        sent = send_body(body, &mut writer, AbortCode::ClientGone) => sent,
-        _ = request_over => {
-            debug!("request over before its body was sent; upload dropped");
-            return;
+    let body = ReportFailure { inner: body, failed: Some(failed), metrics };
+    tokio::select! {
+        sent = send_body(body, &mut writer, AbortCode::ClientGone) => {
+            if let Err(SendBodyError::Stream(err)) = sent {
+                debug!(%err, "request body not fully sent");
+            }
         }
-    };
-    match sent {
-        Err(SendBodyError::Body(err)) if err.is::<LengthLimitError>() => {
-            debug!("request body over the limit; cut");
-            metrics.limited(Limit::BodySize);
-            let _ = failed.send(PublicError::PayloadTooLarge);
+        _ = request_over => debug!("request over before its body was sent; upload dropped"),
+    }
+}
+
+/// The request body, telling the response side how it failed the moment it fails: before
+/// `send_body` sends the agent its `Abort`, so the agent's answer to that abort (it cancels the
+/// upstream request and aborts back) can never be taken for the cause.
+struct ReportFailure<B> {
+    inner: B,
+    failed: Option<oneshot::Sender<PublicError>>,
+    metrics: Arc<Metrics>,
+}
+
+impl<B> Body for ReportFailure<B>
+where
+    B: Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Err(err)) = &frame
+            && let Some(failed) = this.failed.take()
+        {
+            let cause = if err.is::<LengthLimitError>() {
+                debug!("request body over the limit; cut");
+                this.metrics.limited(Limit::BodySize);
+                PublicError::PayloadTooLarge
+            } else if err.is::<IdleError>() {
+                debug!("the client stopped sending its body; cut");
+                this.metrics.limited(Limit::BodyIdle);
+                PublicError::RequestTimeout
+            } else {
+                // Unreadable (bad chunked framing) or cut by a client that left: the agent gets
+                // an abort; a client still there hears it was its body.
+                debug!(%err, "the request body could not be read");
+                PublicError::BadRequest("the request body could not be read")
+            };
+            let _ = failed.send(cause);
         }
-        Err(SendBodyError::Body(err)) if err.is::<IdleError>() => {
-            debug!("the client stopped sending its body; cut");
-            metrics.limited(Limit::BodyIdle);
-            let _ = failed.send(PublicError::RequestTimeout);
-        }
-        Err(SendBodyError::Body(err)) => {
-            // Unreadable (bad chunked framing) or cut by a client that left: the agent got an
-            // abort; a client still there hears it was its body.
-            debug!(%err, "the request body could not be read");
-            let _ = failed.send(PublicError::BadRequest("the request body could not be read"));
-        }
-        Err(err) => debug!(%err, "request body not fully sent"),
-        Ok(_) => {}
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -542,5 +579,60 @@ impl Body for TunnelBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// A body of two chunks that then fails with `err`.
+    fn failing(
+        err: BoxError,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, BoxError>> + Unpin> {
+        let frames = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"one"))),
+            Ok(http_body::Frame::data(Bytes::from_static(b"two"))),
+            Err(err),
+        ];
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    /// The error `Limited` gives (its type cannot be built outside http-body-util).
+    async fn over_the_limit() -> BoxError {
+        let mut body = Limited::new(Full::new(Bytes::from_static(b"too long")), 2);
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<LengthLimitError>());
+        err
+    }
+
+    #[tokio::test]
+    async fn a_failed_body_is_reported_before_its_error_is_returned() {
+        type Expected = fn(&PublicError) -> bool;
+        let cases: [(BoxError, Expected); 3] = [
+            (Box::new(IdleError(Duration::from_secs(1))), |e| matches!(e, PublicError::RequestTimeout)),
+            (over_the_limit().await, |e| matches!(e, PublicError::PayloadTooLarge)),
+            ("bad chunk".into(), |e| matches!(e, PublicError::BadRequest(_))),
+        ];
+        for (err, expected) in cases {
+            let (tx, mut rx) = oneshot::channel();
+            let mut body = ReportFailure {
+                inner: failing(err),
+                failed: Some(tx),
+                metrics: Arc::new(Metrics::default()),
+            };
+            // The chunks before the failure pass through and report nothing.
+            for _ in 0..2 {
+                assert!(body.frame().await.unwrap().unwrap().is_data());
+                assert!(rx.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Empty));
+            }
+            assert!(body.frame().await.unwrap().is_err());
+            // Already there when the error comes back, i.e. before `send_body` aborts the stream.
+            let cause = rx.try_recv().expect("the failure was reported with the error");
+            assert!(expected(&cause), "{cause:?}");
+        }
     }
 }

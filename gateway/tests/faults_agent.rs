@@ -3,6 +3,10 @@
 //! twice the same credential, partitioned, silent on the control stream, and answering with
 //! malicious responses. Each test is named after its row; a second tunnel must be served
 //! throughout, and only the faulty agent's session may suffer.
+//!
+//! The faults run on a two-worker runtime, as the binaries do: on one thread the witness's
+//! requests would queue behind every task the fault keeps busy (its latency would be the test's,
+//! not the gateway's), and races between tasks on two threads would never show.
 // The serial() guard is held across awaits on purpose: it keeps one fault at a time per binary.
 #![allow(clippy::unwrap_used, clippy::await_holding_lock)]
 
@@ -48,7 +52,7 @@ async fn read_body(response: http::Response<hyper::body::Incoming>) -> (usize, R
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t01_agent_killed_mid_stream() {
     let _serial = serial();
     bounded(async {
@@ -240,7 +244,7 @@ async fn answering_evil_agent(env: &TestEnv) -> EvilAgent {
     agent
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t08c_huge_response_headers_from_the_agent() {
     let _serial = serial();
     bounded(async {
@@ -287,7 +291,7 @@ async fn t08c_huge_response_headers_from_the_agent() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t11a_stream_flood_from_a_malicious_agent() {
     let _serial = serial();
     bounded(async {
@@ -321,7 +325,7 @@ async fn t11a_stream_flood_from_a_malicious_agent() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t11b_agent_that_never_reads() {
     let _serial = serial();
     bounded(async {
@@ -379,7 +383,7 @@ fn yamux_header(kind: u8, flags: u16, stream: u32, length: u32) -> Vec<u8> {
     header
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t11c_known_yamux_crash_frames() {
     let _serial = serial();
     bounded(async {
@@ -434,7 +438,7 @@ fn auth_file(contents: &str) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12a_agent_claims_another_tunnel() {
     let _serial = serial();
     bounded(async {
@@ -513,7 +517,7 @@ fn client_auth_with_id(id: &str) -> bytes::Bytes {
     out.into()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12c_id_confusion() {
     let _serial = serial();
     bounded(async {
@@ -561,7 +565,7 @@ async fn t12c_id_confusion() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t12d_same_credential_twice() {
     let _serial = serial();
     bounded(async {
@@ -611,7 +615,7 @@ async fn t12d_same_credential_twice() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t15_partition_without_fin() {
     let _serial = serial();
     bounded(async {
@@ -681,7 +685,7 @@ async fn t15_partition_without_fin() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t18_silent_agent_on_the_control_stream() {
     let _serial = serial();
     bounded(async {
@@ -705,7 +709,7 @@ async fn t18_silent_agent_on_the_control_stream() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_malicious_response_from_an_agent() {
     let _serial = serial();
     bounded(async {

@@ -3,6 +3,10 @@
 //! handshake messages, silent connections before authentication, request smuggling, routing
 //! tricks and HTTP/2 floods. Each test is named after its row; a second tunnel must be served
 //! throughout, and the process's open files come back to where they were.
+//!
+//! The faults run on a two-worker runtime, as the binaries do: on one thread the witness's
+//! requests would queue behind every task the fault keeps busy (its latency would be the test's,
+//! not the gateway's), and races between tasks on two threads would never show.
 // The serial() guard is held across awaits on purpose: it keeps one fault at a time per binary.
 #![allow(clippy::unwrap_used, clippy::await_holding_lock)]
 
@@ -50,7 +54,7 @@ fn statuses(bytes: &[u8]) -> Vec<u16> {
     text.match_indices("HTTP/1.1 ").filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok()).collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t06_slowloris_slow_post_slow_read() {
     let _serial = serial();
     bounded(async {
@@ -196,7 +200,7 @@ async fn t06_slowloris_slow_post_slow_read() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t07_concurrency_caps_refuse_exactly_the_excess() {
     let _serial = serial();
     bounded(async {
@@ -244,7 +248,7 @@ async fn t07_concurrency_caps_refuse_exactly_the_excess() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t08a_huge_request_headers() {
     let _serial = serial();
     bounded(async {
@@ -300,7 +304,7 @@ async fn t08a_huge_request_headers() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t08b_huge_headers_on_the_agent_upgrade() {
     let _serial = serial();
     bounded(async {
@@ -419,7 +423,7 @@ async fn raw_agent_socket(gateway: SocketAddr, authenticate: bool) -> TcpStream 
     socket
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t09_oversized_or_hostile_websocket_frames() {
     let _serial = serial();
     bounded(async {
@@ -464,7 +468,7 @@ async fn t09_oversized_or_hostile_websocket_frames() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_malformed_handshake_messages() {
     let _serial = serial();
     bounded(async {
@@ -518,7 +522,7 @@ async fn t10_malformed_handshake_messages() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t20_silent_pre_auth_connections() {
     let _serial = serial();
     bounded(async {
@@ -590,7 +594,7 @@ async fn t20_silent_pre_auth_connections() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t23_request_smuggling_corpus() {
     let _serial = serial();
     bounded(async {
@@ -638,7 +642,7 @@ async fn t23_request_smuggling_corpus() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t24_routing_consistency() {
     let _serial = serial();
     bounded(async {
@@ -769,7 +773,7 @@ async fn h2_connection(gateway: SocketAddr) -> TcpStream {
     socket
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t29_http2_floods() {
     let _serial = serial();
     bounded(async {
@@ -876,7 +880,7 @@ async fn t29_http2_floods() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t26a_admin_api_with_and_without_the_token() {
     let _serial = serial();
     bounded(async {

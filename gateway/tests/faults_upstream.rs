@@ -1,6 +1,10 @@
 //! Fault matrix rows about the upstream (`../shared/FAULTS.md`): down, slow, stalled, resetting,
 //! half-closing, upgrading or not, and an upstream that is the gateway itself. Each test is named
 //! after its row; each checks that a second tunnel keeps being served meanwhile.
+//!
+//! The faults run on a two-worker runtime, as the binaries do: on one thread the witness's
+//! requests would queue behind every task the fault keeps busy (its latency would be the test's,
+//! not the gateway's), and races between tasks on two threads would never show.
 // The serial() guard is held across awaits on purpose: it keeps one fault at a time per binary.
 #![allow(clippy::unwrap_used, clippy::await_holding_lock)]
 
@@ -77,7 +81,7 @@ fn session_id(env: &TestEnv) -> ferry_codec::SessionId {
     env.gateway.registry.of(&env.tunnel_id)[0].identity.id
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t03_upstream_down() {
     let _serial = serial();
     bounded(async {
@@ -118,7 +122,7 @@ async fn t03_upstream_down() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t04a_upstream_slow_head() {
     let _serial = serial();
     bounded(async {
@@ -159,7 +163,7 @@ async fn t04a_upstream_slow_head() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t04b_upstream_slow_or_stalled_body() {
     let _serial = serial();
     bounded(async {
@@ -205,7 +209,7 @@ async fn t04b_upstream_slow_or_stalled_body() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t05_upstream_resetting() {
     let _serial = serial();
     bounded(async {
@@ -286,7 +290,7 @@ async fn t05_upstream_resetting() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t14_half_closed_connections() {
     let _serial = serial();
     bounded(async {
@@ -383,7 +387,7 @@ fn masked_text(text: &str) -> Vec<u8> {
     frame
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t21_upstream_returns_101_or_not_upgrade_smuggling() {
     let _serial = serial();
     bounded(async {
@@ -432,7 +436,7 @@ async fn t21_upstream_returns_101_or_not_upgrade_smuggling() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t31_loop() {
     let _serial = serial();
     bounded(async {

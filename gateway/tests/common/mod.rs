@@ -356,9 +356,13 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// and a client that asks it for a small body every 10 ms while a fault runs.
 pub const WITNESS: &str = "agent_99999999-8888-7777-6666-555555555555_witness";
 
+/// One witness request answered: how long it took, and when (since the witness started) it was
+/// sent, to tell which part of a fault slowed it.
+type Served = (Duration, Duration);
+
 pub struct Witness {
     stop: CancellationToken,
-    task: JoinHandle<(Vec<Duration>, Vec<String>)>,
+    task: JoinHandle<(Vec<Served>, Vec<String>)>,
     agent: AgentRun,
 }
 
@@ -377,6 +381,7 @@ impl Witness {
         let task = tokio::spawn(async move {
             let client = client();
             let (mut latencies, mut failures) = (Vec::new(), Vec::new());
+            let begun = std::time::Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             while !token.is_cancelled() {
                 tick.tick().await;
@@ -390,7 +395,9 @@ impl Witness {
                 })
                 .await;
                 match outcome {
-                    Ok(Ok((status, 64))) if status.is_success() => latencies.push(started.elapsed()),
+                    Ok(Ok((status, 64))) if status.is_success() => {
+                        latencies.push((started.elapsed(), started - begun))
+                    }
                     other => failures.push(format!("{other:?}")),
                 }
             }
@@ -410,8 +417,9 @@ impl Witness {
         assert!(failures.is_empty(), "the second tunnel failed {} times: {failures:?}", failures.len());
         latencies.sort();
         assert!(!latencies.is_empty(), "the second tunnel was never asked");
-        let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
-        println!("second tunnel: {} requests, p99 {p99:?}", latencies.len());
+        let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)].0;
+        let slowest: Vec<_> = latencies.iter().rev().take(5).collect();
+        println!("second tunnel: {} requests, p99 {p99:?}; slowest (took, at): {slowest:?}", latencies.len());
         assert!(p99 < Duration::from_millis(100), "the second tunnel's p99 was {p99:?}");
     }
 }
