@@ -50,12 +50,16 @@ thread_local! {
     static ALLOCS: Cell<u64> = const { Cell::new(0) };
     static ALLOC_BYTES: Cell<u64> = const { Cell::new(0) };
     static LARGE_ALLOCS: Cell<u64> = const { Cell::new(0) };
+    /// Bytes allocated minus bytes freed on this thread: what it holds (its tasks' memory stays
+    /// on it, the runtimes being current-thread).
+    static LIVE: Cell<i64> = const { Cell::new(0) };
 }
 
 /// Allocations at least this large are counted apart: buffers, not bookkeeping.
 const LARGE: usize = 4096;
 
 fn count(bytes: usize) {
+    let _ = LIVE.try_with(|c| c.set(c.get() + bytes as i64));
     let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
     let _ = ALLOC_BYTES.try_with(|c| c.set(c.get() + bytes as u64));
     if bytes >= LARGE {
@@ -79,11 +83,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = LIVE.try_with(|c| c.set(c.get() - layout.size() as i64));
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = LIVE.try_with(|c| c.set(c.get() - layout.size() as i64));
         count(new_size);
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -103,6 +109,8 @@ struct Sample {
     parks: u64,
     switches: u64,
     cpu_us: u64,
+    /// Heap bytes the thread holds.
+    live: i64,
 }
 
 impl Sample {
@@ -127,6 +135,7 @@ impl Sample {
             parks: 0,
             switches,
             cpu_us,
+            live: LIVE.with(Cell::get),
         }
     }
 
@@ -139,6 +148,7 @@ impl Sample {
             parks: self.parks - before.parks,
             switches: self.switches - before.switches,
             cpu_us: self.cpu_us - before.cpu_us,
+            live: self.live - before.live,
         }
     }
 }
@@ -299,17 +309,110 @@ fn print(phases: &[Phase]) {
     }
 }
 
+/// Connections held open at once for the memory figures.
+const HELD: usize = 1_000;
+
+/// What the gateway's and the agent's threads hold (heap bytes), and the whole process's resident
+/// memory (KiB, which counts the client and the upstream too), per public connection.
+struct Held {
+    /// `HELD` requests in flight, each on its own connection, waiting for the upstream's answer.
+    in_flight: (f64, f64, f64),
+    /// The same connections after their answers, idle keep-alive connections.
+    idle: (f64, f64, f64),
+}
+
+fn resident_kib() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads one response with a `Content-Length` (head and body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::with_capacity(512);
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "the gateway closed the connection mid-response");
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length");
+        if got.len() >= end + 4 + length {
+            return;
+        }
+    }
+}
+
+/// Opens `HELD` connections to the gateway with a `/hold` request on each, measures while all
+/// wait at the upstream, lets them go, and measures again with the connections idle.
+async fn held(
+    gateway: &Component,
+    agent: &Component,
+    stats: &UpstreamStats,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Held {
+    use tokio::io::AsyncWriteExt;
+    let (g0, a0, r0) = (gateway.sample().await, agent.sample().await, resident_kib());
+    let request: &'static [u8] = format!("GET {path} HTTP/1.1\r\nHost: counts\r\n\r\n").into_bytes().leak();
+    let mut waiting = Vec::with_capacity(HELD);
+    for _ in 0..HELD {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        waiting.push(tokio::spawn(async move {
+            stream.write_all(request).await.expect("write");
+            read_response(&mut stream).await;
+            stream
+        }));
+    }
+    let mut held = stats.held.subscribe();
+    held.wait_for(|n| *n as usize == HELD).await.expect("upstream");
+    let (g1, a1, r1) = (gateway.sample().await, agent.sample().await, resident_kib());
+    stats.gate.add_permits(HELD);
+    let mut idle = Vec::with_capacity(HELD);
+    for task in waiting {
+        idle.push(task.await.expect("client task"));
+    }
+    let (g2, a2, r2) = (gateway.sample().await, agent.sample().await, resident_kib());
+    drop(idle);
+    let per = |after: Sample, before: Sample| (after.live - before.live) as f64 / HELD as f64;
+    let kib = |after: i64| (after - r0) as f64 * 1024.0 / HELD as f64;
+    Held { in_flight: (per(g1, g0), per(a1, a0), kib(r1)), idle: (per(g2, g0), per(a2, a0), kib(r2)) }
+}
+
+#[allow(clippy::print_stdout)] // the report is the point of this bench
+fn print_held(held: &Held) {
+    println!(
+        "\n| bytes held per public connection ({HELD} at once) | gateway heap | agent heap | process RSS |"
+    );
+    println!("|---|---|---|---|");
+    for (label, (g, a, r)) in [("request in flight", held.in_flight), ("idle keep-alive", held.idle)] {
+        println!("| {label} | {g:.0} | {a:.0} | {r:.0} |");
+    }
+}
+
 fn main() {
     // `cargo bench` passes criterion's flags to every bench target; this one takes none.
     let shutdown = CancellationToken::new();
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
     upstream.set_nonblocking(true).expect("nonblocking");
+    let stats = Arc::new(UpstreamStats::default());
     let _upstream = Component::start("upstream", {
         let shutdown = shutdown.clone();
+        let upstream_stats = Arc::clone(&stats);
         move || async move {
             let listener = TcpListener::from_std(upstream).expect("listener");
-            serve(listener, Arc::new(UpstreamStats::default()), shutdown).await;
+            serve(listener, upstream_stats, shutdown).await;
         }
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -339,7 +442,7 @@ fn main() {
 
     let client_runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let phases = client_runtime.block_on(async {
+    let (phases, held) = client_runtime.block_on(async {
         let id = TUNNEL.parse().expect("tunnel id");
         gateway
             .handle
@@ -395,8 +498,10 @@ fn main() {
             })
             .await,
         );
-        phases
+        let held = held(&gateway, &agent, &stats, gateway_addr, &format!("/t/{TUNNEL}/hold")).await;
+        (phases, held)
     });
     print(&phases);
+    print_held(&held);
     shutdown.cancel();
 }

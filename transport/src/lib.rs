@@ -37,6 +37,7 @@ pub mod cli;
 pub mod control;
 pub mod error;
 pub mod h1;
+pub mod h1_server;
 pub mod heads;
 pub mod multiplex;
 pub mod mux;
