@@ -364,12 +364,13 @@ async fn held(
 ) -> Held {
     use tokio::io::AsyncWriteExt;
     let (g0, a0, r0) = (gateway.sample().await, agent.sample().await, resident_kib());
-    let request: &'static [u8] = format!("GET {path} HTTP/1.1\r\nHost: counts\r\n\r\n").into_bytes().leak();
+    let request = Bytes::from(format!("GET {path} HTTP/1.1\r\nHost: counts\r\n\r\n"));
     let mut waiting = Vec::with_capacity(HELD);
     for _ in 0..HELD {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = request.clone();
         waiting.push(tokio::spawn(async move {
-            stream.write_all(request).await.expect("write");
+            stream.write_all(&request).await.expect("write");
             read_response(&mut stream).await;
             stream
         }));

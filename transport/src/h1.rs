@@ -251,11 +251,7 @@ impl Framing {
     /// # Errors
     /// A `Content-Length` that is invalid or given twice with different values.
     pub fn of(method: &Method, head: &ResponseHead) -> Result<Self, ParseError> {
-        if *method == Method::HEAD
-            || head.status.is_informational()
-            || head.status == StatusCode::NO_CONTENT
-            || head.status == StatusCode::NOT_MODIFIED
-        {
+        if is_bodiless(method, head.status) {
             return Ok(Self::Empty);
         }
         if let Some(last) = head.headers.iter().rfind(|field| field.is("transfer-encoding")) {
@@ -266,20 +262,8 @@ impl Framing {
                 .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
             return Ok(if chunked { Self::Chunked(Chunked::Size) } else { Self::Close });
         }
-        let mut length = None;
-        for field in head.headers.iter().filter(|field| field.is("content-length")) {
-            for item in field.value_str().ok_or(ParseError::ContentLength)?.split(',') {
-                let item = item.trim();
-                if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(ParseError::ContentLength);
-                }
-                let n: u64 = item.parse().map_err(|_| ParseError::ContentLength)?;
-                if length.is_some_and(|seen| seen != n) {
-                    return Err(ParseError::ContentLength);
-                }
-                length = Some(n);
-            }
-        }
+        let values = head.headers.iter().filter(|field| field.is("content-length")).map(Header::value_str);
+        let length = content_length(values).map_err(|()| ParseError::ContentLength)?;
         Ok(match length {
             Some(0) => Self::Empty,
             Some(n) => Self::Length(n),
@@ -425,16 +409,56 @@ const MAX_TRAILERS: usize = 64 * 1024;
 /// Whether the connection may carry another request after this response (both bodies read to
 /// their ends): HTTP/1.1 without `Connection: close`, or HTTP/1.0 with `Connection: keep-alive`.
 pub fn keeps_alive(head: &ResponseHead) -> bool {
+    let values = head.headers.iter().filter(|field| field.is("connection")).map(Header::value_str);
+    connection_keeps_alive(head.version, values)
+}
+
+/// Whether a message of `version` with these `Connection` field values (`None`: not text) leaves
+/// the connection open (RFC 9112 §9.3); a value that is not text counts as `close`.
+pub(crate) fn connection_keeps_alive<'a>(
+    version: Version,
+    values: impl Iterator<Item = Option<&'a str>>,
+) -> bool {
     let mut close = false;
     let mut keep_alive = false;
-    for field in head.headers.iter().filter(|field| field.is("connection")) {
-        for token in field.value_str().unwrap_or("close").split(',') {
+    for value in values {
+        for token in value.unwrap_or("close").split(',') {
             let token = token.trim();
             close |= token.eq_ignore_ascii_case("close");
             keep_alive |= token.eq_ignore_ascii_case("keep-alive");
         }
     }
-    !close && (head.version == Version::HTTP_11 || keep_alive)
+    !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+/// The length the `Content-Length` field values give (`None`: not text), if any: a list of
+/// equal decimal numbers counts as one (RFC 9112 §6.3).
+///
+/// # Errors
+/// A value that is not a decimal number, or two that differ.
+pub(crate) fn content_length<'a>(values: impl Iterator<Item = Option<&'a str>>) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    for value in values {
+        for item in value.ok_or(())?.split(',').map(str::trim) {
+            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n: u64 = item.parse().map_err(|_| ())?;
+            if length.is_some_and(|seen| seen != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Whether a response to `method` with `status` carries no body bytes (RFC 9112 §6.3).
+pub fn is_bodiless(method: &Method, status: StatusCode) -> bool {
+    *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, StatusCode, Uri, Version};
 
-use crate::h1::{Chunked, Framing};
+use crate::h1::{Chunked, Framing, connection_keeps_alive, content_length};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client with prior knowledge opens with it.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -255,7 +255,10 @@ fn parse_with(
     }
     let version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
     let framing = request_framing(version, &headers)?;
-    let keep_alive = keeps_alive(version, &headers);
+    let keep_alive = connection_keeps_alive(
+        version,
+        headers.get_all(header::CONNECTION).into_iter().map(|value| value.to_str().ok()),
+    );
     let expects_continue = version == Version::HTTP_11
         && headers
             .get_all(header::EXPECT)
@@ -303,39 +306,12 @@ pub fn request_framing(version: Version, headers: &HeaderMap) -> Result<Framing,
             _ => Err(RequestError::NotChunked),
         };
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let value = value.to_str().map_err(|_| RequestError::ContentLength)?;
-        for item in value.split(',').map(str::trim) {
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(RequestError::ContentLength);
-            }
-            let n: u64 = item.parse().map_err(|_| RequestError::ContentLength)?;
-            if length.is_some_and(|seen| seen != n) {
-                return Err(RequestError::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
+    let values = headers.get_all(header::CONTENT_LENGTH).into_iter().map(|value| value.to_str().ok());
+    let length = content_length(values).map_err(|()| RequestError::ContentLength)?;
     Ok(match length {
         None | Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
     })
-}
-
-/// Whether the connection stays open after this exchange, by the request's version and
-/// `Connection` tokens (RFC 9112 §9.3).
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut close = false;
-    let mut keep_alive = false;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.to_str().unwrap_or("close").split(',') {
-            let token = token.trim();
-            close |= token.eq_ignore_ascii_case("close");
-            keep_alive |= token.eq_ignore_ascii_case("keep-alive");
-        }
-    }
-    !close && (version == Version::HTTP_11 || keep_alive)
 }
 
 /// How a response body goes on the wire.
@@ -414,18 +390,10 @@ pub fn response_head(
     Bytes::from(dst)
 }
 
-/// Whether a response to `method` with `status` carries no body bytes (RFC 9112 §6.3).
-pub fn is_bodiless(method: &Method, status: StatusCode) -> bool {
-    *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::h1::{Decoded, decode, parse_response};
+    use crate::h1::{Decoded, decode, is_bodiless, parse_response};
 
     const LIMITS: HeadLimits = HeadLimits { max_head_bytes: 1024, max_headers: 8, max_uri_length: 64 };
 
