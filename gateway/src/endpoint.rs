@@ -15,8 +15,6 @@ use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_con
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -39,10 +37,10 @@ const MAX_HANDSHAKE_MESSAGE: usize = 4 * 1024;
 const REJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Answers `GET /ws`: checks the upgrade request, returns `101`, and runs the session in a tracked
-/// task once hyper hands over the connection.
-pub(crate) fn accept(
+/// task once the server hands over the connection.
+pub(crate) fn accept<B>(
     gateway: &Arc<Gateway>,
-    mut request: Request<Incoming>,
+    mut request: Request<B>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, PublicError> {
     gateway.limits.handshake_allowed(peer.ip())?;
@@ -78,13 +76,13 @@ pub(crate) fn accept(
     // Unauthenticated connections are capped: a flood of WebSockets that never finish the
     // handshake cannot hold more than this many tasks and sockets.
     let handshake_slot = gateway.limits.handshake()?;
-    let on_upgrade = hyper::upgrade::on(&mut request);
+    let on_upgrade = crate::upgrade::on(&mut request);
 
     let gw = Arc::clone(gateway);
     let span = info_span!("tunnel", tunnel_id = tracing::field::Empty, session_id = tracing::field::Empty);
     gateway.session_tracker.spawn(
         async move {
-            let upgraded = match on_upgrade.await {
+            let upgraded = match on_upgrade.upgraded().await {
                 Ok(upgraded) => upgraded,
                 Err(err) => {
                     debug!(%err, "agent upgrade failed");
@@ -92,8 +90,7 @@ pub(crate) fn accept(
                 }
             };
             let config = websocket_config().max_message_size(Some(MAX_HANDSHAKE_MESSAGE));
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+            let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
             serve(gw, ws, peer, host, handshake_slot).await;
         }
         .instrument(span),
@@ -112,7 +109,7 @@ pub(crate) fn accept(
     Ok(response)
 }
 
-type AgentWs = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type AgentWs = WebSocketStream<crate::upgrade::Upgraded>;
 
 /// Handshake, then the session until it ends.
 async fn serve(

@@ -1,7 +1,7 @@
 //! The ferry gateway: the public side of a tunnel.
 //!
 //! ```text
-//! public clients ──▶ server (hyper, h1 + h2c) ──▶ routes ──▶ proxy ──▶ registry ──▶ session ══▶ agent
+//! public clients ──▶ server (h1: http1, h2: hyper) ──▶ routes ──▶ proxy ──▶ registry ──▶ session ══▶ agent
 //!                                                   │                                 ▲
 //!                                                   └──▶ GET /ws ──▶ endpoint ──▶ lifecycle┘
 //! ```
@@ -18,6 +18,8 @@
 //!   per-connection serving.
 //! - `shards` — a gateway on several threads: one current-thread runtime and one `SO_REUSEPORT`
 //!   listener per thread ([`bind`], [`Gateway::spawn_shards`]).
+//! - `http1` — the gateway's own HTTP/1.1 server (HTTP/2 is hyper's); `inbound` — the request body
+//!   it reads for the request's holder; `upgrade` — the connection handed over after `101`.
 //! - `watch` — what a connection's requests tell its server task (head seen, bodies stalled).
 //! - `routes` — Host and path routing rules.
 //! - `proxy` — forwarding one request through a tunnel.
@@ -39,6 +41,8 @@ pub mod auth;
 pub mod config;
 mod endpoint;
 pub mod error;
+mod http1;
+mod inbound;
 mod lifecycle;
 pub mod limits;
 pub mod metrics;
@@ -50,6 +54,7 @@ mod server;
 pub mod session;
 mod shards;
 pub mod tls;
+mod upgrade;
 mod watch;
 
 use tokio::net::TcpListener;

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use ferry_codec::TunnelId;
 use ferry_codec::control::GoAwayReason;
+use ferry_transport::h1_server::HeadLimits;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::sync::{Semaphore, mpsc};
@@ -30,7 +31,10 @@ pub struct Gateway {
     pub(crate) config: GatewayConfig,
     /// Live agent sessions.
     pub registry: Registry,
+    /// HTTP/2 connections (and HTTP/1.1 ones are served by `http1`).
     pub(crate) http: auto::Builder<TokioExecutor>,
+    /// What an HTTP/1.1 request head may hold.
+    pub(crate) head_limits: HeadLimits,
     /// Public connections and the tasks of their requests.
     pub(crate) tracker: TaskTracker,
     /// One permit per open public connection, shared by every thread's accept loop.
@@ -84,6 +88,11 @@ impl Gateway {
         let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Arc::new(Self {
             http: config.http_builder(),
+            head_limits: HeadLimits {
+                max_head_bytes: config.max_header_bytes,
+                max_headers: config.max_headers,
+                max_uri_length: config.max_uri_len,
+            },
             registry: Registry::default(),
             tracker: TaskTracker::new(),
             inboxes: std::sync::OnceLock::new(),

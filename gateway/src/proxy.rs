@@ -23,22 +23,25 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, SizeHint};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
 use crate::config::GatewayConfig;
 use crate::error::PublicError;
+use crate::inbound::Inbound;
 use crate::limits::{ClientSlot, Limits, client_ip};
 use crate::metrics::{Limit, Metrics};
 use crate::registry::Registry;
 use crate::session::{InFlight, Session};
+use crate::upgrade::OnUpgrade;
 use crate::watch::{ConnWatch, SendClock};
 
 /// The body of every response the gateway sends.
 pub(crate) type ResponseBody = Either<Full<Bytes>, TunnelBody>;
+
+/// The body of a public request: read by hyper (HTTP/2) or by the gateway's HTTP/1.1 server.
+pub(crate) type RequestBody = Either<Incoming, Inbound>;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -112,7 +115,7 @@ impl ForwardSettings {
 /// exchange.
 pub(crate) async fn forward(
     fw: Forwarding<'_>,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     peer: SocketAddr,
     conn: &ConnWatch,
     id: &TunnelId,
@@ -133,7 +136,7 @@ pub(crate) async fn forward(
     fw.limits.tunnel_capacity(fw.registry, id)?;
     fw.limits.announced_body(id, request.body().size_hint().lower())?;
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
-    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let on_upgrade = upgrade.then(|| crate::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
     let head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
@@ -185,7 +188,7 @@ struct Exchange<'a> {
     id: &'a TunnelId,
     head: RequestHead,
     body_len: Option<u64>,
-    body: Incoming,
+    body: RequestBody,
     on_upgrade: Option<OnUpgrade>,
     reader: FrameReader,
     writer: FrameWriter,
@@ -531,22 +534,22 @@ impl std::fmt::Display for ForwardedHost<'_> {
 
 /// After `101`: bytes both ways between the public client and the stream, until both close.
 async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _request: Admitted) {
-    let upgraded = match on_upgrade.await {
+    let upgraded = match on_upgrade.upgraded().await {
         Ok(upgraded) => upgraded,
         Err(err) => {
             debug!(%err, "client upgrade failed");
             return;
         }
     };
-    match ferry_transport::stream::pipe(reader, writer, TokioIo::new(upgraded)).await {
+    match ferry_transport::stream::pipe(reader, writer, upgraded).await {
         Ok((down, up)) => debug!(down, up, "upgraded connection closed"),
         Err(err) => debug!(%err, "upgraded connection failed"),
     }
 }
 
-/// A response body read from the tunnel; keeps the request counted in flight until hyper is done
-/// with it (sent, or dropped because the client went away), and tells its connection's watch
-/// whether the client is taking what it is given.
+/// A response body read from the tunnel; keeps the request counted in flight until its server is
+/// done with it (sent, or dropped because the client went away), and tells its connection's
+/// watch whether the client is taking what it is given.
 #[derive(Debug)]
 pub(crate) struct TunnelBody {
     inner: FrameBody,
@@ -566,7 +569,7 @@ impl Body for TunnelBody {
         let result = Pin::new(&mut self.inner).poll_frame(cx);
         match &result {
             Poll::Ready(Some(Ok(_))) => self.clock.handed_over(),
-            // hyper now cuts the response short: the client sees it incomplete, never complete.
+            // The server now cuts the response short: the client sees it incomplete, never complete.
             Poll::Ready(Some(Err(err))) => debug!(%err, "response body broken"),
             _ => {}
         }

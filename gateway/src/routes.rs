@@ -16,12 +16,11 @@ use std::sync::Arc;
 use ferry_codec::TunnelId;
 use http::{Method, Request, Response, header};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use tracing::debug;
 
 use crate::admin::Action;
 use crate::error::PublicError;
-use crate::proxy::ResponseBody;
+use crate::proxy::{RequestBody, ResponseBody};
 use crate::watch::ConnWatch;
 use crate::{Gateway, admin, endpoint, proxy};
 
@@ -132,7 +131,7 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
 /// agent endpoint, the gateway's own pages).
 pub(crate) async fn handle(
     gateway: &Arc<Gateway>,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
     conn: &ConnWatch,
 ) -> Response<ResponseBody> {

@@ -1,23 +1,30 @@
 //! The gateway's run ([`Gateway::serve`]: accept until shutdown, then drain), the accept loop and
-//! per-connection serving: HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN over
-//! TLS) on one port, with upgrades, bounded connection count, and graceful drain on shutdown.
+//! per-connection serving: HTTP/1.1 (the gateway's own server, [`crate::http1`]) and HTTP/2
+//! (hyper; prior knowledge, or ALPN over TLS) on one port, with upgrades, bounded connection
+//! count, and graceful drain on shutdown.
 //!
 //! Each connection is watched by the task that serves it ([`ConnWatch`]): it must deliver its first
-//! request head within the head deadline (TLS handshake included; hyper's own timer covers only
-//! HTTP/1 heads, not the HTTP/2 preface nor the bytes before the protocol is known), and a
-//! response body the client stops taking for the send-idle timeout closes the connection (hyper
-//! stops polling a body whose client does not read, so only someone outside it can tell).
+//! request head within the head deadline (TLS handshake included, and the bytes before the
+//! protocol is known), and a response the client stops taking for the send-idle timeout closes
+//! the connection (a server stops polling a body whose client does not read, so only someone
+//! outside the write can tell).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use ferry_codec::control::GoAwayReason;
+use ferry_transport::h1_server::is_h2_preface;
+use http::Request;
+use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -26,6 +33,7 @@ use crate::Gateway;
 use crate::auth::Secrets;
 use crate::limits::AddressSlot;
 use crate::shards::{Handover, hand_over, home_of};
+use crate::upgrade::Rewind;
 use crate::watch::ConnWatch;
 
 /// How long connections cut at the drain deadline get to close before the agents are let go.
@@ -181,7 +189,7 @@ async fn serve_connection(
             },
             None => (socket, slots),
         };
-        return serve_http(gateway, socket, peer, head_deadline).await;
+        return serve_http(gateway, socket, peer, head_deadline, false).await;
     };
     let handshake = tls.acceptor().accept(socket);
     let tls_deadline = tokio::time::Instant::from_std(accepted + gateway.config.tls_handshake_timeout);
@@ -201,7 +209,8 @@ async fn serve_connection(
     };
     // Boxed: the TLS stream makes this future twice the size of the plain one, and every
     // connection's task is allocated at the size of its largest branch.
-    Box::pin(serve_http(gateway, stream, peer, head_deadline)).await;
+    let alpn_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    Box::pin(serve_http(gateway, stream, peer, head_deadline, alpn_h2)).await;
 }
 
 type Slots = (OwnedSemaphorePermit, AddressSlot);
@@ -238,40 +247,90 @@ fn move_to(
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one (plain or TLS) connection until it closes, it misses its
-/// head deadline, a response stalls on the client, or the drain ends.
-async fn serve_http<I>(gateway: Arc<Gateway>, io: I, peer: SocketAddr, head_deadline: tokio::time::Instant)
-where
+/// head deadline, a response stalls on the client, or the drain ends. HTTP/2 (`h2` by ALPN, or
+/// its preface) goes to hyper; anything else to the gateway's own HTTP/1.1 server.
+async fn serve_http<I>(
+    gateway: Arc<Gateway>,
+    mut io: I,
+    peer: SocketAddr,
+    head_deadline: tokio::time::Instant,
+    alpn_h2: bool,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let watch = Arc::new(ConnWatch::new());
+    let mut buf = BytesMut::new();
+    if !alpn_h2 {
+        let sniff = async {
+            loop {
+                if let Some(h2) = is_h2_preface(&buf) {
+                    return Some(h2);
+                }
+                buf.reserve(crate::http1::HEAD_READ);
+                match io.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let h2 = match watch_over(&gateway, &watch, head_deadline, pin!(sniff), |_| {}).await {
+            Some(Some(h2)) => h2,
+            // Gone before a byte told which protocol, or cut.
+            _ => return,
+        };
+        if !h2 {
+            let conn = crate::http1::serve(&gateway, io, buf, peer, &watch, head_deadline);
+            watch_over(&gateway, &watch, head_deadline, pin!(conn), |_| {}).await;
+            return;
+        }
+    }
     let service_gateway = Arc::clone(&gateway);
     let service_watch = Arc::clone(&watch);
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let gateway = Arc::clone(&service_gateway);
         let watch = Arc::clone(&service_watch);
         async move {
             watch.request();
+            let request = request.map(Either::Left);
             Ok::<_, Infallible>(crate::routes::handle(&gateway, request, peer, &watch).await)
         }
     });
+    let io = Rewind::new(buf.freeze(), io);
     let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let result =
+        watch_over(&gateway, &watch, head_deadline, pin!(conn), |conn| conn.graceful_shutdown()).await;
+    if let Some(Err(err)) = result {
+        debug!(%err, "connection ended with an error");
+    }
+}
+
+/// Runs a connection's future until it ends (its output) or the connection must close
+/// (`None`): no request head by the head deadline, a response stalled on the client for the
+/// send-idle timeout, or the drain deadline. At shutdown, `drain` tells it to finish what is in
+/// flight and take nothing new (the gateway's HTTP/1.1 server watches for that itself).
+async fn watch_over<F: Future>(
+    gateway: &Gateway,
+    watch: &ConnWatch,
+    head_deadline: tokio::time::Instant,
+    mut conn: Pin<&mut F>,
+    mut drain: impl FnMut(Pin<&mut F>),
+) -> Option<F::Output> {
     let send_idle = gateway.config.send_idle_timeout;
     // Checked four times per period: a stall is cut between 1 and 1.25 periods after it began.
-    let mut stall_check = tokio::time::interval((send_idle / 4).max(Duration::from_millis(10)));
+    let period = (send_idle / 4).max(Duration::from_millis(10));
+    let mut stall_check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let head_timer = tokio::time::sleep_until(head_deadline);
-    tokio::pin!(head_timer);
-    let mut head_pending = true;
+    let mut head_timer = pin!(tokio::time::sleep_until(head_deadline));
+    let mut head_pending = !watch.seen_request.load(Ordering::Relaxed);
     let mut draining = false;
-    let result = loop {
+    loop {
         tokio::select! {
-            result = conn.as_mut() => break result,
+            output = conn.as_mut() => return Some(output),
             () = &mut head_timer, if head_pending => {
                 if !watch.seen_request.load(Ordering::Relaxed) {
                     debug!("no request head before the deadline; closing");
                     gateway.limits.missed_head_deadline();
-                    return;
+                    return None;
                 }
                 head_pending = false;
             }
@@ -279,22 +338,19 @@ where
                 if watch.stalled(send_idle) {
                     debug!(idle_ms = send_idle.as_millis() as u64, "the client stopped taking a response; closing");
                     gateway.limits.send_idle();
-                    return;
+                    return None;
                 }
             }
             () = gateway.shutdown.cancelled(), if !draining => {
                 // Finish the requests in flight, refuse new ones, keep polling until done.
-                conn.as_mut().graceful_shutdown();
+                drain(conn.as_mut());
                 draining = true;
             }
             // The gateway's drain deadline (one for every connection, counted there first).
             () = gateway.cut.cancelled() => {
                 debug!("connection still busy at the drain deadline; closing it");
-                return;
+                return None;
             }
         }
-    };
-    if let Err(err) = result {
-        debug!(%err, "connection ended with an error");
     }
 }

@@ -16,22 +16,22 @@ pub(crate) struct ConnWatch {
     started: Instant,
 }
 
-/// When a response body last handed hyper data that hyper has not come back for: the client
-/// has not taken it yet.
+/// When a response last handed its server data that the server has not come back for: the
+/// client has not taken it yet. (The HTTP/1.1 server keeps one for its own writes as well.)
 #[derive(Debug)]
 pub(crate) struct SendClock {
     started: Instant,
-    /// Milliseconds after `started`, plus one; 0 while hyper is not owing us a poll.
+    /// Milliseconds after `started`, plus one; 0 while the server is not owing us a poll.
     waiting_since: AtomicU64,
 }
 
 impl SendClock {
-    /// hyper took what we gave it and asks for more.
+    /// The server took what we gave it and asks for more.
     pub(crate) fn polled(&self) {
         self.waiting_since.store(0, Ordering::Relaxed);
     }
 
-    /// We gave hyper data; until it polls again, the client owes us progress.
+    /// We gave the server data; until it polls again, the client owes us progress.
     pub(crate) fn handed_over(&self) {
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.waiting_since.store(now + 1, Ordering::Relaxed);

@@ -228,6 +228,9 @@ async fn gateway_pages_answer() {
         assert_eq!(json(&body)["status"], "ok");
         assert_eq!(json(&body)["sessions"], 1);
 
+        // Traffic both ways first: a session is listed when the agent's control stream opens,
+        // which can be before the gateway's first frame to the agent has been written.
+        assert_eq!(get(&env.url("/bytes/1")).await.0.status(), StatusCode::OK);
         let (response, body) = get(&format!("http://{}/connections", env.gateway_addr)).await;
         assert_eq!(response.status(), StatusCode::OK);
         let sessions = json(&body)["sessions"].clone();
@@ -288,6 +291,101 @@ async fn oversized_request_headers_get_431() {
             env.stats.requests.load(std::sync::atomic::Ordering::SeqCst),
             1,
             "only the one under the limit"
+        );
+    })
+    .await;
+}
+
+/// Reads from `socket` until `until` holds for what arrived (or the connection closes).
+async fn read_until(socket: &mut tokio::net::TcpStream, until: impl Fn(&str) -> bool) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !until(&String::from_utf8_lossy(&got)) {
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_when_the_body_is_wanted() {
+    bounded(async {
+        let env = TestEnv::start().await;
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
+        let head = format!(
+            "POST /t/{}/echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            env.tunnel_id
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // The client holds its body back until told to send it.
+        let interim = read_until(&mut socket, |got| got.contains("\r\n\r\n")).await;
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+        socket.write_all(b"hello").await.unwrap();
+        let answer = read_until(&mut socket, |got| got.ends_with("hello")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+
+        // A request refused before its body is wanted gets its answer without the `100`, and
+        // the connection closes after it (the body may still come).
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
+        let head = "POST /t/agent_22222222-3333-4444-5555-666666666666_gone/x HTTP/1.1\r\nHost: a\r\n\
+                    Expect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_until(&mut socket, |_| false).await;
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        assert!(!answer.contains("100 Continue"), "{answer}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    bounded(async {
+        let env = TestEnv::start().await;
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
+        let id = &env.tunnel_id;
+        let requests = format!(
+            "GET /t/{id}/bytes/3 HTTP/1.1\r\nHost: a\r\n\r\n\
+             POST /t/{id}/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\necho\r\n0\r\n\r\n\
+             GET /t/{id}/bytes/5 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        );
+        socket.write_all(requests.as_bytes()).await.unwrap();
+        let answer = read_until(&mut socket, |_| false).await;
+        let statuses: Vec<_> = answer.match_indices("HTTP/1.1 ").map(|(at, _)| &answer[at + 9..at + 12]).collect();
+        assert_eq!(statuses, ["200", "200", "200"], "{answer}");
+        let echo = answer.find("echo").expect("the echoed body");
+        assert!(answer.find("content-length: 3").unwrap() < echo, "{answer}");
+        assert!(answer.rfind("content-length: 5").unwrap() > echo, "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http10_clients_keep_alive_only_when_they_ask() {
+    bounded(async {
+        let env = TestEnv::start().await;
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
+        let request = format!("GET /t/{}/bytes/5 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", env.tunnel_id);
+        for _ in 0..2 {
+            socket.write_all(request.as_bytes()).await.unwrap();
+            let answer = read_until(&mut socket, |got| {
+                got.contains("\r\n\r\n") && got.len() >= got.find("\r\n\r\n").unwrap() + 9
+            })
+            .await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            assert!(answer.contains("connection: keep-alive\r\n"), "{answer}");
+            assert!(answer.contains("content-length: 5\r\n"), "{answer}");
+        }
+        // Without asking, the connection closes after the answer.
+        let mut socket = tokio::net::TcpStream::connect(env.gateway_addr).await.unwrap();
+        let request = format!("GET /t/{}/bytes/5 HTTP/1.0\r\n\r\n", env.tunnel_id);
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until(&mut socket, |_| false).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("connection: close\r\n"),
+            "{answer}"
         );
     })
     .await;

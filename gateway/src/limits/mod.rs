@@ -97,6 +97,11 @@ impl Limits {
         self.metrics.limited(Limit::HeadDeadline);
     }
 
+    /// A request target over the limit, found while its head was read.
+    pub(crate) fn uri_too_long(&self) -> PublicError {
+        self.refuse(Limit::UriLength, PublicError::UriTooLong)
+    }
+
     /// Check 3: the request target.
     pub(crate) fn target(&self, path_and_query: &str) -> Result<(), PublicError> {
         if path_and_query.len() > self.max_uri_len {
