@@ -14,7 +14,7 @@
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -70,7 +70,7 @@ pub(crate) async fn serve<I>(
 {
     let (rd, wr) = tokio::io::split(io);
     let wr = Writer { io: wr, clock: watch.clock() };
-    let conn = Conn { gateway, watch, peer, rd, wr, buf, out: Vec::new() };
+    let conn = Conn { gateway, watch, peer, rd, wr, buf, out: Vec::new(), head_buf: BytesMut::new() };
     conn.run(first_deadline).await;
 }
 
@@ -84,6 +84,8 @@ struct Conn<'a, I> {
     buf: BytesMut,
     /// Pieces of the response waiting for one `writev`.
     out: Vec<Bytes>,
+    /// Where response heads are written (its room is reused once a head has gone out).
+    head_buf: BytesMut,
 }
 
 /// What a connection does after an exchange.
@@ -114,7 +116,9 @@ where
         let mut deadline = first_deadline;
         loop {
             let next = match self.read_head(deadline).await {
-                HeadRead::Head(head) => self.exchange(head).await,
+                // Boxed, with the request's handler inside: a connection between requests then
+                // holds only what reading a head needs, not the largest exchange's state.
+                HeadRead::Head(head) => Box::pin(self.exchange(head)).await,
                 HeadRead::Gone => return,
                 HeadRead::Refused(err) => {
                     debug!(%err, "request refused before routing");
@@ -199,7 +203,7 @@ where
             to
         });
         let (gateway, watch) = (self.gateway, self.watch);
-        let mut handler = Box::pin(crate::routes::handle(gateway, request, self.peer, watch));
+        let mut handler = pin!(crate::routes::handle(gateway, request, self.peer, watch));
         // The body was fully read (or there was none); false once it is known it will not be.
         let mut body_read = pump.is_none();
         // With no body to read, the connection is read ahead (up to a head's worth) to notice a
@@ -228,12 +232,18 @@ where
                 },
             }
         };
-        drop(handler);
         let (mut parts, body) = response.into_parts();
         let status = parts.status;
 
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            let head = response_head(status, &parts.headers, ResponseFraming::Bodiless, true, &date());
+            let head = response_head(
+                status,
+                &parts.headers,
+                ResponseFraming::Bodiless,
+                true,
+                &date(),
+                &mut self.head_buf,
+            );
             return match upgrade {
                 Some(to) if pump.is_none() && body_read => match write_all(&mut self.wr, head).await {
                     Ok(()) => Next::Upgrade(to),
@@ -259,7 +269,7 @@ where
             // An HTTP/1.0 client assumes the connection closes unless told otherwise.
             parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("keep-alive"));
         }
-        let head = response_head(status, &parts.headers, framing, keep_alive, &date());
+        let head = response_head(status, &parts.headers, framing, keep_alive, &date(), &mut self.head_buf);
 
         // The response goes out while the rest of the request body (if still wanted) comes in.
         let complete = {
@@ -310,7 +320,7 @@ where
         };
         let (parts, body) = response.into_parts();
         let framing = ResponseFraming::Length(body.size_hint().exact().unwrap_or(0));
-        let head = response_head(parts.status, &parts.headers, framing, false, &date());
+        let head = response_head(parts.status, &parts.headers, framing, false, &date(), &mut self.head_buf);
         let _ = write_response(&mut self.wr, &mut self.out, head, body, framing).await;
         Next::Close { linger: true }
     }
@@ -449,6 +459,10 @@ fn finish(pump: &mut Pump) -> Step {
 /// Removes `Connection` from a response's fields (the server writes its own), and says whether
 /// it asked for the connection to close.
 fn take_close(headers: &mut HeaderMap) -> bool {
+    // (`entry` would first make room for one more field, growing a full map.)
+    if !headers.contains_key(header::CONNECTION) {
+        return false;
+    }
     let mut close = false;
     if let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
         for value in entry.remove_entry_mult().1 {
@@ -606,28 +620,35 @@ async fn flush<W: AsyncWrite + Unpin>(wr: &mut Writer<W>, out: &mut Vec<Bytes>) 
 }
 
 async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, out: &mut Vec<Bytes>) -> io::Result<()> {
+    // The slices are built in each poll, on the stack: held across the await, they would make
+    // every connection's task larger by their size.
     let mut first = 0;
-    while first < out.len() {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let count = (out.len() - first).min(MAX_SLICES);
-        for (slice, piece) in slices.iter_mut().zip(&out[first..first + count]) {
-            *slice = IoSlice::new(piece);
-        }
-        let mut written = wr.write_vectored(&slices[..count]).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let piece = &mut out[first];
-            if written >= piece.len() {
-                written -= piece.len();
-                first += 1;
-            } else {
-                let _ = piece.split_to(written);
-                written = 0;
+    poll_fn(|cx| {
+        while first < out.len() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = (out.len() - first).min(MAX_SLICES);
+            for (slice, piece) in slices.iter_mut().zip(&out[first..first + count]) {
+                *slice = IoSlice::new(piece);
+            }
+            let mut written =
+                std::task::ready!(Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..count]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)));
+            }
+            while written > 0 {
+                let piece = &mut out[first];
+                if written >= piece.len() {
+                    written -= piece.len();
+                    first += 1;
+                } else {
+                    let _ = piece.split_to(written);
+                    written = 0;
+                }
             }
         }
-    }
+        Poll::Ready(Ok::<(), io::Error>(()))
+    })
+    .await?;
     out.clear();
     wr.flush().await
 }

@@ -284,6 +284,21 @@ async fn serve_http<I>(
             return;
         }
     }
+    // Boxed: hyper's connection is several times the size of the HTTP/1.1 server's, and every
+    // connection's task is allocated at the size of its largest branch.
+    Box::pin(serve_h2(gateway, Rewind::new(buf.freeze(), io), peer, head_deadline, watch)).await;
+}
+
+/// Serves a connection with hyper (HTTP/2; `io` replays the bytes read to tell the protocol).
+async fn serve_h2<I>(
+    gateway: Arc<Gateway>,
+    io: Rewind<I>,
+    peer: SocketAddr,
+    head_deadline: tokio::time::Instant,
+    watch: Arc<ConnWatch>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service_gateway = Arc::clone(&gateway);
     let service_watch = Arc::clone(&watch);
     let service = service_fn(move |request: Request<Incoming>| {
@@ -295,7 +310,6 @@ async fn serve_http<I>(
             Ok::<_, Infallible>(crate::routes::handle(&gateway, request, peer, &watch).await)
         }
     });
-    let io = Rewind::new(buf.freeze(), io);
     let conn = gateway.http.serve_connection_with_upgrades(TokioIo::new(io), service);
     let result =
         watch_over(&gateway, &watch, head_deadline, pin!(conn), |conn| conn.graceful_shutdown()).await;

@@ -27,6 +27,9 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// heads that need it.
 const FIELDS_ON_STACK: usize = 128;
 
+/// Fields a request's map has room for beyond its own.
+const FIELDS_ADDED: usize = 6;
+
 /// Limits on a request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeadLimits {
@@ -245,7 +248,9 @@ fn parse_with(
     let slice = |start: u32, end: u32| head.slice(start as usize..end as usize);
     let uri =
         Uri::from_maybe_shared(slice(target.0, target.0 + target.1)).map_err(|_| RequestError::Target)?;
-    let mut headers = HeaderMap::with_capacity(ranges.len());
+    // Room for the fields a proxy adds (`X-Forwarded-*`, `Forwarded`, `Via`): growing the map
+    // for them would reallocate it, twice or three times per request.
+    let mut headers = HeaderMap::with_capacity(ranges.len() + FIELDS_ADDED);
     for &(name_start, name_end, value_start, value_end) in ranges.iter() {
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| RequestError::Field)?;
@@ -330,14 +335,15 @@ pub enum ResponseFraming {
 /// A response head for the wire: `HTTP/1.1`, the status, `date` unless the fields carry one,
 /// the fields (hop-by-hop fields must already be gone; `Content-Length` and `Transfer-Encoding`
 /// are replaced by what `framing` says, except for a bodiless answer, whose fields keep the
-/// length the body would have had), and `connection: close` when `keep_alive` is false. One
-/// allocation of exactly its size.
+/// length the body would have had), and `connection: close` when `keep_alive` is false.
+/// Written into `dst` (whose room is reused once the previous head is gone) and split off it.
 pub fn response_head(
     status: StatusCode,
     headers: &HeaderMap,
     framing: ResponseFraming,
     keep_alive: bool,
     date: &[u8],
+    dst: &mut BytesMut,
 ) -> Bytes {
     let skip = |name: &HeaderName| {
         framing != ResponseFraming::Bodiless
@@ -365,10 +371,12 @@ pub fn response_head(
         + framing_line.iter().map(|part| part.len()).sum::<usize>()
         + close_line.len()
         + 2;
-    let mut dst = Vec::with_capacity(size);
+    dst.clear();
+    // A little over the size, so that most later heads fit in the same room.
+    dst.reserve(size.max(256));
     dst.extend_from_slice(b"HTTP/1.1 ");
     dst.extend_from_slice(status.as_str().as_bytes());
-    dst.push(b' ');
+    dst.extend_from_slice(b" ");
     dst.extend_from_slice(reason);
     dst.extend_from_slice(b"\r\n");
     for part in date_line {
@@ -387,7 +395,7 @@ pub fn response_head(
     dst.extend_from_slice(b"\r\n");
     debug_assert_eq!(dst.len(), size);
     crate::stats::copied(dst.len());
-    Bytes::from(dst)
+    dst.split().freeze()
 }
 
 #[cfg(test)]
@@ -599,7 +607,8 @@ mod tests {
         headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         let date = b"Fri, 04 Dec 2026 12:00:00 GMT";
         let read_with = |headers: &HeaderMap, framing, keep_alive| {
-            let wire = response_head(StatusCode::CREATED, headers, framing, keep_alive, date);
+            let wire =
+                response_head(StatusCode::CREATED, headers, framing, keep_alive, date, &mut BytesMut::new());
             let mut buf = BytesMut::from(&wire[..]);
             let head = parse_response(&mut buf, 64 * 1024).unwrap().unwrap();
             assert!(buf.is_empty());
@@ -651,6 +660,7 @@ mod tests {
             ResponseFraming::Length(0),
             true,
             date,
+            &mut BytesMut::new(),
         );
         assert!(custom.starts_with(b"HTTP/1.1 599 \r\n"));
     }
