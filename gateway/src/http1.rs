@@ -69,7 +69,7 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(io);
-    let wr = Writer { io: wr, clock: watch.clock() };
+    let wr = Writer { io: wr, clock: watch.writes_clock() };
     let conn = Conn { gateway, watch, peer, rd, wr, buf, out: Vec::new(), head_buf: BytesMut::new() };
     conn.run(first_deadline).await;
 }
@@ -685,7 +685,7 @@ mod tests {
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
-        let mut wire = Writer { io: Vec::new(), clock: ConnWatch::new().clock() };
+        let mut wire = Writer { io: Vec::new(), clock: ConnWatch::new().writes_clock() };
         let mut out = Vec::new();
         let complete = write_response(&mut wire, &mut out, Bytes::from_static(b"HEAD\r\n"), body, framing)
             .await

@@ -283,7 +283,7 @@ impl Exchange<'_> {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         let body =
-            TunnelBody { inner: FrameBody::new(reader, None), clock: conn.clock(), _request: admitted };
+            TunnelBody { inner: FrameBody::new(reader, None), clock: conn.body_clock(), _request: admitted };
         Ok(build_response(status, headers, Either::Right(body)))
     }
 }
@@ -553,7 +553,8 @@ async fn pipe(on_upgrade: OnUpgrade, reader: FrameReader, writer: FrameWriter, _
 #[derive(Debug)]
 pub(crate) struct TunnelBody {
     inner: FrameBody,
-    clock: Arc<SendClock>,
+    /// `None` when the connection's server times its own writes.
+    clock: Option<Arc<SendClock>>,
     _request: Admitted,
 }
 
@@ -565,10 +566,16 @@ impl Body for TunnelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
-        self.clock.polled();
+        if let Some(clock) = &self.clock {
+            clock.polled();
+        }
         let result = Pin::new(&mut self.inner).poll_frame(cx);
         match &result {
-            Poll::Ready(Some(Ok(_))) => self.clock.handed_over(),
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(clock) = &self.clock {
+                    clock.handed_over();
+                }
+            }
             // The server now cuts the response short: the client sees it incomplete, never complete.
             Poll::Ready(Some(Err(err))) => debug!(%err, "response body broken"),
             _ => {}

@@ -13,6 +13,9 @@ pub(crate) struct ConnWatch {
     pub(crate) seen_request: AtomicBool,
     /// Response bodies on this connection (several with HTTP/2), for the send-idle check.
     bodies: Mutex<Vec<Weak<SendClock>>>,
+    /// The connection's server times its own writes (the HTTP/1.1 server does): response
+    /// bodies then need no clock of their own.
+    writes_timed: AtomicBool,
     started: Instant,
 }
 
@@ -43,7 +46,12 @@ const PRUNE_AT: usize = 32;
 
 impl ConnWatch {
     pub(crate) fn new() -> Self {
-        Self { seen_request: AtomicBool::new(false), bodies: Mutex::default(), started: Instant::now() }
+        Self {
+            seen_request: AtomicBool::new(false),
+            bodies: Mutex::default(),
+            writes_timed: AtomicBool::new(false),
+            started: Instant::now(),
+        }
     }
 
     /// Called for every request head.
@@ -53,8 +61,20 @@ impl ConnWatch {
         }
     }
 
+    /// The clock of a server that times its own writes: every response on the connection goes
+    /// through it, so bodies need none ([`ConnWatch::body_clock`]).
+    pub(crate) fn writes_clock(&self) -> Arc<SendClock> {
+        self.writes_timed.store(true, Ordering::Relaxed);
+        self.clock()
+    }
+
+    /// A clock for a new response body on this connection, unless its server times its writes.
+    pub(crate) fn body_clock(&self) -> Option<Arc<SendClock>> {
+        (!self.writes_timed.load(Ordering::Relaxed)).then(|| self.clock())
+    }
+
     /// A clock for a new response body on this connection.
-    pub(crate) fn clock(&self) -> Arc<SendClock> {
+    fn clock(&self) -> Arc<SendClock> {
         let clock = Arc::new(SendClock { started: self.started, waiting_since: AtomicU64::new(0) });
         let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
         if bodies.len() >= PRUNE_AT {
