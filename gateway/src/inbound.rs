@@ -28,6 +28,20 @@ struct State {
     receiver_waker: Option<Waker>,
 }
 
+impl State {
+    fn wake_receiver(&mut self) {
+        if let Some(waker) = self.receiver_waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn wake_sender(&mut self) {
+        if let Some(waker) = self.sender_waker.take() {
+            waker.wake();
+        }
+    }
+}
+
 struct Shared(Mutex<State>);
 
 impl Shared {
@@ -101,20 +115,14 @@ impl Sender {
         let mut state = self.0.lock();
         debug_assert!(state.item.is_none());
         state.item = Some(item);
-        if let Some(waker) = state.receiver_waker.take() {
-            waker.wake();
-        }
+        state.wake_receiver();
     }
-}
 
-impl Sender {
     /// The body ended where its framing says (nothing is sent after this).
     pub(crate) fn finish(&self) {
         let mut state = self.0.lock();
         state.finished = true;
-        if let Some(waker) = state.receiver_waker.take() {
-            waker.wake();
-        }
+        state.wake_receiver();
     }
 }
 
@@ -122,9 +130,7 @@ impl Drop for Sender {
     fn drop(&mut self) {
         let mut state = self.0.lock();
         state.sender_done = true;
-        if let Some(waker) = state.receiver_waker.take() {
-            waker.wake();
-        }
+        state.wake_receiver();
     }
 }
 
@@ -134,9 +140,7 @@ impl Drop for Inbound {
             let mut state = shared.lock();
             state.receiver_gone = true;
             state.item = None;
-            if let Some(waker) = state.sender_waker.take() {
-                waker.wake();
-            }
+            state.wake_sender();
         }
     }
 }
@@ -153,15 +157,11 @@ impl Body for Inbound {
         let mut state = shared.lock();
         if !state.wanted {
             state.wanted = true;
-            if let Some(waker) = state.sender_waker.take() {
-                waker.wake();
-            }
+            state.wake_sender();
         }
         let item = match state.item.take() {
             Some(item) => {
-                if let Some(waker) = state.sender_waker.take() {
-                    waker.wake();
-                }
+                state.wake_sender();
                 item
             }
             None if state.finished => {
