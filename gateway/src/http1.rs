@@ -29,7 +29,7 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use crate::Gateway;
@@ -113,9 +113,11 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn run(mut self, first_deadline: Instant) {
-        let mut deadline = first_deadline;
+        // One timer for every head the connection reads: moving a registered timer's deadline
+        // later is a store, where a new timer per request is a wheel insert and removal.
+        let mut timer = pin!(tokio::time::sleep_until(first_deadline));
         loop {
-            let next = match self.read_head(deadline).await {
+            let next = match self.read_head(timer.as_mut()).await {
                 // Boxed, with the request's handler inside: a connection between requests then
                 // holds only what reading a head needs, not the largest exchange's state.
                 HeadRead::Head(head) => Box::pin(self.exchange(head)).await,
@@ -128,7 +130,7 @@ where
             match next {
                 Next::KeepAlive => {
                     // An idle connection waits no longer for its next head than a new one would.
-                    deadline = Instant::now() + self.gateway.config.header_read_timeout;
+                    timer.as_mut().reset(Instant::now() + self.gateway.config.header_read_timeout);
                     if self.buf.is_empty() && self.buf.capacity() > HEAD_READ {
                         // A body or a large head went through: give the room back.
                         self.buf = BytesMut::new();
@@ -147,10 +149,9 @@ where
         }
     }
 
-    /// The next request head, by `deadline`.
-    async fn read_head(&mut self, deadline: Instant) -> HeadRead {
+    /// The next request head, by the timer's deadline.
+    async fn read_head(&mut self, mut timer: Pin<&mut Sleep>) -> HeadRead {
         let limits = &self.gateway.head_limits;
-        let mut timer = pin!(tokio::time::sleep_until(deadline));
         loop {
             if !self.buf.is_empty() {
                 match parse_request(&mut self.buf, limits) {
@@ -170,7 +171,7 @@ where
                     Ok(_) => {}
                 },
                 () = self.gateway.shutdown.cancelled(), if idle => return HeadRead::Gone,
-                () = &mut timer => {
+                () = timer.as_mut() => {
                     if !idle || !self.watch.seen_request.load(Ordering::Relaxed) {
                         debug!("no complete request head before the deadline; closing");
                         self.gateway.limits.missed_head_deadline();

@@ -433,26 +433,30 @@ fn request_head(
         .or_else(|| headers.get(header::HOST).cloned());
     strip_hop_by_hop(&mut headers, upgrade);
     let client_ip = client_ip(peer.ip());
-    // The values added here are written into one buffer and handed to the map as slices of it.
+    // The values added here are written into one buffer and handed to the map as slices of it,
+    // from pieces: the address is formatted once, nothing else goes through `fmt`.
     let mut scratch = Scratch(BytesMut::with_capacity(256));
-    if let Some(value) = scratch.list(&headers, &X_FORWARDED_FOR, format_args!("{client_ip}")) {
+    let ip = scratch.ip(client_ip);
+    if let Some(value) = scratch.list(&headers, &X_FORWARDED_FOR, &[&ip]) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     let proto = settings.scheme;
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let host_param = ForwardedHost(
-        host.as_ref().and_then(|h| h.to_str().ok()).map(str::trim).filter(|t| !t.contains(['"', '\\'])),
-    );
-    let forwarded = match client_ip {
-        IpAddr::V4(ip) => {
-            scratch.list(&headers, &header::FORWARDED, format_args!("for={ip};proto={proto}{host_param}"))
-        }
-        IpAddr::V6(ip) => scratch.list(
-            &headers,
-            &header::FORWARDED,
-            format_args!("for=\"[{ip}]\";proto={proto}{host_param}"),
-        ),
+    let quoted_host =
+        host.as_ref().and_then(|h| h.to_str().ok()).map(str::trim).filter(|t| !t.contains(['"', '\\']));
+    let (host_open, host_text, host_close) = match quoted_host {
+        Some(host) => (&b";host=\""[..], host.as_bytes(), &b"\""[..]),
+        None => (&b""[..], &b""[..], &b""[..]),
     };
+    let (for_open, for_close) = match client_ip {
+        IpAddr::V4(_) => (&b"for="[..], &b""[..]),
+        IpAddr::V6(_) => (&b"for=\"["[..], &b"]\""[..]),
+    };
+    let forwarded = scratch.list(
+        &headers,
+        &header::FORWARDED,
+        &[for_open, &ip, for_close, b";proto=", proto.as_bytes(), host_open, host_text, host_close],
+    );
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host.clone());
         headers.insert(header::HOST, host);
@@ -465,7 +469,8 @@ fn request_head(
         Version::HTTP_2 => "2",
         _ => "1.1",
     };
-    if let Some(via) = scratch.list(&headers, &header::VIA, format_args!("{received} {}", settings.via_token))
+    if let Some(via) =
+        scratch.list(&headers, &header::VIA, &[received.as_bytes(), b" ", settings.via_token.as_bytes()])
     {
         headers.insert(header::VIA, via);
     }
@@ -501,34 +506,26 @@ fn join_cookies(headers: &mut HeaderMap) {
 struct Scratch(BytesMut);
 
 impl Scratch {
-    /// `value` appended to the comma-separated list field `name` already has (one field, as
-    /// proxies conventionally do), or `value` alone; `None` if the result is not a valid value.
-    fn list(
-        &mut self,
-        headers: &HeaderMap,
-        name: &HeaderName,
-        value: std::fmt::Arguments<'_>,
-    ) -> Option<HeaderValue> {
+    /// The client's address as text (`1.2.3.4`, `::1`).
+    fn ip(&mut self, ip: IpAddr) -> Bytes {
         use std::fmt::Write as _;
-        let written = match headers.get(name).and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.is_empty() => write!(self.0, "{existing}, {value}"),
-            _ => self.0.write_fmt(value),
-        };
-        let text = self.0.split().freeze();
-        written.ok()?;
-        HeaderValue::from_maybe_shared(text).ok()
+        // Writing to a `BytesMut` cannot fail.
+        let _ = write!(self.0, "{ip}");
+        self.0.split().freeze()
     }
-}
 
-/// The `;host="…"` parameter of `Forwarded`, when there is a host that can be quoted as is.
-struct ForwardedHost<'a>(Option<&'a str>);
-
-impl std::fmt::Display for ForwardedHost<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(host) => write!(f, ";host=\"{host}\""),
-            None => Ok(()),
+    /// `value` (the concatenation of its pieces) appended to the comma-separated list field
+    /// `name` already has (one field, as proxies conventionally do), or `value` alone; `None` if
+    /// the result is not a valid value.
+    fn list(&mut self, headers: &HeaderMap, name: &HeaderName, value: &[&[u8]]) -> Option<HeaderValue> {
+        if let Some(existing) = headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
+            self.0.extend_from_slice(existing.as_bytes());
+            self.0.extend_from_slice(b", ");
         }
+        for piece in value {
+            self.0.extend_from_slice(piece);
+        }
+        HeaderValue::from_maybe_shared(self.0.split().freeze()).ok()
     }
 }
 
@@ -644,5 +641,63 @@ mod tests {
             let cause = rx.try_recv().expect("the failure was reported with the error");
             assert!(expected(&cause), "{cause:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod forwarding_tests {
+    use super::*;
+
+    fn head_for(peer: &str, headers: &[(&str, &str)]) -> RequestHead {
+        let mut request = Request::get("/x").version(Version::HTTP_11);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (parts, ()) = request.body(()).unwrap().into_parts();
+        let settings = ForwardSettings::new(&GatewayConfig::default(), "https", "ferry-test".into());
+        request_head(&settings, parts, peer.parse().unwrap(), "/x".into(), "req-1", false, Some(0))
+    }
+
+    fn field<'a>(head: &'a RequestHead, name: &str) -> Vec<&'a str> {
+        head.headers.iter().filter(|h| h.is(name)).map(|h| h.value_str().unwrap()).collect()
+    }
+
+    /// The fields the gateway adds, exactly: each list field extended (one field), the address
+    /// quoted and bracketed for IPv6, the host quoted in `Forwarded`.
+    #[test]
+    fn forwarding_fields_are_added_to_what_the_client_sent() {
+        let head = head_for(
+            "[2001:db8::7]:4000",
+            &[
+                ("host", "app.example.com"),
+                ("x-forwarded-for", "198.51.100.9"),
+                ("forwarded", "for=198.51.100.9"),
+                ("via", "1.1 edge"),
+            ],
+        );
+        assert_eq!(field(&head, "x-forwarded-for"), ["198.51.100.9, 2001:db8::7"]);
+        assert_eq!(
+            field(&head, "forwarded"),
+            ["for=198.51.100.9, for=\"[2001:db8::7]\";proto=https;host=\"app.example.com\""]
+        );
+        assert_eq!(field(&head, "via"), ["1.1 edge, 1.1 ferry-test"]);
+        assert_eq!(field(&head, "x-forwarded-proto"), ["https"]);
+        assert_eq!(field(&head, "x-forwarded-host"), ["app.example.com"]);
+    }
+
+    /// An IPv4 client (also one mapped into IPv6) is written plainly; a host that cannot be
+    /// quoted as is stays out of `Forwarded`; a list field that is not text is replaced.
+    #[test]
+    fn forwarding_fields_for_an_ipv4_client() {
+        let head = head_for("[::ffff:192.0.2.1]:4000", &[("host", "we\"ird")]);
+        assert_eq!(field(&head, "x-forwarded-for"), ["192.0.2.1"]);
+        assert_eq!(field(&head, "forwarded"), ["for=192.0.2.1;proto=https"]);
+
+        let mut request = Request::get("/x");
+        request.headers_mut().unwrap().insert(X_FORWARDED_FOR, HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let (parts, ()) = request.body(()).unwrap().into_parts();
+        let settings = ForwardSettings::new(&GatewayConfig::default(), "http", "ferry-test".into());
+        let head = request_head(&settings, parts, "192.0.2.1:1".parse().unwrap(), "/x".into(), "r", false, None);
+        assert_eq!(field(&head, "x-forwarded-for"), ["192.0.2.1"]);
     }
 }

@@ -332,13 +332,16 @@ async fn watch_over<F: Future>(
     let send_idle = gateway.config.send_idle_timeout;
     // Checked four times per period: a stall is cut between 1 and 1.25 periods after it began.
     let period = (send_idle / 4).max(Duration::from_millis(10));
-    let mut stall_check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A timer held in this future and moved on when it fires (an `Interval` would box its timer:
+    // a pointer more to chase on every wake-up of the connection).
+    let mut stall_check = pin!(tokio::time::sleep(period));
     let mut head_timer = pin!(tokio::time::sleep_until(head_deadline));
     let mut head_pending = !watch.seen_request.load(Ordering::Relaxed);
     let mut draining = false;
     loop {
         tokio::select! {
+            // The connection first: it is what wakes the task nearly every time.
+            biased;
             output = conn.as_mut() => return Some(output),
             () = &mut head_timer, if head_pending => {
                 if !watch.seen_request.load(Ordering::Relaxed) {
@@ -348,12 +351,13 @@ async fn watch_over<F: Future>(
                 }
                 head_pending = false;
             }
-            _ = stall_check.tick() => {
+            () = stall_check.as_mut() => {
                 if watch.stalled(send_idle) {
                     debug!(idle_ms = send_idle.as_millis() as u64, "the client stopped taking a response; closing");
                     gateway.limits.send_idle();
                     return None;
                 }
+                stall_check.as_mut().reset(tokio::time::Instant::now() + period);
             }
             () = gateway.shutdown.cancelled(), if !draining => {
                 // Finish the requests in flight, refuse new ones, keep polling until done.
