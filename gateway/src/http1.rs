@@ -183,11 +183,15 @@ where
     }
 
     /// One request and its response.
-    async fn exchange(&mut self, head: RequestHead) -> Next {
-        let RequestHead { parts, framing, keep_alive, expects_continue } = head;
+    ///
+    /// The future is boxed per request, so its size is both what a request in flight holds and
+    /// what is moved into the box. The request is built before the future is made (an `async fn`
+    /// would keep the head it is given as well); the handler lives in a block with one await, so
+    /// its room is reused for writing the response.
+    fn exchange(&mut self, head: RequestHead) -> impl Future<Output = Next> + Send + '_ {
         self.watch.request();
-        let method = parts.method.clone();
-        let version = parts.version;
+        let RequestHead { parts, framing, keep_alive, expects_continue } = head;
+        let (method, version) = (parts.method.clone(), parts.version);
         let upgrade_asked = version == Version::HTTP_11 && wants_upgrade(&parts.headers);
         let (mut pump, body) = match framing {
             Framing::Empty => (None, Inbound::empty()),
@@ -203,106 +207,117 @@ where
             request.extensions_mut().insert(own);
             to
         });
-        let (gateway, watch) = (self.gateway, self.watch);
-        let mut handler = pin!(crate::routes::handle(gateway, request, self.peer, watch));
-        // The body was fully read (or there was none); false once it is known it will not be.
-        let mut body_read = pump.is_none();
-        // With no body to read, the connection is read ahead (up to a head's worth) to notice a
-        // client that leaves: its request is then dropped, as hyper does.
-        let read_ahead = self.gateway.head_limits.max_head_bytes;
+        async move {
+            // The body was fully read (or there was none); false once it is known it will not be.
+            let mut body_read = pump.is_none();
+            // With no body to read, the connection is read ahead (up to a head's worth) to notice a
+            // client that leaves: its request is then dropped, as hyper does.
+            let read_ahead = self.gateway.head_limits.max_head_bytes;
 
-        // Until the response is ready: the body as it is wanted, then an eye on the connection.
-        let response = loop {
-            tokio::select! {
-                response = &mut handler => break response,
-                step = read_more(&mut self.rd, &mut self.buf, &mut pump, read_ahead) => match step {
-                    Step::Continue => {
-                        if write_all(&mut self.wr, Bytes::from_static(CONTINUE)).await.is_err() {
-                            return Next::Close { linger: false };
+            // Until the response is ready: the body as it is wanted (with `100 Continue` written when
+            // it is first wanted), then an eye on the connection.
+            let response = {
+                let (gateway, watch) = (self.gateway, self.watch);
+                let mut handler = pin!(crate::routes::handle(gateway, request, self.peer, watch));
+                let mut continuing = false;
+                loop {
+                    tokio::select! {
+                        // The `100` first: it goes out before a response that comes meanwhile.
+                        biased;
+                        written = write_all(&mut self.wr, Bytes::from_static(CONTINUE)), if continuing => {
+                            if written.is_err() {
+                                return Next::Close { linger: false };
+                            }
+                            continuing = false;
                         }
+                        response = &mut handler => break response,
+                        step = read_more(&mut self.rd, &mut self.buf, &mut pump, read_ahead), if !continuing => match step {
+                            Step::Continue => continuing = true,
+                            Step::Done => {
+                                pump = None;
+                                body_read = true;
+                            }
+                            Step::Unwanted | Step::Malformed => pump = None,
+                            Step::Gone => {
+                                debug!("client gone before its response");
+                                return Next::Close { linger: false };
+                            }
+                        },
                     }
-                    Step::Done => {
-                        pump = None;
-                        body_read = true;
-                    }
-                    Step::Unwanted | Step::Malformed => pump = None,
-                    Step::Gone => {
-                        debug!("client gone before its response");
-                        return Next::Close { linger: false };
-                    }
-                },
-            }
-        };
-        let (mut parts, body) = response.into_parts();
-        let status = parts.status;
-
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            let head = response_head(
-                status,
-                &parts.headers,
-                ResponseFraming::Bodiless,
-                true,
-                &date(),
-                &mut self.head_buf,
-            );
-            return match upgrade {
-                Some(to) if pump.is_none() && body_read => match write_all(&mut self.wr, head).await {
-                    Ok(()) => Next::Upgrade(to),
-                    Err(_) => Next::Close { linger: false },
-                },
-                _ => {
-                    debug!("101 for a request that did not ask to upgrade; closing");
-                    Next::Close { linger: false }
                 }
             };
-        }
-        if upgrade.is_some() {
-            // Declined: whatever the client sent after its head was meant for another protocol.
-            parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        let asked_close = take_close(&mut parts.headers);
-        let framing = response_framing(&method, status, &parts.headers, &body, version);
-        let keep_alive = keep_alive
-            && !asked_close
-            && framing != ResponseFraming::Close
-            && !self.gateway.shutdown.is_cancelled();
-        if keep_alive && version == Version::HTTP_10 {
-            // An HTTP/1.0 client assumes the connection closes unless told otherwise.
-            parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("keep-alive"));
-        }
-        let head = response_head(status, &parts.headers, framing, keep_alive, &date(), &mut self.head_buf);
+            let (mut parts, body) = response.into_parts();
+            let status = parts.status;
 
-        // The response goes out while the rest of the request body (if still wanted) comes in.
-        let complete = {
-            let write = write_response(&mut self.wr, &mut self.out, head, body, framing);
-            let mut write = pin!(write);
-            if pump.as_ref().is_some_and(|pump| pump.continue_pending) {
-                // The body was never asked for: the client may not send it; do not wait.
-                pump = None;
-            }
-            loop {
-                tokio::select! {
-                    written = &mut write => break written,
-                    step = read_more(&mut self.rd, &mut self.buf, &mut pump, read_ahead) => match step {
-                        Step::Done => {
-                            pump = None;
-                            body_read = true;
-                        }
-                        Step::Continue | Step::Unwanted | Step::Malformed => pump = None,
-                        Step::Gone => {
-                            debug!("client gone during its response");
-                            return Next::Close { linger: false };
-                        }
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                let head = response_head(
+                    status,
+                    &parts.headers,
+                    ResponseFraming::Bodiless,
+                    true,
+                    &date(),
+                    &mut self.head_buf,
+                );
+                return match upgrade {
+                    Some(to) if pump.is_none() && body_read => match write_all(&mut self.wr, head).await {
+                        Ok(()) => Next::Upgrade(to),
+                        Err(_) => Next::Close { linger: false },
                     },
-                }
+                    _ => {
+                        debug!("101 for a request that did not ask to upgrade; closing");
+                        Next::Close { linger: false }
+                    }
+                };
             }
-        };
-        match complete {
-            Ok(true) if keep_alive && body_read => Next::KeepAlive,
-            Ok(_) => Next::Close { linger: !body_read || !self.buf.is_empty() },
-            Err(err) => {
-                debug!(%err, "writing the response failed");
-                Next::Close { linger: false }
+            if upgrade.is_some() {
+                // Declined: whatever the client sent after its head was meant for another protocol.
+                parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            let asked_close = take_close(&mut parts.headers);
+            let framing = response_framing(&method, status, &parts.headers, &body, version);
+            let keep_alive = keep_alive
+                && !asked_close
+                && framing != ResponseFraming::Close
+                && !self.gateway.shutdown.is_cancelled();
+            if keep_alive && version == Version::HTTP_10 {
+                // An HTTP/1.0 client assumes the connection closes unless told otherwise.
+                parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("keep-alive"));
+            }
+            let head =
+                response_head(status, &parts.headers, framing, keep_alive, &date(), &mut self.head_buf);
+
+            // The response goes out while the rest of the request body (if still wanted) comes in.
+            let complete = {
+                let write = write_response(&mut self.wr, &mut self.out, head, body, framing);
+                let mut write = pin!(write);
+                if pump.as_ref().is_some_and(|pump| pump.continue_pending) {
+                    // The body was never asked for: the client may not send it; do not wait.
+                    pump = None;
+                }
+                loop {
+                    tokio::select! {
+                        written = &mut write => break written,
+                        step = read_more(&mut self.rd, &mut self.buf, &mut pump, read_ahead) => match step {
+                            Step::Done => {
+                                pump = None;
+                                body_read = true;
+                            }
+                            Step::Continue | Step::Unwanted | Step::Malformed => pump = None,
+                            Step::Gone => {
+                                debug!("client gone during its response");
+                                return Next::Close { linger: false };
+                            }
+                        },
+                    }
+                }
+            };
+            match complete {
+                Ok(true) if keep_alive && body_read => Next::KeepAlive,
+                Ok(_) => Next::Close { linger: !body_read || !self.buf.is_empty() },
+                Err(err) => {
+                    debug!(%err, "writing the response failed");
+                    Next::Close { linger: false }
+                }
             }
         }
     }

@@ -113,45 +113,53 @@ impl ForwardSettings {
 
 /// Sends `request` to tunnel `id` with the upstream target `target`: admit, open a stream,
 /// exchange.
-pub(crate) async fn forward(
-    fw: Forwarding<'_>,
+///
+/// Not an `async fn`: the request is taken apart before the future is made, so the future holds
+/// the head and body it sends, not the request as well (an `async fn` keeps its arguments for as
+/// long as it runs, and a copy of any it takes apart). Every request's future is that much
+/// smaller, in memory while it is in flight and in the bytes moved to box it.
+pub(crate) fn forward<'a>(
+    fw: Forwarding<'a>,
     mut request: Request<RequestBody>,
     peer: SocketAddr,
-    conn: &ConnWatch,
-    id: &TunnelId,
+    conn: &'a ConnWatch,
+    id: &'a TunnelId,
     target: String,
     request_id: &str,
-) -> Result<Response<ResponseBody>, PublicError> {
+) -> impl Future<Output = Result<Response<ResponseBody>, PublicError>> + Send + 'a {
     let started = std::time::Instant::now();
-    // Admit: the edge's limits, a session (or the wait for one), the announced body.
-    let (session, client_slot) = fw.limits.admit(fw.registry, id, peer)?;
-    let session = match session {
-        Some(session) => session,
-        None => wait_for_session(fw, id).await?,
-    };
-    if session.is_unhealthy() {
-        debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
-        return Err(PublicError::UpstreamUnhealthy);
-    }
-    fw.limits.tunnel_capacity(fw.registry, id)?;
-    fw.limits.announced_body(id, request.body().size_hint().lower())?;
+    let announced = request.body().size_hint().lower();
     let upgrade = request.version() == Version::HTTP_11 && wants_upgrade(request.headers());
     let on_upgrade = upgrade.then(|| crate::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
     let head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
+    async move {
+        // Admit: the edge's limits, a session (or the wait for one), the announced body.
+        let (session, client_slot) = fw.limits.admit(fw.registry, id, peer)?;
+        let session = match session {
+            Some(session) => session,
+            None => wait_for_session(fw, id).await?,
+        };
+        if session.is_unhealthy() {
+            debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
+            return Err(PublicError::UpstreamUnhealthy);
+        }
+        fw.limits.tunnel_capacity(fw.registry, id)?;
+        fw.limits.announced_body(id, announced)?;
 
-    // Open: a stream on that session, or on another if it closed before the head was written.
-    let metrics = session.metrics.clone();
-    let (stream, slot, in_flight) = open(fw, session, id).await?;
-    let admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
-    let (reader, writer) = split_counted(stream, slot);
+        // Open: a stream on that session, or on another if it closed before the head was written.
+        let metrics = session.metrics.clone();
+        let (stream, slot, in_flight) = open(fw, session, id).await?;
+        let admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
+        let (reader, writer) = split_counted(stream, slot);
 
-    // Exchange: the head and body up, the response down.
-    let exchange = Exchange { id, head, body_len, body, on_upgrade, reader, writer, admitted };
-    let response = exchange.run(fw, conn).await;
-    metrics.request_done(started.elapsed());
-    response
+        // Exchange: the head and body up, the response down.
+        let exchange = Exchange { id, head, body_len, body, on_upgrade, reader, writer, admitted };
+        let response = exchange.run(fw, conn).await;
+        metrics.request_done(started.elapsed());
+        response
+    }
 }
 
 /// Opens a stream on `session`. Nothing has reached an agent until the head is written: a
@@ -697,7 +705,8 @@ mod forwarding_tests {
         request.headers_mut().unwrap().insert(X_FORWARDED_FOR, HeaderValue::from_bytes(b"caf\xe9").unwrap());
         let (parts, ()) = request.body(()).unwrap().into_parts();
         let settings = ForwardSettings::new(&GatewayConfig::default(), "http", "ferry-test".into());
-        let head = request_head(&settings, parts, "192.0.2.1:1".parse().unwrap(), "/x".into(), "r", false, None);
+        let head =
+            request_head(&settings, parts, "192.0.2.1:1".parse().unwrap(), "/x".into(), "r", false, None);
         assert_eq!(field(&head, "x-forwarded-for"), ["192.0.2.1"]);
     }
 }

@@ -129,23 +129,54 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
 
 /// Answers one public request: the loop check, the target, then where it goes (a tunnel, the
 /// agent endpoint, the gateway's own pages).
-pub(crate) async fn handle(
-    gateway: &Arc<Gateway>,
+///
+/// The checks and the route are worked out before the future is made, so the future holds the
+/// request once (an `async fn` keeps a copy of an argument it borrows from; this future is part
+/// of every request's boxed exchange).
+pub(crate) fn handle<'a>(
+    gateway: &'a Arc<Gateway>,
     request: Request<RequestBody>,
     peer: SocketAddr,
-    conn: &ConnWatch,
-) -> Response<ResponseBody> {
+    conn: &'a ConnWatch,
+) -> impl Future<Output = Response<ResponseBody>> + Send + 'a {
+    let routed = route_request(gateway, &request);
+    async move {
+        let (route, request_id) = match routed {
+            Ok(routed) => routed,
+            Err((err, request_id)) => return err.to_response(&request_id).map(Either::Left),
+        };
+        if let Route::Tunnel { id, target } = route {
+            let response =
+                match proxy::forward(gateway.forwarding(), request, peer, conn, &id, target, &request_id)
+                    .await
+                {
+                    Ok(response) => response,
+                    Err(err) => {
+                        debug!(%err, tunnel_id = %id, request_id, "request answered by the gateway");
+                        err.to_response(&request_id).map(Either::Left)
+                    }
+                };
+            gateway.metrics.request(response.status().as_u16());
+            return response;
+        }
+        local(gateway, route, request, peer, &request_id).await
+    }
+}
+
+/// Where a request goes, with its request id; or why it goes nowhere, with the id to answer with.
+fn route_request(
+    gateway: &Gateway,
+    request: &Request<RequestBody>,
+) -> Result<(Route, String), (PublicError, String)> {
     // A request that already passed through this gateway (an agent whose upstream leads back
     // here) goes nowhere, not even to the gateway's own pages, where it would look local.
     if gateway.forwarding.seen_before(request.headers()) {
-        return PublicError::LoopDetected.to_response(&gateway.next_request_id()).map(Either::Left);
+        return Err((PublicError::LoopDetected, gateway.next_request_id()));
     }
     // One Host, or the request is ambiguous about where it goes (RFC 9112 §3.2: 400). The
     // target's authority, when it has one (absolute form, HTTP/2), is the one that counts.
     if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        return PublicError::BadRequest("more than one Host header")
-            .to_response(&gateway.next_request_id())
-            .map(Either::Left);
+        return Err((PublicError::BadRequest("more than one Host header"), gateway.next_request_id()));
     }
     let host = request
         .uri()
@@ -155,22 +186,20 @@ pub(crate) async fn handle(
         .map(normalize_host);
     let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
     if let Err(err) = gateway.limits.target(path_and_query) {
-        return err.to_response(&gateway.next_request_id()).map(Either::Left);
+        return Err((err, gateway.next_request_id()));
     }
     let route = route(gateway.config.domain.as_deref(), host.as_deref(), path_and_query);
-    let request_id = gateway.next_request_id();
-    if let Route::Tunnel { id, target } = route {
-        let response =
-            match proxy::forward(gateway.forwarding(), request, peer, conn, &id, target, &request_id).await {
-                Ok(response) => response,
-                Err(err) => {
-                    debug!(%err, tunnel_id = %id, request_id, "request answered by the gateway");
-                    err.to_response(&request_id).map(Either::Left)
-                }
-            };
-        gateway.metrics.request(response.status().as_u16());
-        return response;
-    }
+    Ok((route, gateway.next_request_id()))
+}
+
+/// The agent endpoint and the gateway's own pages.
+async fn local(
+    gateway: &Arc<Gateway>,
+    route: Route,
+    request: Request<RequestBody>,
+    peer: SocketAddr,
+    request_id: &str,
+) -> Response<ResponseBody> {
     let method = request.method().clone();
     let read = method == Method::GET || method == Method::HEAD;
     let admin = matches!(
@@ -201,7 +230,7 @@ pub(crate) async fn handle(
             Route::NotFound => Err(PublicError::NotFound),
         }
     };
-    result.unwrap_or_else(|err| err.to_response(&request_id)).map(Either::Left)
+    result.unwrap_or_else(|err| err.to_response(request_id)).map(Either::Left)
 }
 
 #[cfg(test)]
