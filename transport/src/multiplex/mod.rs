@@ -330,6 +330,12 @@ impl Shared {
             let new_max = entry.max_window.saturating_mul(2).min(entry.max_window.saturating_add(room));
             *grown += (new_max - entry.max_window) as usize;
             entry.max_window = new_max;
+            tracing::debug!(
+                stream = id,
+                window = new_max,
+                rtt_us = rtt.map_or(0, |r| r.as_micros()),
+                "stream window grows"
+            );
             delta = (entry.max_window - entry.recv_window).saturating_sub(buffered);
         }
         entry.last_update = Instant::now();
