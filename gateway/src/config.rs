@@ -180,6 +180,8 @@ pub struct GatewayConfig {
     pub tls: Option<TlsFiles>,
     /// How long a client may take to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// Join a cluster of gateways through Redis; `None`: a node of its own.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -216,6 +218,7 @@ impl Default for GatewayConfig {
             drain_timeout: DRAIN_TIMEOUT,
             tls: None,
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+            cluster: None,
         }
     }
 }

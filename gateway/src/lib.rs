@@ -26,6 +26,8 @@
 //! - `endpoint` — the agent endpoint: upgrade, handshake, refusals.
 //! - `lifecycle` — one session from its handshake to its close: registration, control messages.
 //! - [`registry`] — live sessions by tunnel id.
+//! - [`cluster`] — with `--cluster`: this node's tunnels published to Redis, and a view of the
+//!   other nodes' (who holds which tunnel, how to reach them).
 //! - [`session`] — one session as the rest of the gateway sees it.
 //! - [`auth`] — agent secrets, MAC checks, the failed-attempt limiter.
 //! - `admin` — `GET /`, the admin endpoints (`/connections`, actions, `/metrics`).
@@ -38,6 +40,7 @@
 
 mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 mod endpoint;
 pub mod error;

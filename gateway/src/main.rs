@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_codec::TunnelId;
 use ferry_gateway::auth::AuthSource;
+use ferry_gateway::cluster::ClusterConfig;
 use ferry_gateway::config::{TunnelOverrides, parse_domain, parse_tunnel_override};
 use ferry_gateway::limits::Rate;
 use ferry_gateway::tls::TlsFiles;
@@ -163,6 +164,34 @@ struct Args {
     /// session.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     heartbeat_interval: Duration,
+
+    /// Join a cluster of gateways through Redis (`redis://HOST:PORT/DB`, `rediss://` for TLS; or
+    /// set FERRY_CLUSTER). A password goes in FERRY_REDIS_PASSWORD or --redis-password-file, or
+    /// in the URL when it comes from FERRY_CLUSTER or the config file, never on the command line.
+    #[arg(long, env = "FERRY_CLUSTER", value_name = "URL", hide_env_values = true)]
+    cluster: Option<String>,
+
+    /// File holding the Redis password (or set FERRY_REDIS_PASSWORD).
+    #[arg(long, value_name = "PATH", requires = "cluster")]
+    redis_password_file: Option<PathBuf>,
+
+    /// Prefix of the cluster's keys and channel in Redis (several clusters can share one Redis).
+    #[arg(long, default_value = ferry_gateway::cluster::PREFIX, value_name = "PREFIX", requires = "cluster")]
+    cluster_prefix: String,
+
+    /// This node's id in the cluster (letters, digits, '.', '_', '-'); default: a random one,
+    /// kept for the life of the process.
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    node_id: Option<String>,
+
+    /// How the other nodes reach this node's peer listener (`http://10.0.0.2:3001`).
+    #[arg(long, value_name = "URL", requires = "cluster")]
+    peer_advertise: Option<String>,
+
+    /// How long a node that stopped refreshing (killed, cut off from Redis) still counts as
+    /// alive; it refreshes every third of this.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, value_name = "DURATION", requires = "cluster")]
+    cluster_ttl: Duration,
 }
 
 /// The keys a config file may have: every flag, in kebab-case, with its type. Only for checking
@@ -202,6 +231,12 @@ struct ConfigFile {
     tunnel_rate: Option<String>,
     client_rate: Option<String>,
     heartbeat_interval: Option<String>,
+    cluster: Option<String>,
+    redis_password_file: Option<PathBuf>,
+    cluster_prefix: Option<String>,
+    node_id: Option<String>,
+    peer_advertise: Option<String>,
+    cluster_ttl: Option<String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -310,8 +345,55 @@ impl Args {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             _ => None,
         };
+        config.cluster = self
+            .cluster
+            .map(|url| {
+                let mut config =
+                    cluster_config(&url, self.redis_password_file, self.node_id, self.peer_advertise)?;
+                config.prefix = self.cluster_prefix;
+                config.ttl = self.cluster_ttl;
+                config.refresh = self.cluster_ttl / 3;
+                config.stale_grace = config.stale_grace.max(self.cluster_ttl);
+                config.validate().map_err(anyhow::Error::msg)?;
+                anyhow::Ok(config)
+            })
+            .transpose()
+            .context("--cluster")?;
         Ok(config)
     }
+}
+
+/// The cluster settings from the flags; the Redis password from where it may come.
+fn cluster_config(
+    url: &str,
+    password_file: Option<PathBuf>,
+    node_id: Option<String>,
+    advertise: Option<String>,
+) -> anyhow::Result<ClusterConfig> {
+    let mut config = ClusterConfig::new(url).map_err(anyhow::Error::msg)?;
+    let in_url = config.redis.redis_settings().password().is_some();
+    if in_url && std::env::args().any(|arg| arg.contains(url)) {
+        anyhow::bail!(
+            "the Redis URL on the command line holds a password, which every user of this machine can read: \
+             put it in FERRY_REDIS_PASSWORD or --redis-password-file (or the whole URL in FERRY_CLUSTER)"
+        );
+    }
+    let password = load_secret(password_file.as_deref(), "--redis-password-file", "FERRY_REDIS_PASSWORD")
+        .context("Redis password")?;
+    if let Some(password) = password {
+        anyhow::ensure!(
+            !in_url,
+            "the Redis password is given twice: in the URL and in a file or FERRY_REDIS_PASSWORD"
+        );
+        let password = std::str::from_utf8(password.expose()).context("the Redis password is not UTF-8")?;
+        let settings = config.redis.redis_settings().clone().set_password(password);
+        config.redis = config.redis.set_redis_settings(settings);
+    }
+    if let Some(id) = node_id {
+        config.node_id = id;
+    }
+    config.advertise = advertise;
+    Ok(config)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -151,6 +151,16 @@ pub struct Metrics {
     closed_bytes_from_agents: AtomicU64,
     /// The tunnels with series of their own.
     tunnels_with_series: Mutex<HashSet<TunnelId>>,
+    /// Set when the gateway is a node of a cluster: its series are rendered then.
+    cluster: std::sync::OnceLock<ClusterMetrics>,
+}
+
+/// The series of a cluster node.
+#[derive(Debug)]
+struct ClusterMetrics {
+    nodes: Gauge,
+    redis_errors: Counter,
+    redis_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -170,6 +180,7 @@ impl Default for Metrics {
             closed_bytes_to_agents: AtomicU64::new(0),
             closed_bytes_from_agents: AtomicU64::new(0),
             tunnels_with_series: Mutex::default(),
+            cluster: std::sync::OnceLock::new(),
         };
         // Every fixed series exists from the start (at 0), so a rate over it is defined.
         for code in AUTH_CODES {
@@ -255,6 +266,31 @@ impl Metrics {
         self.closed_bytes_from_agents.fetch_add(from_agent, Ordering::Relaxed);
     }
 
+    /// Turns on the cluster series (the gateway is a node of a cluster).
+    pub fn enable_cluster(&self) {
+        let _ = self.cluster.set(ClusterMetrics {
+            nodes: Gauge::default(),
+            redis_errors: Counter::default(),
+            // 100 µs to about 3 s, doubling.
+            redis_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+        });
+    }
+
+    /// A full read of the cluster took `elapsed` and found `nodes` live nodes (this one included).
+    pub fn cluster_synced(&self, nodes: usize, elapsed: Duration) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.nodes.set(i64::try_from(nodes).unwrap_or(i64::MAX));
+            cluster.redis_seconds.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// A Redis command of the cluster layer failed.
+    pub fn cluster_redis_error(&self) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.redis_errors.inc();
+        }
+    }
+
     /// Counts a request that waited for an agent: served, or given up.
     pub fn pending(&self, served: bool) {
         let outcome = if served { "served" } else { "expired" };
@@ -337,6 +373,23 @@ impl Metrics {
             self.pending.clone(),
         );
         out.register("ferry_limited", "Connections and requests refused by a limit", self.limited.clone());
+        if let Some(cluster) = self.cluster.get() {
+            out.register(
+                "ferry_cluster_nodes",
+                "Live gateway nodes in the cluster at the last full read of Redis, this one included",
+                cluster.nodes.clone(),
+            );
+            out.register(
+                "ferry_cluster_redis_errors",
+                "Redis commands of the cluster layer that failed or timed out",
+                cluster.redis_errors.clone(),
+            );
+            out.register(
+                "ferry_cluster_sync_seconds",
+                "Time a refresh took: this node's entries rewritten and every node's read",
+                cluster.redis_seconds.clone(),
+            );
+        }
         let mut text = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &out);

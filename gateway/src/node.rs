@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::{AuthFileError, Secrets};
+use crate::cluster::Cluster;
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::limits::Limits;
@@ -64,6 +65,8 @@ pub struct Gateway {
     pub(crate) limits: Limits,
     /// The certificate in force when the public port speaks TLS.
     pub(crate) tls: Option<tls::Tls>,
+    /// This node's part in a cluster of gateways (`--cluster`).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Gateway {
@@ -85,6 +88,13 @@ impl Gateway {
         getrandom::fill(&mut random).map_err(|err| GatewayError::Io(std::io::Error::other(err)))?;
         let instance = u32::from_be_bytes(random);
         let metrics = Arc::new(Metrics::default());
+        let cluster = match config.cluster.clone() {
+            Some(cluster) => {
+                metrics.enable_cluster();
+                Some(Arc::new(Cluster::new(cluster, Arc::clone(&metrics)).map_err(GatewayError::Config)?))
+            }
+            None => None,
+        };
         let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(Arc::new(Self {
             http: config.http_builder(),
@@ -109,6 +119,7 @@ impl Gateway {
             limits: Limits::new(&config, Arc::clone(&metrics)),
             metrics,
             tls,
+            cluster,
             config,
         }))
     }

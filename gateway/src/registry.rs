@@ -126,9 +126,15 @@ impl Registry {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).get(tunnel_id).copied().unwrap_or(0)
     }
 
-    /// Wakes waiters (pending requests, tests) on the registry.
-    fn touch(&self) {
+    /// Wakes waiters (pending requests, tests) on the registry; also when what other nodes of
+    /// the cluster hold changed.
+    pub(crate) fn touch(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that sees every change (the cluster layer publishes them).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// What a session uses to announce its own changes (draining, health, closed) to the

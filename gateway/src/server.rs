@@ -67,6 +67,9 @@ impl Gateway {
         if self.config.admin_token.is_none() && !self.config.admin_loopback {
             error!("admin endpoints are unreachable: no admin token and loopback access turned off");
         }
+        if let Some(cluster) = &self.cluster {
+            tokio::spawn(Arc::clone(cluster).run(Arc::clone(self)));
+        }
         let inbox = self.main_inbox.lock().unwrap_or_else(|e| e.into_inner()).take();
         accept_loop(Arc::clone(self), listener, inbox).await;
         info!("shutting down: telling agents to go away, draining requests in flight");
@@ -85,6 +88,9 @@ impl Gateway {
         self.sessions.cancel();
         self.session_tracker.close();
         let _ = tokio::time::timeout(self.config.drain_timeout, self.session_tracker.wait()).await;
+        if let Some(cluster) = &self.cluster {
+            cluster.leave().await;
+        }
         info!("gateway stopped");
     }
 }
