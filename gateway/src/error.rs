@@ -93,6 +93,10 @@ pub enum PublicError {
     /// The tunnel had an agent recently, but none came back in time.
     #[error("the tunnel's agent is offline; retry later")]
     TunnelOffline,
+    /// The tunnel has no session here, and which node holds it cannot be known (Redis has been
+    /// unreachable for longer than the cluster's grace period).
+    #[error("the gateway cluster cannot locate this tunnel right now; retry later")]
+    ClusterUnavailable,
     /// A rate limit (requests, or failed handshakes) was reached; retry after the given seconds.
     #[error("rate limit reached; retry later")]
     RateLimited(u64),
@@ -119,7 +123,7 @@ impl PublicError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
-            Self::TunnelOffline => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TunnelOffline | Self::ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) | Self::ClientAtCapacity => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
         }
@@ -149,6 +153,7 @@ impl PublicError {
             Self::AgentError => "agent_error",
             Self::LoopDetected => "loop_detected",
             Self::TunnelOffline => "tunnel_offline",
+            Self::ClusterUnavailable => "cluster_unavailable",
             Self::RateLimited(_) => "rate_limited",
             Self::Unauthorized => "unauthorized",
         }
@@ -160,7 +165,9 @@ impl PublicError {
             Self::AtCapacity | Self::GatewayBusy | Self::AgentShuttingDown | Self::ClientAtCapacity => {
                 Some(1)
             }
-            Self::AgentRefused | Self::TunnelOffline | Self::UpstreamUnhealthy => Some(5),
+            Self::AgentRefused | Self::TunnelOffline | Self::UpstreamUnhealthy | Self::ClusterUnavailable => {
+                Some(5)
+            }
             Self::RateLimited(seconds) => Some(*seconds),
             _ => None,
         }

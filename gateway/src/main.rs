@@ -184,8 +184,19 @@ struct Args {
     #[arg(long, value_name = "ID", requires = "cluster")]
     node_id: Option<String>,
 
-    /// How the other nodes reach this node's peer listener (`http://10.0.0.2:3001`).
-    #[arg(long, value_name = "URL", requires = "cluster")]
+    /// File holding the secret the nodes of the cluster present to each other (or set
+    /// FERRY_CLUSTER_SECRET); the same on every node.
+    #[arg(long, value_name = "PATH", requires = "cluster")]
+    cluster_secret_file: Option<PathBuf>,
+
+    /// Where other nodes connect to reach this node's agents (`:3001`, `10.0.0.2:3001`). Without
+    /// it this node forwards to others but takes no forwards.
+    #[arg(long, value_parser = parse_listen, value_name = "ADDR", requires = "cluster")]
+    peer_listen: Option<SocketAddr>,
+
+    /// How the other nodes reach the peer listener (`http://10.0.0.2:3001`); default: the
+    /// --peer-listen address when it names one host.
+    #[arg(long, value_name = "URL", requires = "peer_listen")]
     peer_advertise: Option<String>,
 
     /// How long a node that stopped refreshing (killed, cut off from Redis) still counts as
@@ -235,6 +246,8 @@ struct ConfigFile {
     redis_password_file: Option<PathBuf>,
     cluster_prefix: Option<String>,
     node_id: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
+    peer_listen: Option<String>,
     peer_advertise: Option<String>,
     cluster_ttl: Option<String>,
 }
@@ -347,15 +360,30 @@ impl Args {
         };
         config.cluster = self
             .cluster
+            .as_deref()
             .map(|url| {
-                let mut config =
-                    cluster_config(&url, self.redis_password_file, self.node_id, self.peer_advertise)?;
-                config.prefix = self.cluster_prefix;
-                config.ttl = self.cluster_ttl;
-                config.refresh = self.cluster_ttl / 3;
-                config.stale_grace = config.stale_grace.max(self.cluster_ttl);
-                config.validate().map_err(anyhow::Error::msg)?;
-                anyhow::Ok(config)
+                anyhow::ensure!(
+                    self.cluster_ttl >= Duration::from_millis(300),
+                    "--cluster-ttl must be at least 300ms (the node refreshes every third of it)"
+                );
+                let mut cluster = cluster_config(url, self.redis_password_file.as_deref(), self.cluster_secret_file.as_deref())?;
+                cluster.prefix = self.cluster_prefix.clone();
+                if let Some(id) = &self.node_id {
+                    cluster.node_id = id.clone();
+                }
+                cluster.advertise = match (&self.peer_advertise, self.peer_listen) {
+                    (Some(url), _) => Some(url.clone()),
+                    (None, Some(addr)) if !addr.ip().is_unspecified() => Some(format!("http://{addr}")),
+                    (None, Some(addr)) => anyhow::bail!(
+                        "--peer-listen {addr} listens on every interface: say with --peer-advertise how other nodes reach it"
+                    ),
+                    (None, None) => None,
+                };
+                cluster.ttl = self.cluster_ttl;
+                cluster.refresh = self.cluster_ttl / 3;
+                cluster.stale_grace = cluster.stale_grace.max(self.cluster_ttl);
+                cluster.validate().map_err(anyhow::Error::msg)?;
+                anyhow::Ok(cluster)
             })
             .transpose()
             .context("--cluster")?;
@@ -363,14 +391,17 @@ impl Args {
     }
 }
 
-/// The cluster settings from the flags; the Redis password from where it may come.
+/// The cluster settings from the flags: the Redis password and the cluster secret from where
+/// they may come.
 fn cluster_config(
     url: &str,
-    password_file: Option<PathBuf>,
-    node_id: Option<String>,
-    advertise: Option<String>,
+    password_file: Option<&std::path::Path>,
+    secret_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ClusterConfig> {
-    let mut config = ClusterConfig::new(url).map_err(anyhow::Error::msg)?;
+    let secret = load_secret(secret_file, "--cluster-secret-file", "FERRY_CLUSTER_SECRET")
+        .context("cluster secret")?
+        .context("the nodes of a cluster prove themselves to each other with a shared secret: set FERRY_CLUSTER_SECRET or --cluster-secret-file")?;
+    let mut config = ClusterConfig::new(url, secret).map_err(anyhow::Error::msg)?;
     let in_url = config.redis.redis_settings().password().is_some();
     if in_url && std::env::args().any(|arg| arg.contains(url)) {
         anyhow::bail!(
@@ -378,7 +409,7 @@ fn cluster_config(
              put it in FERRY_REDIS_PASSWORD or --redis-password-file (or the whole URL in FERRY_CLUSTER)"
         );
     }
-    let password = load_secret(password_file.as_deref(), "--redis-password-file", "FERRY_REDIS_PASSWORD")
+    let password = load_secret(password_file, "--redis-password-file", "FERRY_REDIS_PASSWORD")
         .context("Redis password")?;
     if let Some(password) = password {
         anyhow::ensure!(
@@ -389,10 +420,6 @@ fn cluster_config(
         let settings = config.redis.redis_settings().clone().set_password(password);
         config.redis = config.redis.set_redis_settings(settings);
     }
-    if let Some(id) = node_id {
-        config.node_id = id;
-    }
-    config.advertise = advertise;
     Ok(config)
 }
 
@@ -419,6 +446,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let listen = args.listen;
+    let peer_listen = args.peer_listen;
     let threads = args.threads.get();
     let config = args.into_config()?;
     let auth_file = matches!(config.auth, AuthSource::File(_));
@@ -438,6 +466,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot listen for SIGHUP (which reloads the auth file and certificate)")?;
         tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), hangups, auth_file, tls));
+    }
+    if let Some(addr) = peer_listen {
+        let peers = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for other nodes on {addr}"))?;
+        let serving = std::sync::Arc::clone(&gateway);
+        tokio::spawn(async move { serving.serve_peers(peers).await });
     }
     let shards = gateway.spawn_shards(listeners).context("cannot start the gateway's threads")?;
     tracing::info!(threads = shards.len() + 1, "threads serving the port");

@@ -161,6 +161,7 @@ struct ClusterMetrics {
     nodes: Gauge,
     redis_errors: Counter,
     redis_seconds: Histogram,
+    forwards: Family<DirectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -273,7 +274,13 @@ impl Metrics {
             redis_errors: Counter::default(),
             // 100 µs to about 3 s, doubling.
             redis_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
+            forwards: Family::default(),
         });
+        if let Some(cluster) = self.cluster.get() {
+            for direction in ["in", "out"] {
+                drop(cluster.forwards.get_or_create(&DirectionLabels { direction }));
+            }
+        }
     }
 
     /// A full read of the cluster took `elapsed` and found `nodes` live nodes (this one included).
@@ -284,10 +291,25 @@ impl Metrics {
         }
     }
 
+    /// A request went to another node (`out`) or came from one (`!out`).
+    pub fn cluster_forward(&self, out: bool) {
+        if let Some(cluster) = self.cluster.get() {
+            let direction = if out { "out" } else { "in" };
+            cluster.forwards.get_or_create(&DirectionLabels { direction }).inc();
+        }
+    }
+
     /// A Redis command of the cluster layer failed.
     pub fn cluster_redis_error(&self) {
         if let Some(cluster) = self.cluster.get() {
             cluster.redis_errors.inc();
+        }
+    }
+
+    /// Counts a request that found its session after waiting (`waited`); nothing otherwise.
+    pub fn pending_outcome(&self, waited: bool, served: bool) {
+        if waited {
+            self.pending(served);
         }
     }
 
@@ -388,6 +410,11 @@ impl Metrics {
                 "ferry_cluster_sync_seconds",
                 "Time a refresh took: this node's entries rewritten and every node's read",
                 cluster.redis_seconds.clone(),
+            );
+            out.register(
+                "ferry_cluster_forwards",
+                "Requests handed to another node (out) or taken from one (in)",
+                cluster.forwards.clone(),
             );
         }
         let mut text = String::with_capacity(4096);

@@ -184,6 +184,8 @@ impl Gateway {
             metrics: &self.metrics,
             tracker: &self.tracker,
             settings: &self.forwarding,
+            cluster: self.cluster.as_ref(),
+            session_config: &self.config.session,
         }
     }
 

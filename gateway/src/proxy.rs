@@ -16,7 +16,7 @@ use ferry_transport::heads::{
     headers_from_wire, headers_to_wire, strip_hop_by_hop, version_to_wire, wants_upgrade,
 };
 use ferry_transport::stream::{FrameReader, FrameWriter, split_counted};
-use ferry_transport::{FrameBody, StreamSlot, TransportError, multiplex};
+use ferry_transport::{FrameBody, SessionConfig, StreamSlot, TransportError, multiplex};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
@@ -27,12 +27,13 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
+use crate::cluster::{Cluster, Owners};
 use crate::config::GatewayConfig;
 use crate::error::PublicError;
 use crate::inbound::Inbound;
 use crate::limits::{ClientSlot, Limits, client_ip};
 use crate::metrics::{Limit, Metrics};
-use crate::registry::Registry;
+use crate::registry::{OFFLINE_MEMORY, Registry};
 use crate::session::{InFlight, Session};
 use crate::upgrade::OnUpgrade;
 use crate::watch::{ConnWatch, SendClock};
@@ -52,7 +53,8 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// ends when this is dropped, so a request that is over never keeps its stream open.
 #[derive(Debug)]
 struct Admitted {
-    _in_flight: InFlight,
+    /// `None` for a request served by another node's session.
+    _in_flight: Option<InFlight>,
     _client: ClientSlot,
     _upload: Option<oneshot::Sender<()>>,
 }
@@ -66,6 +68,10 @@ pub(crate) struct Forwarding<'a> {
     /// Upload and upgrade tasks are tracked with the public connections (the drain waits).
     pub(crate) tracker: &'a TaskTracker,
     pub(crate) settings: &'a ForwardSettings,
+    /// The other nodes, when this one is part of a cluster.
+    pub(crate) cluster: Option<&'a Arc<Cluster>>,
+    /// Limits of the links to other nodes.
+    pub(crate) session_config: &'a SessionConfig,
 }
 
 /// Forwarding settings, fixed when the gateway starts.
@@ -135,22 +141,32 @@ pub(crate) fn forward<'a>(
     let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
     let head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
     async move {
-        // Admit: the edge's limits, a session (or the wait for one), the announced body.
-        let (session, client_slot) = fw.limits.admit(fw.registry, id, peer)?;
-        let session = match session {
-            Some(session) => session,
-            None => wait_for_session(fw, id).await?,
+        // Admit: the edge's limits, a session here or at another node (or the wait for one), the
+        // announced body.
+        let (session, client_slot) = fw.limits.admit(fw.registry, id, peer, || held_elsewhere(fw, id))?;
+        let located = match session {
+            Some(session) => Located::Here(session),
+            None => locate(fw, id).await?,
         };
-        if session.is_unhealthy() {
-            debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
-            return Err(PublicError::UpstreamUnhealthy);
-        }
-        fw.limits.tunnel_capacity(fw.registry, id)?;
-        fw.limits.announced_body(id, announced)?;
-
-        // Open: a stream on that session, or on another if it closed before the head was written.
-        let metrics = session.metrics.clone();
-        let (stream, slot, in_flight) = open(fw, session, id).await?;
+        let (stream, slot, in_flight, metrics) = match located {
+            Located::Here(session) => {
+                if session.is_unhealthy() {
+                    debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
+                    return Err(PublicError::UpstreamUnhealthy);
+                }
+                fw.limits.tunnel_capacity(fw.registry, id)?;
+                fw.limits.announced_body(id, announced)?;
+                // Open: a stream on that session, or on another if it closed before the head was
+                // written.
+                let metrics = session.metrics.clone();
+                let (stream, slot, in_flight) = open(fw, session, id).await?;
+                (stream, slot, Some(in_flight), metrics)
+            }
+            Located::Elsewhere(stream, slot) => {
+                fw.limits.announced_body(id, announced)?;
+                (stream, slot, None, fw.metrics.tunnel(id))
+            }
+        };
         let admitted = Admitted { _in_flight: in_flight, _client: client_slot, _upload: None };
         let (reader, writer) = split_counted(stream, slot);
 
@@ -159,6 +175,76 @@ pub(crate) fn forward<'a>(
         let response = exchange.run(fw, conn).await;
         metrics.request_done(started.elapsed());
         response
+    }
+}
+
+/// Where a request goes: a session of this node, or a stream another node opened to one of its
+/// sessions.
+enum Located {
+    Here(Arc<Session>),
+    Elsewhere(multiplex::Stream, StreamSlot),
+}
+
+/// For a tunnel with no session here and none expected back here: whether another node holds it
+/// (or did lately, so its agent is expected back somewhere), and so whether the request may wait.
+fn held_elsewhere(fw: Forwarding<'_>, id: &TunnelId) -> Result<(), PublicError> {
+    let Some(cluster) = fw.cluster else {
+        return Err(PublicError::TunnelNotFound);
+    };
+    match cluster.owners(id) {
+        Owners::Known(owners) if !owners.is_empty() => Ok(()),
+        Owners::Unknown => Err(PublicError::ClusterUnavailable),
+        Owners::Known(_) if cluster.recently_held(id, OFFLINE_MEMORY) => Ok(()),
+        Owners::Known(_) => Err(PublicError::TunnelNotFound),
+    }
+}
+
+/// Finds a session for a tunnel with none here now: another node's, or (waiting, bounded as for
+/// an offline tunnel) the first to come back here or anywhere in the cluster. Nodes whose entry
+/// was stale, or that cannot be reached, are passed over: nothing reached an agent through them.
+async fn locate(fw: Forwarding<'_>, id: &TunnelId) -> Result<Located, PublicError> {
+    let Some(cluster) = fw.cluster else {
+        return wait_for_session(fw, id).await.map(Located::Here);
+    };
+    let deadline = tokio::time::Instant::now() + fw.settings.pending_timeout;
+    let mut waiting = None;
+    loop {
+        // Subscribed before looking, so a change between the look and the wait is not missed.
+        let mut changes = fw.registry.subscribe();
+        if let Some(session) = fw.registry.pick(id) {
+            fw.metrics.pending_outcome(waiting.is_some(), true);
+            return Ok(Located::Here(session));
+        }
+        match cluster.owners(id) {
+            Owners::Known(owners) if !owners.is_empty() => {
+                if owners[0].holding.healthy == 0 {
+                    debug!("every agent of the tunnel, on every node, reports its upstream unhealthy");
+                    return Err(PublicError::UpstreamUnhealthy);
+                }
+                for owner in &owners {
+                    match cluster.open_to(owner, id, fw.session_config).await {
+                        Ok((stream, slot)) => {
+                            fw.metrics.pending_outcome(waiting.is_some(), true);
+                            return Ok(Located::Elsewhere(stream, slot));
+                        }
+                        Err(err) => debug!(%err, "passing over a node that holds the tunnel"),
+                    }
+                }
+            }
+            Owners::Unknown if !fw.registry.expects_agent(id) => return Err(PublicError::ClusterUnavailable),
+            _ => {}
+        }
+        if waiting.is_none() {
+            let Some(slot) = fw.registry.pending_slot(id, fw.settings.max_pending) else {
+                fw.metrics.pending(false);
+                return Err(PublicError::TunnelOffline);
+            };
+            waiting = Some(slot);
+        }
+        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            fw.metrics.pending(false);
+            return Err(PublicError::TunnelOffline);
+        }
     }
 }
 

@@ -14,9 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ferry_codec::Secret;
 use ferry_gateway::cluster::{ClusterConfig, Holding, Owners};
 use ferry_gateway::{Gateway, GatewayConfig};
-use http::StatusCode;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -95,6 +98,8 @@ impl Drop for Redis {
     }
 }
 
+const CLUSTER_SECRET: &str = "the nodes' shared secret";
+
 /// A node with fast timings: refresh 100 ms, alive 400 ms after its last one, a stale view
 /// trusted for 1.5 s.
 fn node_config(redis: &Redis, id: &str) -> GatewayConfig {
@@ -104,9 +109,42 @@ fn node_config(redis: &Redis, id: &str) -> GatewayConfig {
         refresh: Duration::from_millis(100),
         ttl: Duration::from_millis(400),
         stale_grace: Duration::from_millis(1500),
-        ..ClusterConfig::new(&redis.url()).unwrap()
+        ..ClusterConfig::new(&redis.url(), Secret::from_text(CLUSTER_SECRET).unwrap()).unwrap()
     };
     GatewayConfig { cluster: Some(cluster), ..GatewayConfig::default() }
+}
+
+/// A peer listener on a loopback port, and `config` advertising it.
+async fn with_peer_listener(mut config: GatewayConfig) -> (GatewayConfig, TcpListener) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    config.cluster.as_mut().unwrap().advertise = Some(format!("http://{addr}"));
+    (config, listener)
+}
+
+fn serve_peers(gateway: &Arc<Gateway>, listener: TcpListener) {
+    let gateway = Arc::clone(gateway);
+    tokio::spawn(async move { gateway.serve_peers(listener).await });
+}
+
+/// Node A (with the tunnel's agent, taking forwards) and node B (without), both known to each
+/// other; returns A's environment, B, and B's address.
+async fn two_nodes(redis: &Redis, b_config: GatewayConfig) -> (TestEnv, GatewayRun, SocketAddr) {
+    let (a_config, peers) = with_peer_listener(node_config(redis, "node-a")).await;
+    let env = TestEnv::start_with(a_config, |_| {}).await;
+    serve_peers(&env.gateway, peers);
+    let (b, b_addr) = start_node(b_config).await;
+    until(&b.gateway, |o| matches!(o, Owners::Known(o) if o.len() == 1 && o[0].advertise.is_some()), TUNNEL)
+        .await;
+    (env, b, b_addr)
+}
+
+fn via(addr: SocketAddr, path: &str) -> String {
+    format!("http://{addr}/t/{TUNNEL}{path}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A node that refreshes once an hour: whatever it learns after joining, it learns from events.
@@ -122,6 +160,24 @@ async fn start_node(config: GatewayConfig) -> (GatewayRun, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (start_gateway(config, listener), addr)
+}
+
+/// Reads a gateway's log until it says where it listens; the rest of the log is drained.
+async fn listening_port(stderr: std::process::ChildStderr) -> u16 {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("gateway listening addr=").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                let _ = tx.send(addr.port());
+            }
+        }
+    });
+    rx.await.expect("the gateway says where it listens")
 }
 
 /// Waits until `gateway`'s view of the cluster satisfies `condition`; returns how long it took.
@@ -202,14 +258,17 @@ async fn a_killed_node_lapses_after_its_ttl() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
         let (b, _) = start_node(node_config(&redis, "node-b")).await;
-        // Node A is a real process, so it can be SIGKILLed.
-        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        // Node A is a real process, so it can be SIGKILLed. It binds an ephemeral port and says
+        // which in its log (the readiness signal).
         let mut a = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--cluster", &redis.url()])
+            .args(["--listen", "127.0.0.1:0", "--cluster", &redis.url()])
             .args(["--node-id", "node-a", "--cluster-ttl", "600ms", "--threads", "1"])
-            .stderr(Stdio::null())
+            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let port = listening_port(a.stderr.take().unwrap()).await;
         let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
         let mut agent_config = env.agent_config();
         agent_config.gateway =
@@ -258,6 +317,147 @@ async fn redis_down_keeps_local_sessions_served_and_a_restarted_redis_is_filled_
         assert!(tunnels.contains(TUNNEL), "{tunnels}");
         b.shutdown.cancel();
         b.task.await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_through_the_node_without_the_agent_is_served_by_the_one_with_it() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (env, b, b_addr) = two_nodes(&redis, node_config(&redis, "node-b")).await;
+
+        let (direct, direct_body) = get(&env.url("/")).await;
+        let (response, body) = get(&via(b_addr, "/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body, direct_body);
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            direct.headers()[http::header::CONTENT_TYPE]
+        );
+
+        // What the upstream sees is what node B received: B's client address, B in `Via`.
+        let (_, body) = get(&via(b_addr, "/headers")).await;
+        let seen = json(&body);
+        let header = |name: &str| -> Vec<String> {
+            seen["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|pair| pair[0] == name)
+                .map(|pair| pair[1].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(header("x-forwarded-for"), ["127.0.0.1"], "{seen}");
+        assert_eq!(header("host"), [b_addr.to_string()], "{seen}");
+        let via_b = header("via");
+        assert!(via_b.len() == 1 && via_b[0].starts_with("1.1 ferry-"), "one hop named: {seen}");
+        assert_eq!(seen["target"], "/headers", "{seen}");
+
+        let b_metrics = b.gateway.metrics.render(&b.gateway.registry);
+        assert!(b_metrics.contains("ferry_cluster_forwards_total{direction=\"out\"} 2"), "{b_metrics}");
+        let a_metrics = env.gateway.metrics.render(&env.gateway.registry);
+        assert!(a_metrics.contains("ferry_cluster_forwards_total{direction=\"in\"} 2"), "{a_metrics}");
+
+        // A tunnel no node holds is unknown through B as through A.
+        let other = format!("http://{b_addr}/t/agent_0b6f4c1e-8a51-4c3e-9d2a-000000000000_web/");
+        let (response, body) = get(&other).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(json(&body)["error"]["code"], "tunnel_not_found", "{}", String::from_utf8_lossy(&body));
+        b.shutdown.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn large_bodies_stream_through_the_hop_both_ways_intact() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (_env, b, b_addr) = two_nodes(&redis, node_config(&redis, "node-b")).await;
+        const SIZE: u64 = 256 * 1024 * 1024;
+
+        let expected = tokio::task::spawn_blocking(|| ferry_benches::upstream::pattern_sha256(SIZE));
+        let started = Instant::now();
+        let response =
+            send(&client(), Request::get(via(b_addr, &format!("/bytes/{SIZE}"))).body(empty()).unwrap())
+                .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let (mut hasher, mut total) = (Sha256::new(), 0u64);
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                total += data.len() as u64;
+                hasher.update(&data);
+            }
+        }
+        assert_eq!(total, SIZE);
+        assert_eq!(hex(&hasher.finalize()), expected.await.unwrap());
+        println!("256 MiB down through the hop in {:?}", started.elapsed());
+
+        let sent = Arc::new(std::sync::Mutex::new(Sha256::new()));
+        let hashing = Arc::clone(&sent);
+        let chunks = futures_util::stream::unfold(0u64, move |offset| {
+            let hashing = Arc::clone(&hashing);
+            async move {
+                if offset >= SIZE {
+                    return None;
+                }
+                let data = ferry_benches::upstream::pattern(offset, (SIZE - offset).min(64 * 1024) as usize);
+                hashing.lock().unwrap().update(&data);
+                let next = offset + data.len() as u64;
+                Some((Ok::<_, BoxError>(http_body::Frame::data(data)), next))
+            }
+        });
+        let started = Instant::now();
+        let request = Request::post(via(b_addr, "/sink"))
+            .header(http::header::CONTENT_LENGTH, SIZE)
+            .body(http_body_util::StreamBody::new(chunks).boxed_unsync())
+            .unwrap();
+        let (response, body) = fetch(&client(), request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let report = json(&body);
+        assert_eq!(report["bytes"], SIZE);
+        assert_eq!(report["sha256"], hex(&sent.lock().unwrap().clone().finalize()).as_str());
+        println!("256 MiB up through the hop in {:?}", started.elapsed());
+        b.shutdown.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_at_the_other_node_waits_for_the_agent_to_come_back_anywhere() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (mut env, b, b_addr) = two_nodes(&redis, node_config(&redis, "node-b")).await;
+        env.agent.take().unwrap().stop().await.unwrap();
+        until(&b.gateway, held_by_none, TUNNEL).await;
+
+        // B holds the request: the tunnel was held in the cluster a moment ago.
+        let url = via(b_addr, "/");
+        let waiting = tokio::spawn(async move { get(&url).await });
+        b.gateway.registry.wait_until(|r| r.waiting(&TUNNEL.parse().unwrap()) == 1).await;
+        let back = Instant::now();
+        env.agent = Some(spawn_agent(env.agent_config()));
+        let (response, _) = waiting.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        println!("the held request at B was served {:?} after the agent came back at A", back.elapsed());
+        b.shutdown.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_with_the_wrong_cluster_secret_is_refused() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let mut b_config = node_config(&redis, "node-b");
+        b_config.cluster.as_mut().unwrap().secret = Secret::from_text("not the secret").unwrap();
+        b_config.pending_timeout = Duration::from_millis(300);
+        let (_env, b, b_addr) = two_nodes(&redis, b_config).await;
+        let (response, body) = get(&via(b_addr, "/")).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json(&body)["error"]["code"], "tunnel_offline", "{}", String::from_utf8_lossy(&body));
+        b.shutdown.cancel();
     })
     .await;
 }

@@ -16,19 +16,21 @@
 //! within one refresh) and reads everyone's (so a missed event is mended within one refresh);
 //! events make the other nodes' views current in between.
 
+mod peer;
 mod view;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ferry_codec::TunnelId;
+use ferry_codec::{Secret, TunnelId};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use peer::{PEER_PATH, PeerError};
 use view::View;
 pub use view::{Holding, Owner, Owners, RemoteNode};
 
@@ -58,6 +60,8 @@ pub struct ClusterConfig {
     pub node_id: String,
     /// How other nodes reach this node's peer listener.
     pub advertise: Option<String>,
+    /// What nodes present to each other's peer listeners.
+    pub secret: Secret,
     /// See [`REFRESH`].
     pub refresh: Duration,
     /// See [`TTL`].
@@ -71,7 +75,7 @@ impl ClusterConfig {
     ///
     /// # Errors
     /// The URL is not a Redis URL (`redis://`, `rediss://`, `unix://`).
-    pub fn new(redis: &str) -> Result<Self, String> {
+    pub fn new(redis: &str, secret: Secret) -> Result<Self, String> {
         let redis = redis::IntoConnectionInfo::into_connection_info(redis)
             .map_err(|err| format!("not a Redis URL ({err})"))?;
         Ok(Self {
@@ -79,6 +83,7 @@ impl ClusterConfig {
             prefix: PREFIX.to_owned(),
             node_id: random_node_id(),
             advertise: None,
+            secret,
             refresh: REFRESH,
             ttl: TTL,
             stale_grace: STALE_GRACE,
@@ -104,9 +109,11 @@ impl ClusterConfig {
             return Err("the grace for a stale view must be at least the TTL".into());
         }
         if let Some(url) = &self.advertise
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+            && !url.strip_prefix("http://").is_some_and(|rest| rest.contains(':'))
         {
-            return Err(format!("--peer-advertise {url:?} is not an http:// or https:// URL"));
+            return Err(format!(
+                "--peer-advertise {url:?} is not http://HOST:PORT (peer links are plain HTTP for now)"
+            ));
         }
         Ok(())
     }
@@ -146,6 +153,8 @@ pub struct Cluster {
     view: RwLock<View>,
     /// What this node last wrote to Redis (tunnel → holding).
     published: Mutex<HashMap<TunnelId, Holding>>,
+    /// Links to the other nodes' peer listeners.
+    links: peer::Links,
     /// Fires when the node leaves; the background tasks end.
     leave: CancellationToken,
     /// Fires when [`Cluster::run`] has finished (its entries deleted, or given up on).
@@ -166,6 +175,7 @@ impl Cluster {
             config,
             client,
             view: RwLock::default(),
+            links: peer::Links::default(),
             published: Mutex::default(),
             leave: CancellationToken::new(),
             left: CancellationToken::new(),
@@ -177,6 +187,31 @@ impl Cluster {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.config.node_id
+    }
+
+    /// What nodes present to each other.
+    pub(crate) fn secret(&self) -> &Secret {
+        &self.config.secret
+    }
+
+    /// A stream to `owner` on which it has opened a stream to one of its agent sessions of
+    /// `tunnel`: write and read it as a local agent stream.
+    ///
+    /// # Errors
+    /// The node cannot be reached, or has no room or no session for the tunnel (its entry was
+    /// stale); nothing reached an agent then.
+    pub(crate) async fn open_to(
+        &self,
+        owner: &Owner,
+        tunnel: &TunnelId,
+        session: &ferry_transport::SessionConfig,
+    ) -> Result<(ferry_transport::multiplex::Stream, ferry_transport::StreamSlot), PeerError> {
+        let opened = self
+            .links
+            .open(&owner.node, owner.advertise.as_deref(), tunnel, &self.config.secret, session, &self.leave)
+            .await?;
+        self.metrics.cluster_forward(true);
+        Ok(opened)
     }
 
     /// The nodes other than this one that hold sessions for `tunnel`.
@@ -544,17 +579,28 @@ mod tests {
     use super::*;
 
     fn cluster() -> Cluster {
-        let config =
-            ClusterConfig { node_id: "me".into(), ..ClusterConfig::new("redis://127.0.0.1:1/0").unwrap() };
+        let config = ClusterConfig {
+            node_id: "me".into(),
+            ..ClusterConfig::new("redis://127.0.0.1:1/0", secret()).unwrap()
+        };
         Cluster::new(config, Arc::default()).unwrap()
+    }
+
+    fn secret() -> Secret {
+        Secret::from_text("cluster secret").unwrap()
     }
 
     const T: &str = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web";
 
     #[test]
     fn settings_are_checked() {
-        assert!(ClusterConfig::new("http://example.com").is_err());
-        let good = ClusterConfig::new("redis://127.0.0.1:6379/2").unwrap();
+        assert!(ClusterConfig::new("http://example.com", secret()).is_err());
+        let good = ClusterConfig::new("redis://127.0.0.1:6379/2", secret()).unwrap();
+        assert!(
+            ClusterConfig { advertise: Some("http://10.0.0.2:3001".into()), ..good.clone() }
+                .validate()
+                .is_ok()
+        );
         assert!(good.validate().is_ok());
         assert!(good.node_id.starts_with("n-") && good.node_id.len() == 14, "{}", good.node_id);
         for (bad, what) in [
@@ -564,6 +610,11 @@ mod tests {
             (ClusterConfig { ttl: good.refresh, ..good.clone() }, "TTL"),
             (ClusterConfig { stale_grace: Duration::from_secs(1), ..good.clone() }, "grace"),
             (ClusterConfig { advertise: Some("node-b:4000".into()), ..good.clone() }, "peer-advertise"),
+            (ClusterConfig { advertise: Some("http://node-b".into()), ..good.clone() }, "peer-advertise"),
+            (
+                ClusterConfig { advertise: Some("https://node-b:4000".into()), ..good.clone() },
+                "peer-advertise",
+            ),
         ] {
             let err = bad.validate().unwrap_err();
             assert!(err.contains(what), "{err}");

@@ -119,6 +119,7 @@ impl Limits {
         registry: &Registry,
         id: &TunnelId,
         peer: SocketAddr,
+        held_elsewhere: impl FnOnce() -> Result<(), PublicError>,
     ) -> Result<(Option<Arc<Session>>, ClientSlot), PublicError> {
         let now = Instant::now();
         let rate_limited =
@@ -130,7 +131,7 @@ impl Limits {
         }
         let session = registry.pick(id);
         if session.is_none() && !registry.expects_agent(id) {
-            return Err(PublicError::TunnelNotFound);
+            held_elsewhere()?;
         }
         if let Some(tunnels) = &self.tunnel_rates {
             tunnels.check(id, now).map_err(|wait| self.refuse(Limit::TunnelRate, rate_limited(wait)))?;

@@ -1,0 +1,298 @@
+//! Links between nodes. A node's peer listener takes WebSocket connections from the other nodes,
+//! authenticated by the cluster secret; each carries a multiplexed session (the same yamux
+//! framing as agent sessions) over which the dialling node sends requests for tunnels held here.
+//!
+//! One stream per request. The dialling node writes the tunnel id (one length byte, then the id)
+//! and waits for one byte: [`ACK_OK`] once a stream to a local agent session is open, else why
+//! not (nothing has reached an agent then, so it may try another node). After `ACK_OK` the two
+//! streams are spliced byte for byte: the request head, body, response and any upgraded
+//! connection are the ferry frames the dialling node's proxy writes and reads, as if the agent's
+//! session were its own. A request therefore crosses one hop at most: what arrives here is never
+//! forwarded again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_codec::{Secret, TunnelId};
+use ferry_transport::ws::WsIo;
+use ferry_transport::{IoCounters, StreamSlot, multiplex, mux};
+use http::{HeaderValue, StatusCode, header};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Gateway;
+
+/// The path of the peer listener's one endpoint.
+pub const PEER_PATH: &str = "/ferry/peer";
+/// The stream to the agent is open: splice.
+pub(crate) const ACK_OK: u8 = 0;
+/// No session of that tunnel here (the view that sent it was stale).
+pub(crate) const ACK_NO_SESSION: u8 = 1;
+/// A session is here but took no stream (at its limit, closing, or slow).
+pub(crate) const ACK_UNAVAILABLE: u8 = 2;
+/// Longest wait for a peer connection, its WebSocket handshake, or one stream's answer.
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Buffer of each direction of a splice.
+const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// Why a request could not be handed to another node.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The node has no advertised address.
+    #[error("node {0} advertises no peer address")]
+    NoAddress(String),
+    /// Connecting, the handshake, or the stream failed.
+    #[error("peer link to {node}: {detail}")]
+    Link {
+        /// The node.
+        node: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The node answered that it cannot take the request.
+    #[error("node {node} has {}", if *.code == ACK_NO_SESSION { "no session of the tunnel" } else { "no room for the request" })]
+    Refused {
+        /// The node.
+        node: String,
+        /// Its answer.
+        code: u8,
+    },
+}
+
+fn link_error(node: &str, detail: impl std::fmt::Display) -> PeerError {
+    PeerError::Link { node: node.to_owned(), detail: detail.to_string() }
+}
+
+impl Gateway {
+    /// Serves the peer listener until the gateway stops accepting: other nodes of the cluster
+    /// connect here to reach the agents of this one. Links stay up until this node's sessions
+    /// are closed, so requests forwarded before a shutdown finish.
+    pub async fn serve_peers(self: &Arc<Self>, listener: TcpListener) {
+        let Some(cluster) = self.cluster.clone() else {
+            warn!("a peer listener without --cluster serves nothing");
+            return;
+        };
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, node = %cluster.node_id(), "peer listener up");
+        }
+        loop {
+            let accepted = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, addr) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    debug!(%err, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let gateway = Arc::clone(self);
+            let secret = cluster.secret().clone();
+            tokio::spawn(
+                async move { gateway.serve_peer(tcp, &secret).await }.instrument(info_span!("peer", %addr)),
+            );
+        }
+    }
+
+    async fn serve_peer(self: Arc<Self>, tcp: TcpStream, secret: &Secret) {
+        let _ = tcp.set_nodelay(true);
+        // The callback's types are tungstenite's.
+        #[allow(clippy::result_large_err)]
+        let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+            if request.uri().path() != PEER_PATH {
+                return Err(refusal(StatusCode::NOT_FOUND));
+            }
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .unwrap_or_default();
+            if !bool::from(presented.ct_eq(secret.expose())) {
+                return Err(refusal(StatusCode::UNAUTHORIZED));
+            }
+            Ok(response)
+        };
+        let ws =
+            match tokio::time::timeout(PEER_TIMEOUT, tokio_tungstenite::accept_hdr_async(tcp, check)).await {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(err)) => {
+                    warn!(%err, "a peer connection was refused (wrong path or cluster secret?)");
+                    return;
+                }
+                Err(_) => {
+                    debug!("a peer connection did not finish its handshake in time");
+                    return;
+                }
+            };
+        debug!("peer link accepted");
+        let io = WsIo::new(ws, WsRole::Server, Arc::new(IoCounters::default()));
+        let (driver, _opener) = mux::session(io, multiplex::Mode::Server, &self.config.session);
+        let gateway = Arc::clone(&self);
+        let on_stream = move |stream| {
+            let serving = Arc::clone(&gateway);
+            gateway.tracker.spawn(async move { serving.serve_peer_stream(stream).await }.in_current_span());
+        };
+        if let Err(err) = driver.run(on_stream, self.sessions.clone()).await {
+            debug!(%err, "peer link failed");
+        }
+    }
+
+    /// One request from another node: which tunnel, then the splice to a local agent stream.
+    async fn serve_peer_stream(&self, mut stream: multiplex::Stream) {
+        let id = match tokio::time::timeout(PEER_TIMEOUT, read_tunnel_id(&mut stream)).await {
+            Ok(Ok(id)) => id,
+            Ok(Err(err)) => {
+                debug!(%err, "a peer stream did not name a tunnel");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(session) = self.registry.pick(&id) else {
+            let _ = answer(&mut stream, ACK_NO_SESSION).await;
+            return;
+        };
+        let in_flight = session.begin_request();
+        let (mut agent, _slot) =
+            match tokio::time::timeout(self.config.stream_open_timeout, session.open_stream()).await {
+                Ok(Ok(opened)) => opened,
+                _ => {
+                    let _ = answer(&mut stream, ACK_UNAVAILABLE).await;
+                    return;
+                }
+            };
+        if answer(&mut stream, ACK_OK).await.is_err() {
+            return;
+        }
+        self.metrics.cluster_forward(false);
+        let spliced =
+            tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER)
+                .await;
+        if let Err(err) = spliced {
+            debug!(tunnel_id = %id, %err, "a forwarded request ended early");
+        }
+        drop(in_flight);
+    }
+}
+
+fn refusal(status: StatusCode) -> ErrorResponse {
+    let mut response = ErrorResponse::new(None);
+    *response.status_mut() = status;
+    response
+}
+
+async fn read_tunnel_id(stream: &mut multiplex::Stream) -> std::io::Result<TunnelId> {
+    let len = stream.read_u8().await?;
+    let mut id = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut id).await?;
+    std::str::from_utf8(&id)
+        .ok()
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a tunnel id"))
+}
+
+async fn answer(stream: &mut multiplex::Stream, code: u8) -> std::io::Result<()> {
+    stream.write_all(&[code]).await?;
+    stream.flush().await
+}
+
+/// This node's links to the others, dialled when first needed and kept while they work.
+#[derive(Debug, Default)]
+pub(crate) struct Links {
+    links: tokio::sync::Mutex<HashMap<String, mux::StreamOpener>>,
+}
+
+impl Links {
+    /// A stream to `node` at `advertise` on which the other node has opened a stream to one of
+    /// its agent sessions of tunnel `id`.
+    pub(crate) async fn open(
+        &self,
+        node: &str,
+        advertise: Option<&str>,
+        id: &TunnelId,
+        secret: &Secret,
+        config: &ferry_transport::SessionConfig,
+        stop: &CancellationToken,
+    ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
+        let opener = self.link(node, advertise, secret, config, stop).await?;
+        let (mut stream, slot) = opener.open().await.map_err(|err| link_error(node, err))?;
+        let asked = async {
+            let id = id.as_str().as_bytes();
+            let mut preamble = Vec::with_capacity(1 + id.len());
+            preamble.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+            preamble.extend_from_slice(id);
+            stream.write_all(&preamble).await?;
+            stream.flush().await?;
+            stream.read_u8().await
+        };
+        match tokio::time::timeout(PEER_TIMEOUT, asked).await {
+            Ok(Ok(ACK_OK)) => Ok((stream, slot)),
+            Ok(Ok(code)) => Err(PeerError::Refused { node: node.to_owned(), code }),
+            Ok(Err(err)) => Err(link_error(node, err)),
+            Err(_) => Err(link_error(node, "no answer in time")),
+        }
+    }
+
+    async fn link(
+        &self,
+        node: &str,
+        advertise: Option<&str>,
+        secret: &Secret,
+        config: &ferry_transport::SessionConfig,
+        stop: &CancellationToken,
+    ) -> Result<mux::StreamOpener, PeerError> {
+        let mut links = self.links.lock().await;
+        if let Some(opener) = links.get(node).filter(|o| !o.is_closed()) {
+            return Ok(opener.clone());
+        }
+        let advertise = advertise.ok_or_else(|| PeerError::NoAddress(node.to_owned()))?;
+        let opener = tokio::time::timeout(PEER_TIMEOUT, dial(advertise, secret, config, stop.child_token()))
+            .await
+            .map_err(|_| link_error(node, "connecting timed out"))?
+            .map_err(|err| link_error(node, err))?;
+        debug!(node, advertise, "peer link up");
+        links.insert(node.to_owned(), opener.clone());
+        Ok(opener)
+    }
+}
+
+/// Connects to a peer listener and starts the session over it.
+async fn dial(
+    advertise: &str,
+    secret: &Secret,
+    config: &ferry_transport::SessionConfig,
+    stop: CancellationToken,
+) -> Result<mux::StreamOpener, String> {
+    let authority = advertise
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{advertise:?}: only http:// peer addresses are supported"))?
+        .trim_end_matches('/');
+    let tcp =
+        TcpStream::connect(authority).await.map_err(|err| format!("cannot connect to {authority}: {err}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut request =
+        format!("ws://{authority}{PEER_PATH}").into_client_request().map_err(|err| err.to_string())?;
+    let mut bearer = b"Bearer ".to_vec();
+    bearer.extend_from_slice(secret.expose());
+    let bearer =
+        HeaderValue::from_bytes(&bearer).map_err(|_| "the cluster secret is not a valid header value")?;
+    request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.map_err(|err| err.to_string())?;
+    let io = WsIo::new(ws, WsRole::Client, Arc::new(IoCounters::default()));
+    let (driver, opener) = mux::session(io, multiplex::Mode::Client, config);
+    // The other node never opens streams on this link: any it does are dropped (reset).
+    tokio::spawn(async move {
+        if let Err(err) = driver.run(drop, stop).await {
+            debug!(%err, "peer link ended");
+        }
+    });
+    Ok(opener)
+}
