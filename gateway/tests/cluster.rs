@@ -461,3 +461,56 @@ async fn a_node_with_the_wrong_cluster_secret_is_refused() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn events_and_upgrades_cross_the_hop_as_they_happen() {
+    bounded(async {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let Some(redis) = Redis::start().await else { return };
+        let (env, b, b_addr) = two_nodes(&redis, node_config(&redis, "node-b")).await;
+
+        // Each event after the first is sent only when the test lets it: anything on the path
+        // that waited for more data would stall here.
+        let response =
+            send(&client(), Request::get(via(b_addr, "/sse?n=3&gated=1")).body(empty()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let mut text = String::new();
+        for i in 0..3 {
+            let want = format!("data: event {i}\n\n");
+            while !text.contains(&want) {
+                let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                    .await
+                    .unwrap_or_else(|_| panic!("event {i} did not cross the hop on its own"))
+                    .unwrap()
+                    .unwrap();
+                if let Ok(data) = frame.into_data() {
+                    text.push_str(std::str::from_utf8(&data).unwrap());
+                }
+            }
+            env.stats.gate.add_permits(1);
+        }
+        assert!(body.frame().await.is_none());
+
+        let tcp = TcpStream::connect(b_addr).await.unwrap();
+        let (mut ws, response) =
+            tokio_tungstenite::client_async(format!("ws://{b_addr}/t/{TUNNEL}/ws"), tcp).await.unwrap();
+        assert_eq!(response.status(), 101);
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for _ in 0..3 {
+            ws.send(Message::binary(big.clone())).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big.clone()));
+        }
+        ws.close(None).await.unwrap();
+        while let Some(Ok(message)) = ws.next().await {
+            assert!(message.is_close());
+        }
+        drop(ws);
+        // The forwarded upgrade counted at A as in flight until it closed.
+        env.gateway.registry.all()[0].wait_idle().await;
+        b.shutdown.cancel();
+    })
+    .await;
+}
