@@ -61,15 +61,26 @@ pub fn load_secret(file: Option<&Path>, flag: &str, var: &str) -> Result<Option<
 const FRAME_DUMPERS: [&str; 3] = ["tungstenite", "tokio_tungstenite", "h2"];
 
 /// The log filter for a binary: `RUST_LOG` (default `info`), with the crates that dump frame
-/// payloads at `trace` held at `debug` unless `RUST_LOG` names them itself. `RUST_LOG=trace` is
-/// for debugging ferry; it must not write public clients' credentials and cookies to disk.
+/// payloads at `trace` held at `debug` at most unless `RUST_LOG` names them itself. `RUST_LOG=trace`
+/// is for debugging ferry; it must not write public clients' credentials and cookies to disk. A
+/// hold never raises a crate above the global level (`info` keeps their debug lines out too).
 pub fn log_directives(rust_log: Option<&str>) -> String {
     let base = rust_log.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("info");
     let mut directives = base.to_owned();
+    // The global level: the last directive without a target. Without one, crates not named are
+    // off, and a hold is not needed.
+    let global = base.split(',').map(str::trim).filter(|d| !d.contains(['=', '[', ':'])).next_back();
+    let hold = match global.map(str::to_ascii_lowercase).as_deref() {
+        Some("trace" | "debug") => "debug",
+        Some("info") => "info",
+        Some("warn") => "warn",
+        Some("error") => "error",
+        Some(_) | None => return directives,
+    };
     for name in FRAME_DUMPERS {
         let named = base.split(',').any(|d| d.trim().split(['=', '[', ':']).next() == Some(name));
         if !named {
-            directives.push_str(&format!(",{name}=debug"));
+            directives.push_str(&format!(",{name}={hold}"));
         }
     }
     directives
@@ -248,7 +259,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 mod tests {
     #[test]
     fn frame_dumpers_stay_at_debug_unless_named() {
-        assert_eq!(log_directives(None), "info,tungstenite=debug,tokio_tungstenite=debug,h2=debug");
+        assert_eq!(log_directives(None), "info,tungstenite=info,tokio_tungstenite=info,h2=info");
+        assert_eq!(log_directives(Some("warn")), "warn,tungstenite=warn,tokio_tungstenite=warn,h2=warn");
+        assert_eq!(log_directives(Some("ferry_gateway=debug")), "ferry_gateway=debug");
         assert_eq!(log_directives(Some("trace")), "trace,tungstenite=debug,tokio_tungstenite=debug,h2=debug");
         assert_eq!(
             log_directives(Some("debug,tungstenite=trace,h2[conn]=trace")),
