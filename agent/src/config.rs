@@ -183,6 +183,9 @@ impl GatewayUrl {
     }
 }
 
+/// Most sessions an agent keeps at once (`--connections`).
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// Agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -198,6 +201,11 @@ pub struct AgentConfig {
     pub upstream_ca: Option<PathBuf>,
     /// The gateway's agent endpoint.
     pub gateway: GatewayUrl,
+    /// More endpoints (other nodes of a cluster, or balancers in front of it): connections are
+    /// spread over all of them, and one that fails moves to the next.
+    pub more_gateways: Vec<GatewayUrl>,
+    /// Sessions kept at once, each to a different gateway node (see [`AgentConfig::connections`]).
+    pub connections: usize,
     /// Extra CA certificates (PEM) to trust for a `wss://` gateway, besides the system roots; a
     /// certificate in it may also be the gateway's own (self-signed) certificate.
     pub ca_file: Option<PathBuf>,
@@ -242,6 +250,11 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Every gateway endpoint: `gateway`, then `more_gateways`.
+    pub fn gateways(&self) -> impl Iterator<Item = &GatewayUrl> {
+        std::iter::once(&self.gateway).chain(&self.more_gateways)
+    }
+
     /// The upstream for a request path: the longest matching route, else the default.
     pub fn upstream_for(&self, path: &str) -> &Upstream {
         self.routes
@@ -268,12 +281,17 @@ impl AgentConfig {
     /// A message saying what to change.
     pub fn validate(&self) -> Result<(), String> {
         self.session.validate()?;
-        if !self.gateway.tls && !self.gateway.is_loopback() && !self.insecure_plaintext {
-            return Err(format!(
-                "refusing plain ws:// to {}: the tunnel's traffic would cross the network unencrypted; \
-                 use wss:// (or pass --insecure-plaintext if something else encrypts the path)",
-                self.gateway.host
-            ));
+        for gateway in self.gateways() {
+            if !gateway.tls && !gateway.is_loopback() && !self.insecure_plaintext {
+                return Err(format!(
+                    "refusing plain ws:// to {}: the tunnel's traffic would cross the network unencrypted; \
+                     use wss:// (or pass --insecure-plaintext if something else encrypts the path)",
+                    gateway.host
+                ));
+            }
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(format!("--connections must be between 1 and {MAX_CONNECTIONS}"));
         }
         if let Some(path) = &self.health_path
             && (!path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err())
@@ -283,10 +301,11 @@ impl AgentConfig {
         if self.health_interval.is_zero() {
             return Err("--health-interval must be positive".into());
         }
-        if self.ca_file.is_some() && !self.gateway.tls {
+        let any_tls = self.gateways().any(|g| g.tls);
+        if self.ca_file.is_some() && !any_tls {
             return Err("--ca-file is for a wss:// gateway; this one is ws://".into());
         }
-        if !self.pins.is_empty() && !self.gateway.tls {
+        if !self.pins.is_empty() && !any_tls {
             return Err("--pin-sha256 is for a wss:// gateway; this one is ws://".into());
         }
         if !self.pins.is_empty() && self.ca_file.is_some() {
@@ -306,6 +325,8 @@ impl AgentConfig {
             filters: Filters::default(),
             upstream_ca: None,
             gateway,
+            more_gateways: Vec::new(),
+            connections: 1,
             ca_file: None,
             pins: Vec::new(),
             insecure_plaintext: false,
@@ -398,5 +419,24 @@ mod tests {
         let mut ca = config("ws://127.0.0.1:3000");
         ca.ca_file = Some("ca.pem".into());
         assert!(ca.validate().is_err());
+        // Every gateway is held to the rule, not only the first.
+        let mut more = config("wss://example.com");
+        more.more_gateways = vec![GatewayUrl::parse("ws://example.net:3000").unwrap()];
+        assert!(more.validate().unwrap_err().contains("example.net"));
+        more.more_gateways = vec![GatewayUrl::parse("wss://example.net").unwrap()];
+        assert!(more.validate().is_ok());
+    }
+
+    #[test]
+    fn connections_are_bounded() {
+        let id: TunnelId = "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web".parse().unwrap();
+        let up = Upstream::parse("127.0.0.1:8000").unwrap();
+        let mut config = AgentConfig::new(id, up, GatewayUrl::parse("ws://127.0.0.1:3000").unwrap());
+        for (n, ok) in
+            [(0, false), (1, true), (2, true), (MAX_CONNECTIONS, true), (MAX_CONNECTIONS + 1, false)]
+        {
+            config.connections = n;
+            assert_eq!(config.validate().is_ok(), ok, "{n}");
+        }
     }
 }

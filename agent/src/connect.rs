@@ -13,7 +13,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::either::Either;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, GatewayUrl};
 use crate::error::ConnectError;
 
 /// The connection to the gateway: plain TCP (`ws://`) or TLS (`wss://`).
@@ -21,28 +21,30 @@ pub(crate) type GatewayStream = Either<TcpStream, TlsStream<TcpStream>>;
 /// The WebSocket to the gateway.
 pub(crate) type GatewayWs = WebSocketStream<GatewayStream>;
 
-/// One connection attempt, bounded by the connect timeout. `tls` is set for a `wss://` gateway.
+/// One connection attempt to `gateway`, bounded by the connect timeout. `tls` is the connector
+/// for `wss://` gateways.
 pub(crate) async fn connect(
     config: &AgentConfig,
+    gateway: &GatewayUrl,
     tls: Option<&TlsConnector>,
 ) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
-    tokio::time::timeout(config.connect_timeout, connect_inner(config, tls))
+    tokio::time::timeout(config.connect_timeout, connect_inner(config, gateway, tls))
         .await
         .map_err(|_| ConnectError::Timeout)?
 }
 
 async fn connect_inner(
     config: &AgentConfig,
+    gateway: &GatewayUrl,
     tls: Option<&TlsConnector>,
 ) -> Result<(GatewayWs, AuthAccepted), ConnectError> {
-    let gateway = &config.gateway;
     let addr = format!("{}:{}", gateway.host, gateway.port);
     let tcp = TcpStream::connect((gateway.host.as_str(), gateway.port))
         .await
         .map_err(|source| ConnectError::Dial { addr: addr.clone(), source })?;
     // Small frames (heads, window updates) must not wait for Nagle.
     tcp.set_nodelay(true).map_err(|source| ConnectError::Dial { addr, source })?;
-    let stream = match tls {
+    let stream = match tls.filter(|_| gateway.tls) {
         None => Either::Left(tcp),
         Some(connector) => {
             let tls_error = |source| ConnectError::Tls { host: gateway.host.clone(), source };

@@ -84,7 +84,7 @@ async fn serve(
     let config = Arc::new(config);
     let extra_ca = tls::read_ca(config.upstream_ca.as_deref(), "--upstream-ca-file").await?;
     let pool = upstream::pool(&config, extra_ca.as_deref())?;
-    let gateway_tls = if config.gateway.tls {
+    let gateway_tls = if config.gateways().any(|g| g.tls) {
         let ca = tls::read_ca(config.ca_file.as_deref(), "--ca-file").await?;
         Some(tls::gateway_connector(ca.as_deref(), &config.pins)?)
     } else {
@@ -156,24 +156,122 @@ async fn serve_until_shutdown(
     shutdown: &CancellationToken,
     draining: &TaskTracker,
 ) -> Result<(), AgentError> {
+    let gateways: Vec<String> = config.gateways().map(|g| g.uri.to_string()).collect();
+    info!(
+        tunnel_id = %config.tunnel_id,
+        upstream = %config.upstream,
+        gateway = %gateways.join(" "),
+        connections = config.connections,
+        "agent starting"
+    );
+    if config.connections == 1 {
+        return serve_connection(0, config, gateway_tls, upstream, shutdown, draining, &Nodes::default())
+            .await;
+    }
+    // Several connections: one loop each; the first to give up ends them all.
+    let nodes = Nodes::default();
+    let stop = shutdown.child_token();
+    let slots = (0..config.connections).map(|slot| {
+        let stop = stop.clone();
+        let nodes = &nodes;
+        async move {
+            let result = serve_connection(slot, config, gateway_tls, upstream, &stop, draining, nodes).await;
+            if result.is_err() {
+                stop.cancel();
+            }
+            result
+        }
+    });
+    futures_util::future::join_all(slots).await.into_iter().collect::<Result<Vec<()>, _>>().map(|_| ())
+}
+
+/// Which gateway node each connection is on (by node id, or by URL for a gateway on its own), so
+/// two connections never share one: the gateway would take the second for a reconnect of the
+/// first, and a node's death would cost both.
+#[derive(Debug, Default)]
+struct Nodes(std::sync::Mutex<std::collections::HashMap<usize, String>>);
+
+impl Nodes {
+    /// Records that `slot` is on `node`; `Err(other slot)` when another connection is already there.
+    fn claim(&self, slot: usize, node: &str) -> Result<NodeClaim<'_>, usize> {
+        let mut nodes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((&other, _)) = nodes.iter().find(|(other, n)| **other != slot && n.as_str() == node) {
+            return Err(other);
+        }
+        nodes.insert(slot, node.to_owned());
+        Ok(NodeClaim { nodes: self, slot })
+    }
+}
+
+/// A connection's place on its node; given up when the session ends.
+struct NodeClaim<'a> {
+    nodes: &'a Nodes,
+    slot: usize,
+}
+
+impl Drop for NodeClaim<'_> {
+    fn drop(&mut self) {
+        self.nodes.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.slot);
+    }
+}
+
+/// One connection: connect, serve the session, reconnect, until shutdown. Connection `slot`
+/// starts at gateway `slot` (modulo their number) and moves to the next one after a failure or
+/// when it lands on a node another connection already uses.
+#[allow(clippy::too_many_lines)]
+async fn serve_connection(
+    slot: usize,
+    config: &Arc<AgentConfig>,
+    gateway_tls: Option<&tokio_rustls::TlsConnector>,
+    upstream: &Arc<upstream::Forwarder>,
+    shutdown: &CancellationToken,
+    draining: &TaskTracker,
+    nodes: &Nodes,
+) -> Result<(), AgentError> {
+    let gateways: Vec<&config::GatewayUrl> = config.gateways().collect();
+    let mut next = slot % gateways.len();
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
-    info!(tunnel_id = %config.tunnel_id, upstream = %config.upstream, gateway = %config.gateway.uri, "agent starting");
     loop {
+        let gateway = gateways[next];
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            attempt = connect::connect(config, gateway_tls) => attempt,
+            attempt = connect::connect(config, gateway, gateway_tls) => attempt,
         };
         let delay = match attempt {
             Ok((ws, accepted)) => {
                 failures = 0;
+                let node = accepted.node_id.clone().unwrap_or_else(|| gateway.uri.to_string());
+                let claim = match nodes.claim(slot, &node) {
+                    Ok(claim) => claim,
+                    Err(other) => {
+                        // Closed before any stream: the gateway sees a session that ended at once.
+                        drop(ws);
+                        info!(
+                            connection = slot,
+                            node,
+                            other_connection = other,
+                            "landed on a gateway node another connection uses; trying again"
+                        );
+                        next = (next + 1) % gateways.len();
+                        let delay = backoff.next_delay();
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
+                    }
+                };
                 upstream.metrics.session_started();
-                info!(session_id = %accepted.session_id, "tunnel is up");
-                for url in &accepted.public_urls {
-                    info!(%url, "public URL");
+                info!(session_id = %accepted.session_id, connection = slot, node = accepted.node_id.as_deref().unwrap_or("-"), "tunnel is up");
+                if slot == 0 {
+                    for url in &accepted.public_urls {
+                        info!(%url, "public URL");
+                    }
                 }
                 let started = Instant::now();
                 let end = session::serve(upstream, ws, &accepted, shutdown).await;
+                drop(claim);
                 if started.elapsed() >= config.healthy_session {
                     backoff.reset();
                 }
@@ -182,28 +280,37 @@ async fn serve_until_shutdown(
                     Ok(SessionEnd::GoAway { reason, draining: rest }) => {
                         draining.spawn(rest);
                         if reason == GoAwayReason::AdminDrain {
-                            // An operator asked for a fresh session: come back at once.
-                            info!("session drained on the gateway's request; reconnecting");
+                            info!(
+                                connection = slot,
+                                "session drained on the gateway's request; reconnecting"
+                            );
                             Duration::ZERO
                         } else {
-                            info!(?reason, "session closed on the gateway's request; reconnecting");
+                            info!(
+                                ?reason,
+                                connection = slot,
+                                "session closed on the gateway's request; reconnecting"
+                            );
                             backoff.next_delay()
                         }
                     }
                     Ok(SessionEnd::Lost) => {
                         upstream.metrics.session_lost();
-                        warn!("the gateway closed the session; reconnecting");
+                        warn!(connection = slot, "the gateway closed the session; reconnecting");
+                        next = (next + 1) % gateways.len();
                         backoff.next_delay()
                     }
                     Err(err) => {
                         upstream.metrics.session_lost();
-                        warn!(%err, "connection to the gateway lost; reconnecting");
+                        warn!(%err, connection = slot, "connection to the gateway lost; reconnecting");
+                        next = (next + 1) % gateways.len();
                         backoff.next_delay()
                     }
                 }
             }
             Err(err) => {
                 failures += 1;
+                next = (next + 1) % gateways.len();
                 if config.max_retries.is_some_and(|max| failures >= max) {
                     error!(err = %error_chain(&err), hint = err.hint(), "giving up");
                     return Err(AgentError::GaveUp { attempts: failures, last: err });
@@ -212,9 +319,8 @@ async fn serve_until_shutdown(
                     error!(err = %error_chain(&err), hint = err.hint(), retry_in_secs = ATTENTION_RETRY.as_secs(), "connection refused by the gateway");
                     ATTENTION_RETRY
                 } else {
-                    // Never sooner than the gateway asked.
                     let delay = backoff.next_delay().max(err.retry_after().unwrap_or_default());
-                    warn!(err = %error_chain(&err), hint = err.hint(), retry_in_ms = delay.as_millis() as u64, "cannot connect to the gateway");
+                    warn!(err = %error_chain(&err), hint = err.hint(), gateway = %gateway.uri, retry_in_ms = delay.as_millis() as u64, "cannot connect to the gateway");
                     delay
                 }
             }
@@ -226,7 +332,6 @@ async fn serve_until_shutdown(
     }
 }
 
-/// `err: source: source…` for logs.
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

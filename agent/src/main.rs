@@ -78,9 +78,16 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     upstream_ca_file: Option<std::path::PathBuf>,
 
-    /// Gateway agent endpoint: ws://HOST:PORT/ws or wss://HOST/ws.
+    /// Gateway agent endpoint: ws://HOST:PORT/ws or wss://HOST/ws. Repeatable: the nodes of a
+    /// cluster (or balancers in front of it); connections spread over them and move on failure.
     #[arg(long, env = "GATEWAY_URL", default_value = DEFAULT_GATEWAY, value_parser = GatewayUrl::parse, value_name = "URL")]
-    gateway: GatewayUrl,
+    gateway: Vec<GatewayUrl>,
+
+    /// Sessions to keep at once, each to a different gateway node of a cluster (`gateway
+    /// --cluster`), so a node's death costs only the requests in flight on it. Through one
+    /// balancer URL, a connection that lands on a node another one uses tries again.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    connections: usize,
 
     /// Extra CA certificates (PEM file) to trust for a wss:// gateway, besides the system roots
     /// (for a gateway with a private CA or a self-signed certificate).
@@ -155,7 +162,8 @@ struct ConfigFile {
     breaker_failures: Option<u64>,
     breaker_cooldown: Option<String>,
     upstream_ca_file: Option<std::path::PathBuf>,
-    gateway: Option<String>,
+    gateway: Option<toml::Value>,
+    connections: Option<u64>,
     ca_file: Option<std::path::PathBuf>,
     pin_sha256: Option<Vec<String>>,
     insecure_plaintext: Option<bool>,
@@ -209,7 +217,11 @@ impl Args {
                 routes.remove(root).upstream
             }
         };
-        let mut config = AgentConfig::new(tunnel_id, upstream, self.gateway);
+        let mut gateways = self.gateway.into_iter();
+        let first = gateways.next().context("--gateway is required")?;
+        let mut config = AgentConfig::new(tunnel_id, upstream, first);
+        config.more_gateways = gateways.collect();
+        config.connections = self.connections;
         config.routes = routes;
         config.filters = Filters {
             methods: (!self.allow_method.is_empty()).then_some(self.allow_method),
@@ -311,7 +323,7 @@ mod tests {
         assert_eq!(args.allow_method, [Method::GET, Method::HEAD, Method::POST]);
         assert_eq!(args.route, [Route::parse("/api=127.0.0.1:8000").unwrap()]);
         assert_eq!(args.health_path.as_deref(), Some("/health"));
-        assert!(args.gateway.tls);
+        assert!(args.gateway[0].tls);
     }
 
     #[test]

@@ -22,6 +22,8 @@ use crate::id::{InstanceId, MAX_PURPOSE_LEN, SessionId, TunnelId};
 const TCHARS: &[u8] = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
 /// Characters allowed in a tunnel purpose.
 const PURPOSE_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789-";
+/// Characters allowed in a gateway node id.
+const NODE_ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-";
 /// Characters allowed in a request id.
 const REQUEST_ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:";
 
@@ -224,6 +226,7 @@ impl<'a> Arbitrary<'a> for AuthResult {
             public_urls: (0..u.int_in_range(0..=2)?)
                 .map(|_| text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}")))
                 .collect::<Result<_>>()?,
+            node_id: if u.arbitrary()? { Some(text_from(u, NODE_ID_CHARS, 1, 64)?) } else { None },
         }))
     }
 }

@@ -79,6 +79,16 @@ pub struct AuthAccepted {
     pub limits: SessionLimits,
     /// Public URLs that reach the tunnel, for the agent's log.
     pub public_urls: Vec<String>,
+    /// The gateway node, when the gateway is one of a cluster: 1 to 64 letters, digits, `.`, `_`
+    /// or `-`.
+    pub node_id: Option<String>,
+}
+
+/// Whether `id` is a node id: 1 to 64 letters, digits, `.`, `_` or `-`.
+pub fn is_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Why the gateway refused an agent.
@@ -325,6 +335,7 @@ impl From<&AuthResult> for pb::AuthResult {
                     max_data_frame_len: ok.limits.max_data_frame_len,
                 }),
                 public_urls: ok.public_urls.clone(),
+                node_id: ok.node_id.clone().unwrap_or_default(),
             }),
             AuthResult::Rejected(err) => Outcome::Rejected(pb::AuthRejected {
                 code: pb::AuthErrorCode::from(err.code).into(),
@@ -352,6 +363,9 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                 if limits.max_streams == 0 || limits.max_data_frame_len == 0 {
                     return Err(CodecError::invalid("AuthAccepted.limits", "limits must be positive"));
                 }
+                if !ok.node_id.is_empty() && !is_node_id(&ok.node_id) {
+                    return Err(CodecError::invalid("AuthAccepted.node_id", "not a node id"));
+                }
                 Ok(Self::Accepted(AuthAccepted {
                     session_id: SessionId::from_wire(&ok.session_id)?,
                     server_mac: mac_from_wire(&ok.server_mac, "AuthAccepted.server_mac")?,
@@ -361,6 +375,7 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                         max_data_frame_len: limits.max_data_frame_len,
                     },
                     public_urls: ok.public_urls,
+                    node_id: (!ok.node_id.is_empty()).then_some(ok.node_id),
                 }))
             }
             // The message length is bounded by MAX_HANDSHAKE_LEN, checked before decoding.

@@ -212,3 +212,31 @@ fn instance_ids_survive_the_handshake() {
     };
     assert_eq!(ClientAuth::decode(auth.encode()).unwrap(), auth);
 }
+
+#[test]
+fn a_node_id_in_auth_accepted_must_be_one() {
+    use ferry_codec::AuthResult;
+    use ferry_codec::handshake::{AuthAccepted, SessionLimits};
+    let accepted = |node_id: Option<&str>| {
+        AuthResult::Accepted(AuthAccepted {
+            session_id: ferry_codec::SessionId(Uuid::from_u128(7)),
+            server_mac: None,
+            heartbeat_interval: std::time::Duration::from_secs(20),
+            limits: SessionLimits { max_streams: 10, max_data_frame_len: 1 << 20 },
+            public_urls: Vec::new(),
+            node_id: node_id.map(str::to_owned),
+        })
+    };
+    for good in [None, Some("node-a"), Some("n-0123456789ab"), Some("gw_1.eu")] {
+        assert_eq!(AuthResult::decode(accepted(good).encode()).unwrap(), accepted(good));
+    }
+    for bad in ["node a", "node\n", &"x".repeat(65), "nöde"] {
+        assert!(
+            matches!(
+                AuthResult::decode(accepted(Some(bad)).encode()),
+                Err(CodecError::InvalidField { field: "AuthAccepted.node_id", .. })
+            ),
+            "{bad:?}"
+        );
+    }
+}

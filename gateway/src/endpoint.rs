@@ -218,6 +218,7 @@ async fn handshake(
             max_data_frame_len: ferry_codec::frame::MAX_DATA_LEN as u32,
         },
         public_urls: gateway.public_urls(&auth.tunnel_id, host),
+        node_id: gateway.cluster.as_ref().map(|cluster| cluster.node_id().to_owned()),
     };
     send_message(ws, AuthResult::Accepted(accepted).encode()).await?;
     let identity = Identity {

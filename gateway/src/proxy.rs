@@ -222,12 +222,18 @@ async fn locate(fw: Forwarding<'_>, id: &TunnelId) -> Result<Located, PublicErro
                     return Err(PublicError::UpstreamUnhealthy);
                 }
                 for owner in &owners {
-                    match cluster.open_to(owner, id, fw.session_config).await {
-                        Ok((stream, slot)) => {
+                    match tokio::time::timeout_at(deadline, cluster.open_to(owner, id, fw.session_config))
+                        .await
+                    {
+                        Ok(Ok((stream, slot))) => {
                             fw.metrics.pending_outcome(waiting.is_some(), true);
                             return Ok(Located::Elsewhere(stream, slot));
                         }
-                        Err(err) => debug!(%err, "passing over a node that holds the tunnel"),
+                        Ok(Err(err)) => debug!(%err, "passing over a node that holds the tunnel"),
+                        Err(_) => {
+                            fw.metrics.pending(false);
+                            return Err(PublicError::TunnelOffline);
+                        }
                     }
                 }
             }

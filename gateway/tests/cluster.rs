@@ -514,3 +514,90 @@ async fn events_and_upgrades_cross_the_hop_as_they_happen() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_agent_with_two_connections_holds_one_session_on_each_of_two_nodes() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (a_config, a_peers) = with_peer_listener(node_config(&redis, "node-a")).await;
+        let env = TestEnv::start_without_agent(a_config).await;
+        serve_peers(&env.gateway, a_peers);
+        let (b_config, b_peers) = with_peer_listener(node_config(&redis, "node-b")).await;
+        let (b, b_addr) = start_node(b_config).await;
+        serve_peers(&b.gateway, b_peers);
+
+        // Node A twice, then B: the second connection lands on A, which the first already
+        // uses, and moves on to B.
+        let mut config = env.agent_config();
+        let a_url = config.gateway.clone();
+        let b_url = ferry_agent::config::GatewayUrl::parse(&format!("ws://{b_addr}/ws")).unwrap();
+        config.more_gateways = vec![a_url, b_url];
+        config.connections = 2;
+        let agent = spawn_agent(config);
+        let id: ferry_codec::TunnelId = TUNNEL.parse().unwrap();
+        env.gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        b.gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        assert_eq!(env.gateway.registry.of(&id).len(), 1, "never two sessions of one agent on one node");
+        for addr in [env.gateway_addr, b_addr] {
+            let (response, _) = get(&via(addr, "/")).await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        // Each node serves from its own session: nothing is forwarded.
+        let metrics = b.gateway.metrics.render(&b.gateway.registry);
+        assert!(metrics.contains("ferry_cluster_forwards_total{direction=\"out\"} 0"), "{metrics}");
+        agent.stop().await.unwrap();
+        b.shutdown.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sigkilled_node_costs_nothing_to_an_agent_with_a_session_elsewhere() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let mut a = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cluster",
+                &redis.url(),
+                "--node-id",
+                "node-a",
+                "--threads",
+                "1",
+            ])
+            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let a_port = listening_port(a.stderr.take().unwrap()).await;
+        let env = TestEnv::start_without_agent(node_config(&redis, "node-b")).await;
+        let mut config = env.agent_config();
+        config.gateway =
+            ferry_agent::config::GatewayUrl::parse(&format!("ws://127.0.0.1:{a_port}/ws")).unwrap();
+        config.more_gateways =
+            vec![ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", env.gateway_addr)).unwrap()];
+        config.connections = 2;
+        let agent = spawn_agent(config);
+        let id: ferry_codec::TunnelId = TUNNEL.parse().unwrap();
+        env.gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        until(&env.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
+
+        // Requests through B keep coming while A is killed: B serves them from its own session.
+        let url = env.url("/");
+        let load = tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..200 {
+                statuses.push(get(&url).await.0.status());
+            }
+            statuses
+        });
+        a.kill().unwrap();
+        a.wait().unwrap();
+        let statuses = load.await.unwrap();
+        assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+        agent.kill();
+    })
+    .await;
+}

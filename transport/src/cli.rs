@@ -69,7 +69,7 @@ pub fn log_directives(rust_log: Option<&str>) -> String {
     let mut directives = base.to_owned();
     // The global level: the last directive without a target. Without one, crates not named are
     // off, and a hold is not needed.
-    let global = base.split(',').map(str::trim).filter(|d| !d.contains(['=', '[', ':'])).next_back();
+    let global = base.split(',').map(str::trim).rfind(|d| !d.contains(['=', '[', ':']));
     let hold = match global.map(str::to_ascii_lowercase).as_deref() {
         Some("trace" | "debug") => "debug",
         Some("info") => "info",

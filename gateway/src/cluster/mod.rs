@@ -124,10 +124,11 @@ impl ClusterConfig {
 /// # Errors
 /// What is wrong with `id`.
 pub fn check_node_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok { Ok(()) } else { Err(format!("node id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-'")) }
+    if ferry_codec::handshake::is_node_id(id) {
+        Ok(())
+    } else {
+        Err(format!("node id {id:?}: use 1 to 64 letters, digits, '.', '_' or '-'"))
+    }
 }
 
 /// `n-` and 12 random hex digits: kept for the process lifetime.

@@ -204,15 +204,20 @@ async fn answer(stream: &mut multiplex::Stream, code: u8) -> std::io::Result<()>
     stream.flush().await
 }
 
+/// One link's place: its opener once dialled. Dials to one node wait on each other here; dials
+/// to different nodes do not.
+type LinkSlot = Arc<tokio::sync::Mutex<Option<mux::StreamOpener>>>;
+
 /// This node's links to the others, dialled when first needed and kept while they work.
 #[derive(Debug, Default)]
 pub(crate) struct Links {
-    links: tokio::sync::Mutex<HashMap<String, mux::StreamOpener>>,
+    links: std::sync::Mutex<HashMap<String, LinkSlot>>,
 }
 
 impl Links {
     /// A stream to `node` at `advertise` on which the other node has opened a stream to one of
-    /// its agent sessions of tunnel `id`.
+    /// its agent sessions of tunnel `id`. A link that fails here is forgotten, so the next
+    /// request dials again instead of waiting on a connection that may be dead.
     pub(crate) async fn open(
         &self,
         node: &str,
@@ -222,45 +227,51 @@ impl Links {
         config: &ferry_transport::SessionConfig,
         stop: &CancellationToken,
     ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
-        let opener = self.link(node, advertise, secret, config, stop).await?;
-        let (mut stream, slot) = opener.open().await.map_err(|err| link_error(node, err))?;
-        let asked = async {
-            let id = id.as_str().as_bytes();
-            let mut preamble = Vec::with_capacity(1 + id.len());
-            preamble.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
-            preamble.extend_from_slice(id);
-            stream.write_all(&preamble).await?;
-            stream.flush().await?;
-            stream.read_u8().await
+        let slot = Arc::clone(
+            self.links.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_owned()).or_default(),
+        );
+        let opened = async {
+            let opener = {
+                let mut link = slot.lock().await;
+                match link.as_ref().filter(|o| !o.is_closed()) {
+                    Some(opener) => opener.clone(),
+                    None => {
+                        let advertise = advertise.ok_or_else(|| PeerError::NoAddress(node.to_owned()))?;
+                        let opener = tokio::time::timeout(
+                            PEER_TIMEOUT,
+                            dial(advertise, secret, config, stop.child_token()),
+                        )
+                        .await
+                        .map_err(|_| link_error(node, "connecting timed out"))?
+                        .map_err(|err| link_error(node, err))?;
+                        debug!(node, advertise, "peer link up");
+                        *link = Some(opener.clone());
+                        opener
+                    }
+                }
+            };
+            let (mut stream, stream_slot) = opener.open().await.map_err(|err| link_error(node, err))?;
+            let asked = async {
+                let id = id.as_str().as_bytes();
+                let mut preamble = Vec::with_capacity(1 + id.len());
+                preamble.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+                preamble.extend_from_slice(id);
+                stream.write_all(&preamble).await?;
+                stream.flush().await?;
+                stream.read_u8().await
+            };
+            match tokio::time::timeout(PEER_TIMEOUT, asked).await {
+                Ok(Ok(ACK_OK)) => Ok((stream, stream_slot)),
+                Ok(Ok(code)) => Err(PeerError::Refused { node: node.to_owned(), code }),
+                Ok(Err(err)) => Err(link_error(node, err)),
+                Err(_) => Err(link_error(node, "no answer in time")),
+            }
         };
-        match tokio::time::timeout(PEER_TIMEOUT, asked).await {
-            Ok(Ok(ACK_OK)) => Ok((stream, slot)),
-            Ok(Ok(code)) => Err(PeerError::Refused { node: node.to_owned(), code }),
-            Ok(Err(err)) => Err(link_error(node, err)),
-            Err(_) => Err(link_error(node, "no answer in time")),
+        let result = opened.await;
+        if let Err(PeerError::Link { .. }) = &result {
+            slot.lock().await.take();
         }
-    }
-
-    async fn link(
-        &self,
-        node: &str,
-        advertise: Option<&str>,
-        secret: &Secret,
-        config: &ferry_transport::SessionConfig,
-        stop: &CancellationToken,
-    ) -> Result<mux::StreamOpener, PeerError> {
-        let mut links = self.links.lock().await;
-        if let Some(opener) = links.get(node).filter(|o| !o.is_closed()) {
-            return Ok(opener.clone());
-        }
-        let advertise = advertise.ok_or_else(|| PeerError::NoAddress(node.to_owned()))?;
-        let opener = tokio::time::timeout(PEER_TIMEOUT, dial(advertise, secret, config, stop.child_token()))
-            .await
-            .map_err(|_| link_error(node, "connecting timed out"))?
-            .map_err(|err| link_error(node, err))?;
-        debug!(node, advertise, "peer link up");
-        links.insert(node.to_owned(), opener.clone());
-        Ok(opener)
+        result
     }
 }
 
