@@ -69,15 +69,54 @@ pub(crate) fn authorize(gateway: &Gateway, headers: &HeaderMap, peer: SocketAddr
     if bool::from(presented.ct_eq(&expected)) { Ok(()) } else { Err(PublicError::Unauthorized) }
 }
 
-/// `GET /connections` (every session) or `GET /connections/{tunnel_id}` (one tunnel's).
-pub(crate) fn connections(gateway: &Gateway, tunnel: Option<&TunnelId>) -> Response<Full<Bytes>> {
+/// This node's sessions (of `tunnel`, or all) as JSON, oldest first per tunnel; each names this
+/// node when it is part of a cluster.
+pub(crate) fn local_sessions(gateway: &Gateway, tunnel: Option<&TunnelId>) -> Vec<serde_json::Value> {
     let mut sessions = match tunnel {
         Some(id) => gateway.registry.of(id),
         None => gateway.registry.all(),
     };
     sessions.sort_by(|a, b| (a.tunnel_id(), a.connected_at).cmp(&(b.tunnel_id(), b.connected_at)));
-    let list: Vec<serde_json::Value> = sessions.iter().map(|s| s.to_json()).collect();
-    json_response(StatusCode::OK, &serde_json::json!({ "sessions": list }))
+    let node = gateway.cluster.as_ref().map(|c| c.node_id());
+    sessions
+        .iter()
+        .map(|s| {
+            let mut json = s.to_json();
+            if let (Some(node), Some(fields)) = (node, json.as_object_mut()) {
+                fields.insert("node".into(), node.into());
+            }
+            json
+        })
+        .collect()
+}
+
+/// `GET /connections` (every session) or `GET /connections/{tunnel_id}` (one tunnel's). In a
+/// cluster, every node's (asked over the peer links, at once) unless `local_only`
+/// (`?node=local`); `nodes` then says how many each had, or why it could not be asked.
+pub(crate) async fn connections(
+    gateway: &Gateway,
+    tunnel: Option<&TunnelId>,
+    local_only: bool,
+) -> Response<Full<Bytes>> {
+    let mut list = local_sessions(gateway, tunnel);
+    let Some(cluster) = gateway.cluster.as_ref().filter(|_| !local_only) else {
+        return json_response(StatusCode::OK, &serde_json::json!({ "sessions": list }));
+    };
+    let mut nodes = vec![serde_json::json!({ "node": cluster.node_id(), "sessions": list.len() })];
+    let others = cluster.nodes();
+    let asks = others.iter().map(|(id, node)| async move {
+        (id, cluster.sessions_of(id, node.advertise.as_deref(), tunnel, &gateway.config.session).await)
+    });
+    for (id, result) in futures_util::future::join_all(asks).await {
+        match result {
+            Ok(sessions) => {
+                nodes.push(serde_json::json!({ "node": id, "sessions": sessions.len() }));
+                list.extend(sessions);
+            }
+            Err(err) => nodes.push(serde_json::json!({ "node": id, "error": err.to_string() })),
+        }
+    }
+    json_response(StatusCode::OK, &serde_json::json!({ "sessions": list, "nodes": nodes }))
 }
 
 /// `DELETE /connections/{tunnel_id}`: closes every session of the tunnel now.

@@ -214,8 +214,10 @@ async fn local(
             Route::Tunnel { .. } => Err(PublicError::NotFound),
             Route::AgentConnect => endpoint::accept(gateway, request, peer),
             Route::Health if read => Ok(admin::health(gateway)),
-            Route::Connections if read => Ok(admin::connections(gateway, None)),
-            Route::TunnelConnections(id) if read => Ok(admin::connections(gateway, Some(&id))),
+            Route::Connections if read => Ok(admin::connections(gateway, None, local_only(&request)).await),
+            Route::TunnelConnections(id) if read => {
+                Ok(admin::connections(gateway, Some(&id), local_only(&request)).await)
+            }
             Route::TunnelConnections(id) if method == Method::DELETE => admin::close(gateway, &id),
             Route::ConnectionAction(id, action) if method == Method::POST => {
                 admin::act(gateway, &id, action).await
@@ -231,6 +233,11 @@ async fn local(
         }
     };
     result.unwrap_or_else(|err| err.to_response(request_id)).map(Either::Left)
+}
+
+/// `?node=local`: the admin listing of this node only (in a cluster).
+fn local_only(request: &Request<RequestBody>) -> bool {
+    request.uri().query().is_some_and(|query| query.split('&').any(|pair| pair == "node=local"))
 }
 
 #[cfg(test)]

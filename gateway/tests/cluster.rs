@@ -601,3 +601,51 @@ async fn a_sigkilled_node_costs_nothing_to_an_agent_with_a_session_elsewhere() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn connections_on_any_node_list_every_nodes_sessions() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (b_config, b_peers) = with_peer_listener(node_config(&redis, "node-b")).await;
+        let (env, b, b_addr) = two_nodes(&redis, b_config).await;
+        serve_peers(&b.gateway, b_peers);
+
+        let (response, body) = get(&format!("http://{b_addr}/connections")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let listing = json(&body);
+        let sessions = listing["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 1, "{listing}");
+        assert_eq!(sessions[0]["node"], "node-a");
+        assert_eq!(sessions[0]["tunnel_id"], TUNNEL, "{listing}");
+        let nodes = listing["nodes"].as_array().unwrap();
+        assert!(nodes.contains(&serde_json::json!({ "node": "node-b", "sessions": 0 })), "{listing}");
+        assert!(nodes.contains(&serde_json::json!({ "node": "node-a", "sessions": 1 })), "{listing}");
+
+        // One tunnel's, from the node without it; and each node's own.
+        let (_, body) = get(&format!("http://{b_addr}/connections/{TUNNEL}")).await;
+        assert_eq!(json(&body)["sessions"].as_array().unwrap().len(), 1);
+        let (_, body) = get(&format!("http://{b_addr}/connections?node=local")).await;
+        assert_eq!(json(&body), serde_json::json!({ "sessions": [] }));
+        let (_, body) = get(&env.gateway_url("/connections?node=local")).await;
+        assert_eq!(json(&body)["sessions"][0]["node"], "node-a");
+
+        // A node that cannot be asked is named, and the rest is still listed.
+        let mut c_config = node_config(&redis, "node-c");
+        c_config.cluster.as_mut().unwrap().advertise = Some(format!("http://{}", closed_port().await));
+        let (c, _) = start_node(c_config).await;
+        let b_cluster = Arc::clone(b.gateway.cluster.as_ref().unwrap());
+        b.gateway.registry.wait_until(|_| b_cluster.nodes().len() == 2).await;
+        let (_, body) = get(&format!("http://{b_addr}/connections")).await;
+        let listing = json(&body);
+        assert_eq!(listing["sessions"].as_array().unwrap().len(), 1, "{listing}");
+        let c_entry = listing["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "node-c").cloned();
+        assert!(
+            c_entry.is_some_and(|c| c["error"].as_str().is_some_and(|e| e.contains("node-c"))),
+            "{listing}"
+        );
+        env.gateway_run.shutdown.cancel();
+        b.shutdown.cancel();
+        c.shutdown.cancel();
+    })
+    .await;
+}

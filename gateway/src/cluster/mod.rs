@@ -215,6 +215,20 @@ impl Cluster {
         Ok(opened)
     }
 
+    /// `node`'s own sessions (of `tunnel`, or all), as listed in its `/connections`.
+    ///
+    /// # Errors
+    /// The node cannot be reached or answered nonsense.
+    pub(crate) async fn sessions_of(
+        &self,
+        node: &str,
+        advertise: Option<&str>,
+        tunnel: Option<&TunnelId>,
+        session: &ferry_transport::SessionConfig,
+    ) -> Result<Vec<serde_json::Value>, PeerError> {
+        self.links.sessions(node, advertise, tunnel, &self.config.secret, session, &self.leave).await
+    }
+
     /// The nodes other than this one that hold sessions for `tunnel`.
     pub fn owners(&self, tunnel: &TunnelId) -> Owners {
         self.read_view().owners(tunnel, Instant::now(), self.config.stale_grace)

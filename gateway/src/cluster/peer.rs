@@ -39,6 +39,8 @@ pub(crate) const ACK_NO_SESSION: u8 = 1;
 pub(crate) const ACK_UNAVAILABLE: u8 = 2;
 /// Longest wait for a peer connection, its WebSocket handshake, or one stream's answer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest session listing read from another node.
+const MAX_LISTING: u64 = 16 << 20;
 /// Buffer of each direction of a splice.
 const SPLICE_BUFFER: usize = 64 * 1024;
 
@@ -146,15 +148,28 @@ impl Gateway {
         }
     }
 
-    /// One request from another node: which tunnel, then the splice to a local agent stream.
+    /// One request from another node: which tunnel, then the splice to a local agent stream; or
+    /// (an empty tunnel id) a listing of this node's sessions for a cluster-wide `/connections`.
     async fn serve_peer_stream(&self, mut stream: multiplex::Stream) {
-        let id = match tokio::time::timeout(PEER_TIMEOUT, read_tunnel_id(&mut stream)).await {
-            Ok(Ok(id)) => id,
+        let asked = match tokio::time::timeout(PEER_TIMEOUT, read_ask(&mut stream)).await {
+            Ok(Ok(asked)) => asked,
             Ok(Err(err)) => {
-                debug!(%err, "a peer stream did not name a tunnel");
+                debug!(%err, "a peer stream did not say what it wants");
                 return;
             }
             Err(_) => return,
+        };
+        let id = match asked {
+            Ask::Tunnel(id) => id,
+            Ask::Sessions(tunnel) => {
+                let list = serde_json::Value::Array(crate::admin::local_sessions(self, tunnel.as_ref()));
+                let mut reply = vec![ACK_OK];
+                reply.extend_from_slice(list.to_string().as_bytes());
+                if stream.write_all(&reply).await.is_ok() {
+                    let _ = stream.shutdown().await;
+                }
+                return;
+            }
         };
         let Some(session) = self.registry.pick(&id) else {
             let _ = answer(&mut stream, ACK_NO_SESSION).await;
@@ -189,14 +204,48 @@ fn refusal(status: StatusCode) -> ErrorResponse {
     response
 }
 
-async fn read_tunnel_id(stream: &mut multiplex::Stream) -> std::io::Result<TunnelId> {
+/// What a peer stream asks for.
+enum Ask {
+    /// A stream to an agent session of this tunnel.
+    Tunnel(TunnelId),
+    /// This node's sessions (of one tunnel, or all).
+    Sessions(Option<TunnelId>),
+}
+
+/// `len, tunnel id` asks for a tunnel; `0, len, tunnel id` (`0, 0`: all) for a listing.
+async fn read_ask(stream: &mut multiplex::Stream) -> std::io::Result<Ask> {
+    match read_short(stream).await? {
+        Some(id) => Ok(Ask::Tunnel(parse_tunnel_id(&id)?)),
+        None => {
+            let tunnel = read_short(stream).await?.map(|id| parse_tunnel_id(&id)).transpose()?;
+            Ok(Ask::Sessions(tunnel))
+        }
+    }
+}
+
+/// A length byte and that many bytes; `None` for length 0.
+async fn read_short(stream: &mut multiplex::Stream) -> std::io::Result<Option<Vec<u8>>> {
     let len = stream.read_u8().await?;
-    let mut id = vec![0u8; usize::from(len)];
-    stream.read_exact(&mut id).await?;
-    std::str::from_utf8(&id)
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut bytes).await?;
+    Ok(Some(bytes))
+}
+
+fn parse_tunnel_id(bytes: &[u8]) -> std::io::Result<TunnelId> {
+    std::str::from_utf8(bytes)
         .ok()
         .and_then(|id| id.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a tunnel id"))
+}
+
+/// `id` as a length byte and its bytes (tunnel ids are far shorter than 256 bytes).
+fn short(id: &TunnelId, out: &mut Vec<u8>) {
+    let id = id.as_str().as_bytes();
+    out.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
+    out.extend_from_slice(id);
 }
 
 async fn answer(stream: &mut multiplex::Stream, code: u8) -> std::io::Result<()> {
@@ -227,10 +276,55 @@ impl Links {
         config: &ferry_transport::SessionConfig,
         stop: &CancellationToken,
     ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
+        let mut preamble = Vec::with_capacity(64);
+        short(id, &mut preamble);
+        self.ask(node, advertise, &preamble, secret, config, stop).await
+    }
+
+    /// `node`'s own sessions (of `tunnel`, or all) as it lists them in `/connections`.
+    pub(crate) async fn sessions(
+        &self,
+        node: &str,
+        advertise: Option<&str>,
+        tunnel: Option<&TunnelId>,
+        secret: &Secret,
+        config: &ferry_transport::SessionConfig,
+        stop: &CancellationToken,
+    ) -> Result<Vec<serde_json::Value>, PeerError> {
+        let mut preamble = vec![0];
+        match tunnel {
+            Some(id) => short(id, &mut preamble),
+            None => preamble.push(0),
+        }
+        let (stream, _slot) = self.ask(node, advertise, &preamble, secret, config, stop).await?;
+        let mut text = Vec::new();
+        let mut limited = stream.take(MAX_LISTING);
+        tokio::time::timeout(PEER_TIMEOUT, limited.read_to_end(&mut text))
+            .await
+            .map_err(|_| link_error(node, "the listing did not arrive in time"))?
+            .map_err(|err| link_error(node, err))?;
+        match serde_json::from_slice(&text) {
+            Ok(serde_json::Value::Array(list)) => Ok(list),
+            _ => Err(link_error(node, "the listing is not a JSON array")),
+        }
+    }
+
+    /// Opens a stream to `node`, writes `preamble` and waits for its one-byte answer. A link that
+    /// fails here is forgotten, so the next request dials again instead of waiting on a
+    /// connection that may be dead.
+    async fn ask(
+        &self,
+        node: &str,
+        advertise: Option<&str>,
+        preamble: &[u8],
+        secret: &Secret,
+        config: &ferry_transport::SessionConfig,
+        stop: &CancellationToken,
+    ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
         let slot = Arc::clone(
             self.links.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_owned()).or_default(),
         );
-        let opened = async {
+        let asked = async {
             let opener = {
                 let mut link = slot.lock().await;
                 match link.as_ref().filter(|o| !o.is_closed()) {
@@ -251,23 +345,19 @@ impl Links {
                 }
             };
             let (mut stream, stream_slot) = opener.open().await.map_err(|err| link_error(node, err))?;
-            let asked = async {
-                let id = id.as_str().as_bytes();
-                let mut preamble = Vec::with_capacity(1 + id.len());
-                preamble.push(u8::try_from(id.len()).unwrap_or(u8::MAX));
-                preamble.extend_from_slice(id);
-                stream.write_all(&preamble).await?;
+            let answer = async {
+                stream.write_all(preamble).await?;
                 stream.flush().await?;
                 stream.read_u8().await
             };
-            match tokio::time::timeout(PEER_TIMEOUT, asked).await {
+            match tokio::time::timeout(PEER_TIMEOUT, answer).await {
                 Ok(Ok(ACK_OK)) => Ok((stream, stream_slot)),
                 Ok(Ok(code)) => Err(PeerError::Refused { node: node.to_owned(), code }),
                 Ok(Err(err)) => Err(link_error(node, err)),
                 Err(_) => Err(link_error(node, "no answer in time")),
             }
         };
-        let result = opened.await;
+        let result = asked.await;
         if let Err(PeerError::Link { .. }) = &result {
             slot.lock().await.take();
         }
