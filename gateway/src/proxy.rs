@@ -144,6 +144,9 @@ pub(crate) fn forward<'a>(
         // Admit: the edge's limits, a session here or at another node (or the wait for one), the
         // announced body.
         let (session, client_slot) = fw.limits.admit(fw.registry, id, peer, || held_elsewhere(fw, id))?;
+        if let (Some(cluster), Some(rate)) = (fw.cluster, fw.limits.cluster_rate()) {
+            fw.limits.tunnel_rate_counted(id, cluster.tunnel_rate(id, rate).await)?;
+        }
         let located = match session {
             Some(session) => Located::Here(session),
             None => locate(fw, id).await?,

@@ -134,9 +134,14 @@ async fn two_nodes(redis: &Redis, b_config: GatewayConfig) -> (TestEnv, GatewayR
     let env = TestEnv::start_with(a_config, |_| {}).await;
     serve_peers(&env.gateway, peers);
     let (b, b_addr) = start_node(b_config).await;
-    until(&b.gateway, |o| matches!(o, Owners::Known(o) if o.len() == 1 && o[0].advertise.is_some()), TUNNEL)
-        .await;
+    until_reachable(&b.gateway).await;
     (env, b, b_addr)
+}
+
+/// Waits until `gateway` knows one node holds the tunnel, and how to reach it.
+async fn until_reachable(gateway: &Arc<Gateway>) -> Duration {
+    until(gateway, |o| matches!(o, Owners::Known(o) if o.len() == 1 && o[0].advertise.is_some()), TUNNEL)
+        .await
 }
 
 fn via(addr: SocketAddr, path: &str) -> String {
@@ -210,12 +215,7 @@ async fn a_tunnel_is_seen_by_the_other_node_at_once_and_forgotten_when_its_agent
         let seen = until(&b.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
         println!("node B saw the new tunnel {:?} after the agent was registered at A", seen);
         // A node first heard of in an event makes B read Redis for how to reach it.
-        let reachable = until(
-            &b.gateway,
-            |o| matches!(o, Owners::Known(o) if o.len() == 1 && o[0].advertise.is_some()),
-            TUNNEL,
-        )
-        .await;
+        let reachable = until_reachable(&b.gateway).await;
         println!("and how to reach node A {reachable:?} later");
         println!("(agent start to B knowing it: {:?})", started.elapsed());
         let Owners::Known(owners) = b.gateway.cluster.as_ref().unwrap().owners(&TUNNEL.parse().unwrap())
@@ -224,8 +224,8 @@ async fn a_tunnel_is_seen_by_the_other_node_at_once_and_forgotten_when_its_agent
         };
         assert_eq!(owners[0].holding, Holding { sessions: 1, healthy: 1 });
         assert_eq!(owners[0].advertise.as_deref(), Some("http://node-a.invalid:4000"));
-        // The node's own sessions are not "elsewhere".
-        assert!(held_by_none(&env.gateway.cluster.as_ref().unwrap().owners(&TUNNEL.parse().unwrap())));
+        // The node's own sessions are not "elsewhere" (once A has read Redis at all).
+        until(&env.gateway, held_by_none, TUNNEL).await;
 
         let metrics = env.gateway.metrics.render(&env.gateway.registry);
         assert!(metrics.contains("ferry_cluster_nodes 2"), "A's full read found both: {metrics}");
@@ -646,6 +646,51 @@ async fn connections_on_any_node_list_every_nodes_sessions() {
         env.gateway_run.shutdown.cancel();
         b.shutdown.cancel();
         c.shutdown.cancel();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_tunnel_rate_is_counted_across_the_cluster() {
+    bounded(async {
+        let Some(mut redis) = Redis::start().await else { return };
+        let rate = ferry_gateway::config::Rate::parse("5/m").unwrap();
+        let limited = |mut config: GatewayConfig| {
+            config.tunnel_rate = Some(rate);
+            config
+        };
+        let (a_config, a_peers) = with_peer_listener(limited(node_config(&redis, "node-a"))).await;
+        let env = TestEnv::start_with(a_config, |_| {}).await;
+        serve_peers(&env.gateway, a_peers);
+        let (b, b_addr) = start_node(limited(node_config(&redis, "node-b"))).await;
+        until_reachable(&b.gateway).await;
+
+        // Five a minute in all: three through A and two through B pass, the sixth is refused
+        // wherever it arrives.
+        let mut statuses = Vec::new();
+        for url in
+            [env.url("/"), via(b_addr, "/"), env.url("/"), via(b_addr, "/"), env.url("/"), via(b_addr, "/")]
+        {
+            let (response, body) = get(&url).await;
+            statuses.push(response.status());
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(json(&body)["error"]["code"], "rate_limited");
+                assert!(response.headers().contains_key(http::header::RETRY_AFTER));
+            }
+        }
+        let mut expected = vec![StatusCode::OK; 5];
+        expected.push(StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(statuses, expected);
+
+        // Redis gone: each node counts alone (A's own allowance is untouched, so five pass).
+        redis.stop();
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            statuses.push(get(&env.url("/")).await.0.status());
+        }
+        assert_eq!(statuses, expected);
+        redis.restart_empty().await;
+        b.shutdown.cancel();
     })
     .await;
 }

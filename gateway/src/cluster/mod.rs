@@ -34,6 +34,7 @@ pub use peer::{PEER_PATH, PeerError};
 use view::View;
 pub use view::{Holding, Owner, Owners, RemoteNode};
 
+use crate::config::Rate;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -156,6 +157,8 @@ pub struct Cluster {
     published: Mutex<HashMap<TunnelId, Holding>>,
     /// Links to the other nodes' peer listeners.
     links: peer::Links,
+    /// The Redis connection, once [`Cluster::run`] has made it (for the requests' rate checks).
+    conn: std::sync::OnceLock<ConnectionManager>,
     /// Fires when the node leaves; the background tasks end.
     leave: CancellationToken,
     /// Fires when [`Cluster::run`] has finished (its entries deleted, or given up on).
@@ -177,6 +180,7 @@ impl Cluster {
             client,
             view: RwLock::default(),
             links: peer::Links::default(),
+            conn: std::sync::OnceLock::new(),
             published: Mutex::default(),
             leave: CancellationToken::new(),
             left: CancellationToken::new(),
@@ -227,6 +231,27 @@ impl Cluster {
         session: &ferry_transport::SessionConfig,
     ) -> Result<Vec<serde_json::Value>, PeerError> {
         self.links.sessions(node, advertise, tunnel, &self.config.secret, session, &self.leave).await
+    }
+
+    /// Takes one request from `tunnel`'s allowance of `rate`, counted in Redis for the whole
+    /// cluster (GCRA: one key per tunnel holding its theoretical arrival time, on Redis's clock).
+    /// `Some(zero)`: allowed; `Some(wait)`: over the rate, retry after `wait`; `None`: Redis could
+    /// not answer (the caller counts on this node alone).
+    pub(crate) async fn tunnel_rate(&self, tunnel: &TunnelId, rate: Rate) -> Option<Duration> {
+        let mut conn = self.conn.get()?.clone();
+        let interval = (rate.per.as_micros() / u128::from(rate.count.max(1))).max(1);
+        let burst = interval * u128::from(rate.count.saturating_sub(1));
+        let key = self.key(&["rate:", tunnel.as_str()]);
+        let mut call = GCRA.key(key);
+        call.arg(u64::try_from(interval).unwrap_or(u64::MAX)).arg(u64::try_from(burst).unwrap_or(u64::MAX));
+        match self.timed(call.invoke_async::<i64>(&mut conn)).await {
+            Ok(wait_us) => Some(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0))),
+            Err(err) => {
+                self.metrics.cluster_redis_error();
+                debug!(%err, "the cluster's rate count failed; counting on this node");
+                None
+            }
+        }
     }
 
     /// The nodes other than this one that hold sessions for `tunnel`.
@@ -281,6 +306,7 @@ impl Cluster {
                 return;
             }
         };
+        let _ = self.conn.set(conn.clone());
         info!(
             node = %self.config.node_id,
             redis = %self.config.redis.addr(),
@@ -575,6 +601,26 @@ impl Cluster {
         }
     }
 }
+
+/// GCRA in one step: KEYS[1] holds the theoretical arrival time (µs, Redis's clock); ARGV[1] is
+/// the emission interval and ARGV[2] the burst tolerance, in µs. Returns 0 when the request is
+/// allowed (and counted), else the µs to wait.
+static GCRA: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+if tat - burst > now then return tat - burst - now end
+local next_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
+return 0
+",
+    )
+});
 
 /// What an event did to the view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

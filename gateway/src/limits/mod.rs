@@ -40,6 +40,11 @@ use crate::session::Session;
 use clients::{AddressLimiter, ClientLoad};
 use rate::RateLimiter;
 
+/// 429 with the whole seconds to wait (at least 1) in `Retry-After`.
+fn rate_limited(wait: Duration) -> PublicError {
+    PublicError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64)
+}
+
 /// The limits of one gateway; see the module docs.
 #[derive(Debug)]
 pub(crate) struct Limits {
@@ -48,6 +53,9 @@ pub(crate) struct Limits {
     max_uri_len: usize,
     client_rates: Option<RateLimiter<IpAddr>>,
     tunnel_rates: Option<RateLimiter<TunnelId>>,
+    /// In a cluster the tunnel rate is counted in Redis, across nodes ([`Limits::cluster_rate`]);
+    /// `tunnel_rates` is then the fallback while Redis cannot answer.
+    cluster_rate: Option<Rate>,
     client_load: ClientLoad,
     max_tunnel_requests: u64,
     max_request_body: Option<u64>,
@@ -64,6 +72,7 @@ impl Limits {
             max_uri_len: config.max_uri_len,
             client_rates: config.client_rate.map(RateLimiter::new),
             tunnel_rates: config.tunnel_rate.map(RateLimiter::new),
+            cluster_rate: config.tunnel_rate.filter(|_| config.cluster.is_some()),
             client_load: ClientLoad::new(config.max_client_requests),
             max_tunnel_requests: u64::try_from(config.max_tunnel_requests).unwrap_or(u64::MAX),
             max_request_body: config.max_request_body,
@@ -122,8 +131,6 @@ impl Limits {
         held_elsewhere: impl FnOnce() -> Result<(), PublicError>,
     ) -> Result<(Option<Arc<Session>>, ClientSlot), PublicError> {
         let now = Instant::now();
-        let rate_limited =
-            |wait: Duration| PublicError::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64);
         if let Some(clients) = &self.client_rates {
             clients
                 .check(&client_key(peer.ip()), now)
@@ -133,14 +140,41 @@ impl Limits {
         if session.is_none() && !registry.expects_agent(id) {
             held_elsewhere()?;
         }
-        if let Some(tunnels) = &self.tunnel_rates {
-            tunnels.check(id, now).map_err(|wait| self.refuse(Limit::TunnelRate, rate_limited(wait)))?;
+        if self.cluster_rate.is_none() {
+            self.tunnel_rate_here(id, now)?;
         }
         let slot = self
             .client_load
             .try_begin(id, peer.ip())
             .ok_or_else(|| self.refuse(Limit::ClientConcurrency, PublicError::ClientAtCapacity))?;
         Ok((session, slot))
+    }
+
+    /// The tunnel rate counted by this node alone.
+    fn tunnel_rate_here(&self, id: &TunnelId, now: Instant) -> Result<(), PublicError> {
+        if let Some(tunnels) = &self.tunnel_rates {
+            tunnels.check(id, now).map_err(|wait| self.refuse(Limit::TunnelRate, rate_limited(wait)))?;
+        }
+        Ok(())
+    }
+
+    /// The tunnel rate to count across the cluster, when there is one.
+    pub(crate) fn cluster_rate(&self) -> Option<Rate> {
+        self.cluster_rate
+    }
+
+    /// The cluster's count of the tunnel's rate said wait `wait` (429); or, `None`, Redis could
+    /// not count it and this node counts alone.
+    pub(crate) fn tunnel_rate_counted(
+        &self,
+        id: &TunnelId,
+        wait: Option<Duration>,
+    ) -> Result<(), PublicError> {
+        match wait {
+            Some(wait) if wait.is_zero() => Ok(()),
+            Some(wait) => Err(self.refuse(Limit::TunnelRate, rate_limited(wait))),
+            None => self.tunnel_rate_here(id, Instant::now()),
+        }
     }
 
     /// Check 5: requests in flight over all of a tunnel's sessions. (The session's own stream limit is
