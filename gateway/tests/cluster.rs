@@ -694,3 +694,87 @@ async fn the_tunnel_rate_is_counted_across_the_cluster() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn requests_held_while_the_owning_node_is_sigkilled_are_served_by_the_next() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let mut a = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cluster",
+                &redis.url(),
+                "--node-id",
+                "node-a",
+                "--threads",
+                "1",
+            ])
+            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let a_port = listening_port(a.stderr.take().unwrap()).await;
+        let env = TestEnv::start_without_agent(node_config(&redis, "node-b")).await;
+        // One connection, to A first; after A fails, the next URL: B.
+        let mut config = env.agent_config();
+        config.gateway =
+            ferry_agent::config::GatewayUrl::parse(&format!("ws://127.0.0.1:{a_port}/ws")).unwrap();
+        config.more_gateways =
+            vec![ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", env.gateway_addr)).unwrap()];
+        let agent = spawn_agent(config);
+        until(&env.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
+
+        // Requests arrive at B all along; B had forwarded to A, then holds them once A is gone
+        // and serves them from the agent's new session here.
+        let url = env.url("/");
+        let load = tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..100 {
+                statuses.push(get(&url).await.0.status());
+            }
+            statuses
+        });
+        a.kill().unwrap();
+        let killed = Instant::now();
+        a.wait().unwrap();
+        let id: ferry_codec::TunnelId = TUNNEL.parse().unwrap();
+        env.gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        println!("the agent's session was up at B {:?} after A's SIGKILL", killed.elapsed());
+        let statuses = load.await.unwrap();
+        // Only a request in flight at A when it died may fail (it had reached the agent).
+        let failed = statuses.iter().filter(|s| **s != StatusCode::OK).count();
+        assert!(failed <= 1, "{statuses:?}");
+        agent.kill();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stalled_client_at_the_other_node_stops_the_upstream() {
+    bounded(async {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        /// What a stalled download may hold between its ends through the hop: the stream windows
+        /// of both sessions, the splice's two 64 KiB buffers, the WebSocket buffers, and the
+        /// kernel's socket buffers on five loopback hops.
+        const IN_FLIGHT_BOUND: u64 = 48 << 20;
+
+        let Some(redis) = Redis::start().await else { return };
+        let (env, b, b_addr) = two_nodes(&redis, node_config(&redis, "node-b")).await;
+        let already = env.stats.produced.load(Ordering::Relaxed);
+        let mut socket = TcpStream::connect(b_addr).await.unwrap();
+        let request = format!("GET /t/{TUNNEL}/bytes/{} HTTP/1.1\r\nHost: x\r\n\r\n", 100u64 << 30);
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut head = [0u8; 512];
+        let n = socket.read(&mut head).await.unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+        let produced = plateau(|| env.stats.produced.load(Ordering::Relaxed)).await - already;
+        println!("stalled download through the hop: the upstream produced {} KiB", produced / 1024);
+        assert!(produced < IN_FLIGHT_BOUND, "the upstream kept producing: {} MiB", produced >> 20);
+        drop(socket);
+        b.shutdown.cancel();
+    })
+    .await;
+}

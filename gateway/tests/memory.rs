@@ -7,7 +7,6 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use common::*;
 use ferry_benches::upstream::pattern;
@@ -32,18 +31,6 @@ fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * 4096
-}
-
-/// Waits until `counter` stops moving (unchanged across 10 looks 100 ms apart) and returns it.
-async fn plateau(counter: impl Fn() -> u64) -> u64 {
-    let (mut last, mut still) = (counter(), 0);
-    while still < 10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = counter();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    last
 }
 
 #[tokio::test]

@@ -45,6 +45,18 @@ pub async fn bounded<T>(test: impl Future<Output = T>) -> T {
     tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test timed out")
 }
 
+/// Waits until `counter` stops moving (unchanged across 10 looks 100 ms apart) and returns it.
+pub async fn plateau(counter: impl Fn() -> u64) -> u64 {
+    let (mut last, mut still) = (counter(), 0);
+    while still < 10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = counter();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
