@@ -167,6 +167,25 @@ async fn start_node(config: GatewayConfig) -> (GatewayRun, SocketAddr) {
     (start_gateway(config, listener), addr)
 }
 
+/// Node A as a real gateway process (so it can be SIGKILLed) with `extra` flags; returns it and
+/// the port it bound, read from its log (the readiness signal).
+async fn node_process(redis: &Redis, extra: &[&str]) -> (Child, u16) {
+    let mut node = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--listen", "127.0.0.1:0", "--cluster", &redis.url(), "--node-id", "node-a", "--threads", "1"])
+        .args(extra)
+        .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = listening_port(node.stderr.take().unwrap()).await;
+    (node, port)
+}
+
+fn ws_url(addr: impl std::fmt::Display) -> ferry_agent::config::GatewayUrl {
+    ferry_agent::config::GatewayUrl::parse(&format!("ws://{addr}/ws")).unwrap()
+}
+
 /// Reads a gateway's log until it says where it listens; the rest of the log is drained.
 async fn listening_port(stderr: std::process::ChildStderr) -> u16 {
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -258,21 +277,10 @@ async fn a_killed_node_lapses_after_its_ttl() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
         let (b, _) = start_node(node_config(&redis, "node-b")).await;
-        // Node A is a real process, so it can be SIGKILLed. It binds an ephemeral port and says
-        // which in its log (the readiness signal).
-        let mut a = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args(["--listen", "127.0.0.1:0", "--cluster", &redis.url()])
-            .args(["--node-id", "node-a", "--cluster-ttl", "600ms", "--threads", "1"])
-            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let port = listening_port(a.stderr.take().unwrap()).await;
+        let (mut a, port) = node_process(&redis, &["--cluster-ttl", "600ms"]).await;
         let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
         let mut agent_config = env.agent_config();
-        agent_config.gateway =
-            ferry_agent::config::GatewayUrl::parse(&format!("ws://127.0.0.1:{port}/ws")).unwrap();
+        agent_config.gateway = ws_url(format!("127.0.0.1:{port}"));
         let agent = spawn_agent(agent_config);
         until(&b.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
 
@@ -530,7 +538,7 @@ async fn an_agent_with_two_connections_holds_one_session_on_each_of_two_nodes() 
         // uses, and moves on to B.
         let mut config = env.agent_config();
         let a_url = config.gateway.clone();
-        let b_url = ferry_agent::config::GatewayUrl::parse(&format!("ws://{b_addr}/ws")).unwrap();
+        let b_url = ws_url(b_addr);
         config.more_gateways = vec![a_url, b_url];
         config.connections = 2;
         let agent = spawn_agent(config);
@@ -555,29 +563,11 @@ async fn an_agent_with_two_connections_holds_one_session_on_each_of_two_nodes() 
 async fn a_sigkilled_node_costs_nothing_to_an_agent_with_a_session_elsewhere() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
-        let mut a = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--cluster",
-                &redis.url(),
-                "--node-id",
-                "node-a",
-                "--threads",
-                "1",
-            ])
-            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let a_port = listening_port(a.stderr.take().unwrap()).await;
+        let (mut a, a_port) = node_process(&redis, &[]).await;
         let env = TestEnv::start_without_agent(node_config(&redis, "node-b")).await;
         let mut config = env.agent_config();
-        config.gateway =
-            ferry_agent::config::GatewayUrl::parse(&format!("ws://127.0.0.1:{a_port}/ws")).unwrap();
-        config.more_gateways =
-            vec![ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", env.gateway_addr)).unwrap()];
+        config.gateway = ws_url(format!("127.0.0.1:{a_port}"));
+        config.more_gateways = vec![ws_url(env.gateway_addr)];
         config.connections = 2;
         let agent = spawn_agent(config);
         let id: ferry_codec::TunnelId = TUNNEL.parse().unwrap();
@@ -699,30 +689,12 @@ async fn the_tunnel_rate_is_counted_across_the_cluster() {
 async fn requests_held_while_the_owning_node_is_sigkilled_are_served_by_the_next() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
-        let mut a = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--cluster",
-                &redis.url(),
-                "--node-id",
-                "node-a",
-                "--threads",
-                "1",
-            ])
-            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let a_port = listening_port(a.stderr.take().unwrap()).await;
+        let (mut a, a_port) = node_process(&redis, &[]).await;
         let env = TestEnv::start_without_agent(node_config(&redis, "node-b")).await;
         // One connection, to A first; after A fails, the next URL: B.
         let mut config = env.agent_config();
-        config.gateway =
-            ferry_agent::config::GatewayUrl::parse(&format!("ws://127.0.0.1:{a_port}/ws")).unwrap();
-        config.more_gateways =
-            vec![ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", env.gateway_addr)).unwrap()];
+        config.gateway = ws_url(format!("127.0.0.1:{a_port}"));
+        config.more_gateways = vec![ws_url(env.gateway_addr)];
         let agent = spawn_agent(config);
         until(&env.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
 
