@@ -445,8 +445,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let mut args = args;
     let listen = args.listen;
-    let peer_listen = args.peer_listen;
+    // Bound before the configuration is built, so that `--peer-listen 127.0.0.1:0` advertises
+    // the port it got.
+    let peers = match args.peer_listen {
+        Some(addr) => {
+            let peers = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for other nodes on {addr}"))?;
+            args.peer_listen = Some(peers.local_addr().context("the peer listener's address")?);
+            Some(peers)
+        }
+        None => None,
+    };
     let threads = args.threads.get();
     let config = args.into_config()?;
     let auth_file = matches!(config.auth, AuthSource::File(_));
@@ -467,10 +479,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("cannot listen for SIGHUP (which reloads the auth file and certificate)")?;
         tokio::spawn(reload_on_sighup(std::sync::Arc::clone(&gateway), hangups, auth_file, tls));
     }
-    if let Some(addr) = peer_listen {
-        let peers = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for other nodes on {addr}"))?;
+    if let Some(peers) = peers {
+        if let Ok(addr) = peers.local_addr() {
+            tracing::info!(%addr, "peer listener ready for other nodes");
+        }
         let serving = std::sync::Arc::clone(&gateway);
         tokio::spawn(async move { serving.serve_peers(peers).await });
     }

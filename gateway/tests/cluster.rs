@@ -1,9 +1,10 @@
 //! Several gateways through a real Redis (`redis-server`, started here on a loopback port): nodes
 //! see each other's tunnels at once, forget a killed node after its TTL, keep serving their own
-//! sessions while Redis is down, and fill a Redis restarted empty within one refresh.
+//! sessions while Redis is down, and fill a Redis restarted empty within one refresh; three node
+//! processes behind a real HAProxy serve a tunnel from any node through a node's SIGKILL.
 //!
-//! Without `redis-server` these tests say so and return; under `.ci/run` (which installs it and
-//! sets `FERRY_CI`) they fail instead.
+//! Without `redis-server` (or `haproxy`, for the balancer test) these tests say so and return;
+//! under `.ci/run` (which installs both and sets `FERRY_CI`) they fail instead.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 mod common;
@@ -98,6 +99,52 @@ impl Drop for Redis {
     }
 }
 
+/// HAProxy in TCP mode in front of three nodes, with the configuration `examples/cluster/`
+/// ships; killed on drop.
+struct Haproxy {
+    child: Child,
+    port: u16,
+}
+
+impl Haproxy {
+    /// Starts one, or `None` (with a loud message) when the binary is missing.
+    async fn start(nodes: [SocketAddr; 3]) -> Option<Self> {
+        if Command::new("haproxy").arg("-v").stdout(Stdio::null()).status().is_err() {
+            assert!(
+                std::env::var_os("FERRY_CI").is_none(),
+                "the load balancer test needs haproxy: apt-get install -y haproxy"
+            );
+            eprintln!("SKIPPED: haproxy is not installed (apt-get install -y haproxy)");
+            return None;
+        }
+        // HAProxy cannot say which port it got: take a free one and hand it over.
+        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let child = Command::new("haproxy")
+            .args(["-db", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cluster/haproxy.cfg")])
+            .env("LB_ADDR", format!("127.0.0.1:{port}"))
+            .env("NODE_A", nodes[0].to_string())
+            .env("NODE_B", nodes[1].to_string())
+            .env("NODE_C", nodes[2].to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        let haproxy = Self { child, port };
+        // Readiness: a node answers through it.
+        while try_get(&format!("http://127.0.0.1:{port}/")).await != Some(StatusCode::OK) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Some(haproxy)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 const CLUSTER_SECRET: &str = "the nodes' shared secret";
 
 /// A node with fast timings: refresh 100 ms, alive 400 ms after its last one, a stale view
@@ -167,19 +214,52 @@ async fn start_node(config: GatewayConfig) -> (GatewayRun, SocketAddr) {
     (start_gateway(config, listener), addr)
 }
 
-/// Node A as a real gateway process (so it can be SIGKILLed) with `extra` flags; returns it and
-/// the port it bound, read from its log (the readiness signal).
-async fn node_process(redis: &Redis, extra: &[&str]) -> (Child, u16) {
-    let mut node = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", "127.0.0.1:0", "--cluster", &redis.url(), "--node-id", "node-a", "--threads", "1"])
-        .args(extra)
-        .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port = listening_port(node.stderr.take().unwrap()).await;
-    (node, port)
+/// A gateway node as a real process (so it can be SIGKILLed), with its peer listener on a
+/// loopback port; killed on drop.
+struct NodeProcess {
+    child: Child,
+    /// Its public port, read from its log (the readiness signal).
+    port: u16,
+}
+
+impl NodeProcess {
+    /// Node `id` with `extra` flags.
+    async fn start(redis: &Redis, id: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--listen", "127.0.0.1:0", "--cluster", &redis.url(), "--node-id", id, "--threads", "1"])
+            .args(["--peer-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("FERRY_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let port = listening_port(child.stderr.take().unwrap()).await;
+        Self { child, port }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The most memory the process has held (`VmHWM`), in bytes.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 fn ws_url(addr: impl std::fmt::Display) -> ferry_agent::config::GatewayUrl {
@@ -211,6 +291,23 @@ async fn until(gateway: &Arc<Gateway>, condition: impl Fn(&Owners) -> bool, tunn
     let tunnel = tunnel.parse().unwrap();
     gateway.registry.wait_until(|_| condition(&cluster.owners(&tunnel))).await;
     started.elapsed()
+}
+
+/// Waits until the node at `addr` serves the tunnel (from a session of its own or through
+/// another node).
+async fn until_served(addr: SocketAddr) {
+    let url = via(addr, "/");
+    while try_get(&url).await != Some(StatusCode::OK) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A GET on a connection of its own; `None` when no response came back.
+async fn try_get(url: &str) -> Option<StatusCode> {
+    let response = client().request(Request::get(url).body(empty()).unwrap()).await.ok()?;
+    let status = response.status();
+    response.into_body().collect().await.ok()?;
+    Some(status)
 }
 
 fn held_by(owners: &Owners, node: &str) -> bool {
@@ -277,16 +374,15 @@ async fn a_killed_node_lapses_after_its_ttl() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
         let (b, _) = start_node(node_config(&redis, "node-b")).await;
-        let (mut a, port) = node_process(&redis, &["--cluster-ttl", "600ms"]).await;
+        let mut a = NodeProcess::start(&redis, "node-a", &["--cluster-ttl", "600ms"]).await;
         let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
         let mut agent_config = env.agent_config();
-        agent_config.gateway = ws_url(format!("127.0.0.1:{port}"));
+        agent_config.gateway = ws_url(a.addr());
         let agent = spawn_agent(agent_config);
         until(&b.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
 
-        a.kill().unwrap();
         let killed = Instant::now();
-        a.wait().unwrap();
+        a.kill();
         until(&b.gateway, held_by_none, TUNNEL).await;
         let lapsed = killed.elapsed();
         println!("node A's tunnels left B's view {lapsed:?} after SIGKILL (TTL 600 ms, refresh 100 ms at B)");
@@ -378,16 +474,29 @@ async fn a_request_through_the_node_without_the_agent_is_served_by_the_one_with_
 }
 
 #[tokio::test]
-async fn large_bodies_stream_through_the_hop_both_ways_intact() {
+async fn a_gibibyte_streams_through_the_hop_both_ways_intact_in_bounded_memory() {
     bounded(async {
+        /// What either node may hold at its peak, whatever the body's size: its own baseline,
+        /// the receive windows a stream may grow on the agent's session and on the peer link,
+        /// and socket buffers. A node that buffered the body would pass it eight times over.
+        const PEAK_RSS_BOUND: u64 = 128 << 20;
+        const SIZE: u64 = 1 << 30;
+
         let Some(redis) = Redis::start().await else { return };
-        let (_env, b, b_addr) = two_nodes(&redis, node_config(&redis, "node-b")).await;
-        const SIZE: u64 = 256 * 1024 * 1024;
+        // Both nodes as processes, so that each one's memory is its own.
+        let a = NodeProcess::start(&redis, "node-a", &[]).await;
+        let b = NodeProcess::start(&redis, "node-b", &[]).await;
+        let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
+        let mut config = env.agent_config();
+        config.gateway = ws_url(a.addr());
+        let agent = spawn_agent(config);
+        until_served(b.addr()).await;
+        let before = (a.peak_rss(), b.peak_rss());
 
         let expected = tokio::task::spawn_blocking(|| ferry_benches::upstream::pattern_sha256(SIZE));
         let started = Instant::now();
         let response =
-            send(&client(), Request::get(via(b_addr, &format!("/bytes/{SIZE}"))).body(empty()).unwrap())
+            send(&client(), Request::get(via(b.addr(), &format!("/bytes/{SIZE}"))).body(empty()).unwrap())
                 .await;
         assert_eq!(response.status(), StatusCode::OK);
         let mut body = response.into_body();
@@ -400,7 +509,7 @@ async fn large_bodies_stream_through_the_hop_both_ways_intact() {
         }
         assert_eq!(total, SIZE);
         assert_eq!(hex(&hasher.finalize()), expected.await.unwrap());
-        println!("256 MiB down through the hop in {:?}", started.elapsed());
+        println!("1 GiB down through the hop in {:?}", started.elapsed());
 
         let sent = Arc::new(std::sync::Mutex::new(Sha256::new()));
         let hashing = Arc::clone(&sent);
@@ -417,7 +526,7 @@ async fn large_bodies_stream_through_the_hop_both_ways_intact() {
             }
         });
         let started = Instant::now();
-        let request = Request::post(via(b_addr, "/sink"))
+        let request = Request::post(via(b.addr(), "/sink"))
             .header(http::header::CONTENT_LENGTH, SIZE)
             .body(http_body_util::StreamBody::new(chunks).boxed_unsync())
             .unwrap();
@@ -426,8 +535,18 @@ async fn large_bodies_stream_through_the_hop_both_ways_intact() {
         let report = json(&body);
         assert_eq!(report["bytes"], SIZE);
         assert_eq!(report["sha256"], hex(&sent.lock().unwrap().clone().finalize()).as_str());
-        println!("256 MiB up through the hop in {:?}", started.elapsed());
-        b.shutdown.cancel();
+        println!("1 GiB up through the hop in {:?}", started.elapsed());
+
+        let after = (a.peak_rss(), b.peak_rss());
+        println!(
+            "peak RSS, owner A / forwarding B: {} / {} MiB before, {} / {} MiB after 2 GiB through the hop",
+            before.0 >> 20,
+            before.1 >> 20,
+            after.0 >> 20,
+            after.1 >> 20,
+        );
+        assert!(after.0 < PEAK_RSS_BOUND && after.1 < PEAK_RSS_BOUND, "{after:?}");
+        agent.kill();
     })
     .await;
 }
@@ -563,10 +682,10 @@ async fn an_agent_with_two_connections_holds_one_session_on_each_of_two_nodes() 
 async fn a_sigkilled_node_costs_nothing_to_an_agent_with_a_session_elsewhere() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
-        let (mut a, a_port) = node_process(&redis, &[]).await;
+        let mut a = NodeProcess::start(&redis, "node-a", &[]).await;
         let env = TestEnv::start_without_agent(node_config(&redis, "node-b")).await;
         let mut config = env.agent_config();
-        config.gateway = ws_url(format!("127.0.0.1:{a_port}"));
+        config.gateway = ws_url(a.addr());
         config.more_gateways = vec![ws_url(env.gateway_addr)];
         config.connections = 2;
         let agent = spawn_agent(config);
@@ -583,8 +702,7 @@ async fn a_sigkilled_node_costs_nothing_to_an_agent_with_a_session_elsewhere() {
             }
             statuses
         });
-        a.kill().unwrap();
-        a.wait().unwrap();
+        a.kill();
         let statuses = load.await.unwrap();
         assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
         agent.kill();
@@ -689,11 +807,11 @@ async fn the_tunnel_rate_is_counted_across_the_cluster() {
 async fn requests_held_while_the_owning_node_is_sigkilled_are_served_by_the_next() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
-        let (mut a, a_port) = node_process(&redis, &[]).await;
+        let mut a = NodeProcess::start(&redis, "node-a", &[]).await;
         let env = TestEnv::start_without_agent(node_config(&redis, "node-b")).await;
         // One connection, to A first; after A fails, the next URL: B.
         let mut config = env.agent_config();
-        config.gateway = ws_url(format!("127.0.0.1:{a_port}"));
+        config.gateway = ws_url(a.addr());
         config.more_gateways = vec![ws_url(env.gateway_addr)];
         let agent = spawn_agent(config);
         until(&env.gateway, |o| held_by(o, "node-a"), TUNNEL).await;
@@ -708,9 +826,8 @@ async fn requests_held_while_the_owning_node_is_sigkilled_are_served_by_the_next
             }
             statuses
         });
-        a.kill().unwrap();
         let killed = Instant::now();
-        a.wait().unwrap();
+        a.kill();
         let id: ferry_codec::TunnelId = TUNNEL.parse().unwrap();
         env.gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
         println!("the agent's session was up at B {:?} after A's SIGKILL", killed.elapsed());
@@ -729,8 +846,8 @@ async fn a_stalled_client_at_the_other_node_stops_the_upstream() {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         /// What a stalled download may hold between its ends through the hop: the stream windows
-        /// of both sessions, the splice's two 64 KiB buffers, the WebSocket buffers, and the
-        /// kernel's socket buffers on five loopback hops.
+        /// of both sessions, the WebSocket buffers, and the kernel's socket buffers on five
+        /// loopback hops (the owner's splice holds one chunk at a time).
         const IN_FLIGHT_BOUND: u64 = 48 << 20;
 
         let Some(redis) = Redis::start().await else { return };
@@ -747,6 +864,86 @@ async fn a_stalled_client_at_the_other_node_stops_the_upstream() {
         assert!(produced < IN_FLIGHT_BOUND, "the upstream kept producing: {} MiB", produced >> 20);
         drop(socket);
         b.shutdown.cancel();
+    })
+    .await;
+}
+
+/// The nodes holding the tunnel's sessions, as `/connections` at `addr` lists them.
+async fn session_nodes(addr: SocketAddr) -> Vec<String> {
+    let (_, body) = get(&format!("http://{addr}/connections/{TUNNEL}")).await;
+    let listing = json(&body);
+    let mut nodes: Vec<String> = listing["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["node"].as_str().unwrap().to_owned())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+#[tokio::test]
+async fn three_nodes_behind_haproxy_serve_the_tunnel_from_any_node_through_a_sigkill() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let mut nodes = Vec::new();
+        for id in ["node-a", "node-b", "node-c"] {
+            nodes.push(NodeProcess::start(&redis, id, &["--cluster-ttl", "600ms"]).await);
+        }
+        let addrs = [nodes[0].addr(), nodes[1].addr(), nodes[2].addr()];
+        let Some(haproxy) = Haproxy::start(addrs).await else { return };
+        let balancer = SocketAddr::from(([127, 0, 0, 1], haproxy.port));
+
+        // The agent knows only the balancer, and keeps two sessions on distinct nodes.
+        let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
+        let mut config = env.agent_config();
+        config.gateway = ws_url(balancer);
+        config.connections = 2;
+        let agent = spawn_agent(config);
+        while session_nodes(addrs[0]).await.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let holders = session_nodes(addrs[0]).await;
+        assert!(holders[0] != holders[1], "two sessions on one node: {holders:?}");
+
+        // Every node serves it, and so does the balancer, whichever node a connection lands on.
+        let (_, expected) = get(&env.direct_url("/")).await;
+        for addr in addrs.into_iter().chain([balancer].into_iter().cycle().take(9)) {
+            let (response, body) = get(&via(addr, "/")).await;
+            assert_eq!(response.status(), StatusCode::OK, "through {addr}");
+            assert_eq!(body, expected, "through {addr}");
+        }
+
+        // SIGKILL a node with a session while requests keep arriving through the balancer, each
+        // on a new connection: only one in flight on the killed node may fail.
+        let victim = ["node-a", "node-b", "node-c"].iter().position(|n| *n == holders[0]).unwrap();
+        let survivor = addrs[(victim + 1) % 3];
+        let url = via(balancer, "/");
+        let load = tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..300 {
+                statuses.push(try_get(&url).await);
+            }
+            statuses
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let killed = Instant::now();
+        nodes[victim].kill();
+        // The agent's lost connection comes back through the balancer on another node.
+        loop {
+            let now = session_nodes(survivor).await;
+            if now.len() == 2 && !now.contains(&holders[0]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!("two sessions again, on the live nodes, {:?} after the SIGKILL", killed.elapsed());
+        let statuses = load.await.unwrap();
+        let failed = statuses.iter().filter(|s| **s != Some(StatusCode::OK)).count();
+        println!("{failed} of {} requests through the balancer failed", statuses.len());
+        assert!(failed <= 1, "{statuses:?}");
+        agent.kill();
+        drop(haproxy);
     })
     .await;
 }
