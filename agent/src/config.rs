@@ -125,6 +125,52 @@ impl Route {
     }
 }
 
+/// A raw TCP endpoint (`--tcp`): connections to a public port of the gateway become connections
+/// to `host:port` here, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpTarget {
+    /// What the gateway knows it by: the address as written (`127.0.0.1:5432`). The gateway
+    /// keeps the same public port for the same name across reconnects.
+    pub name: String,
+    /// Host to dial (a name is resolved at each connection).
+    pub host: String,
+    /// Port to dial.
+    pub port: u16,
+    /// The public port asked for; `None` takes any the gateway may give.
+    pub public_port: Option<u16>,
+}
+
+impl TcpTarget {
+    /// Parses `[PUBLIC_PORT=]HOST:PORT`, for example `127.0.0.1:5432` or `5432=db.local:5432`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (public_port, addr) = match text.split_once('=') {
+            Some((port, addr)) => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("{port:?} in --tcp {text} is not a public port (1-65535)"))?;
+                (Some(port), addr)
+            }
+            None => (None, text),
+        };
+        let bad = || format!("--tcp {text}: {addr:?} is not HOST:PORT (like 127.0.0.1:5432)");
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let port = port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return Err(bad());
+        }
+        if !ferry_codec::handshake::is_endpoint_name(addr) {
+            return Err(format!("--tcp {text}: the address must be 1 to 64 printable characters"));
+        }
+        Ok(Self { name: addr.to_owned(), host: host.to_owned(), port, public_port })
+    }
+}
+
 /// The gateway's agent endpoint: `ws://host:port/path` or `wss://…`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayUrl {
@@ -195,6 +241,8 @@ pub struct AgentConfig {
     pub upstream: Upstream,
     /// Other local services by path prefix.
     pub routes: Vec<Route>,
+    /// Raw TCP endpoints, each on a public port of the gateway.
+    pub tcp: Vec<TcpTarget>,
     /// What the agent refuses before the upstream sees it.
     pub filters: Filters,
     /// Extra CA certificates (PEM) to trust for an `https` upstream, besides the system roots.
@@ -290,6 +338,14 @@ impl AgentConfig {
                 ));
             }
         }
+        if self.tcp.len() > ferry_codec::handshake::MAX_TCP_ENDPOINTS {
+            return Err(format!("at most {} --tcp endpoints", ferry_codec::handshake::MAX_TCP_ENDPOINTS));
+        }
+        for (i, target) in self.tcp.iter().enumerate() {
+            if self.tcp[..i].iter().any(|t| t.name == target.name) {
+                return Err(format!("--tcp {} is given twice", target.name));
+            }
+        }
         if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
             return Err(format!("--connections must be between 1 and {MAX_CONNECTIONS}"));
         }
@@ -322,6 +378,7 @@ impl AgentConfig {
             tunnel_id,
             upstream,
             routes: Vec::new(),
+            tcp: Vec::new(),
             filters: Filters::default(),
             upstream_ca: None,
             gateway,

@@ -1,7 +1,7 @@
 //! Dialling the gateway: TCP, TLS for `wss://`, the WebSocket upgrade to `/ws` with subprotocol
 //! `ferry.v1`, and the ferry handshake. Reconnect policy (backoff) lives in [`crate::run`].
 
-use ferry_codec::handshake::{AuthAccepted, check_version};
+use ferry_codec::handshake::{AuthAccepted, TcpEndpoint, check_version};
 use ferry_codec::{AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello, Transcript};
 use ferry_transport::ws::{SUBPROTOCOL, recv_message, send_message, websocket_config};
 use http::HeaderValue;
@@ -79,6 +79,7 @@ async fn connect_inner(
         instance_id: config.instance_id,
         agent_version: concat!("ferry-agent ", env!("CARGO_PKG_VERSION")).into(),
         mac,
+        tcp: config.tcp.iter().map(|t| TcpEndpoint { name: t.name.clone(), port: t.public_port }).collect(),
     };
     send_message(&mut ws, auth.encode()).await?;
     match AuthResult::decode(recv_message(&mut ws).await?)? {
@@ -96,6 +97,20 @@ async fn connect_inner(
                 if !proven {
                     return Err(ConnectError::GatewayNotAuthenticated);
                 }
+            }
+            if accepted.tcp.len() != config.tcp.len() {
+                return Err(ConnectError::TcpRefused {
+                    endpoint: "-".into(),
+                    reason: "the gateway does not offer TCP endpoints (an older gateway?)".into(),
+                });
+            }
+            if let Some((binding, reason)) =
+                accepted.tcp.iter().find_map(|b| b.port.as_ref().err().map(|reason| (b, reason)))
+            {
+                return Err(ConnectError::TcpRefused {
+                    endpoint: binding.name.clone(),
+                    reason: reason.clone(),
+                });
             }
             Ok((ws, accepted))
         }

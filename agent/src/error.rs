@@ -81,6 +81,14 @@ pub enum ConnectError {
         /// The gateway's text for the code.
         message: String,
     },
+    /// The gateway gave no public port to one of the `--tcp` endpoints.
+    #[error("the gateway refused TCP endpoint {endpoint}: {reason}")]
+    TcpRefused {
+        /// The endpoint's name (its `--tcp` address).
+        endpoint: String,
+        /// The gateway's reason.
+        reason: String,
+    },
 }
 
 impl ConnectError {
@@ -108,6 +116,9 @@ impl ConnectError {
             Self::GatewayNotAuthenticated => {
                 "the gateway has no (or another) secret for this tunnel: check --gateway and the gateway's secrets; the agent will not serve an unauthenticated gateway"
             }
+            Self::TcpRefused { .. } => {
+                "ask the gateway operator for TCP ports (gateway --tcp-ports, or tcp-ports for this tunnel in its auth file), or ask for another --tcp PUBLIC_PORT="
+            }
             Self::Rejected { code, .. } => match code {
                 AuthErrorCode::BadCredentials => {
                     "check FERRY_SECRET / --secret-file against the gateway's secret for this tunnel"
@@ -126,7 +137,7 @@ impl ConnectError {
     pub fn needs_attention(&self) -> bool {
         match self {
             Self::Rejected { code, .. } => !code.is_transient(),
-            Self::SecretRequired | Self::GatewayNotAuthenticated => true,
+            Self::SecretRequired | Self::GatewayNotAuthenticated | Self::TcpRefused { .. } => true,
             // A certificate the agent does not trust stays untrusted until someone acts; a
             // handshake cut short by the network is worth the usual retry.
             Self::Tls { source, .. } => source.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),

@@ -35,6 +35,7 @@ mod metrics;
 mod pool;
 mod probe;
 mod session;
+mod tcp;
 pub mod tls;
 mod upstream;
 
@@ -267,6 +268,12 @@ async fn serve_connection(
                 if slot == 0 {
                     for url in &accepted.public_urls {
                         info!(%url, "public URL");
+                    }
+                    for binding in &accepted.tcp {
+                        if let Ok(port) = binding.port {
+                            let url = format!("tcp://{}:{port}", gateway.host);
+                            info!(%url, endpoint = binding.name, "public TCP address");
+                        }
                     }
                 }
                 let started = Instant::now();

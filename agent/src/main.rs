@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ferry_agent::AgentConfig;
-use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Route, Upstream};
+use ferry_agent::config::{DEFAULT_GATEWAY, GatewayUrl, Route, TcpTarget, Upstream};
 use ferry_agent::filter::Filters;
 use ferry_codec::TunnelId;
 use http::Method;
@@ -39,6 +39,11 @@ struct Args {
     /// /api=127.0.0.1:8000 (repeatable; the longest matching prefix wins).
     #[arg(long, value_parser = Route::parse, value_name = "PREFIX=ADDR")]
     route: Vec<Route>,
+
+    /// A raw TCP service to expose on a public port of the gateway: HOST:PORT, e.g.
+    /// 127.0.0.1:5432, or PORT=HOST:PORT to ask for that public port (repeatable, up to 8).
+    #[arg(long, value_parser = TcpTarget::parse, value_name = "[PORT=]HOST:PORT")]
+    tcp: Vec<TcpTarget>,
 
     /// Only these methods get through (comma-separated or repeated); others get 405.
     #[arg(long, value_delimiter = ',', value_parser = parse_method, value_name = "METHOD")]
@@ -153,6 +158,7 @@ struct ConfigFile {
     tunnel_id: Option<String>,
     upstream: Option<String>,
     route: Option<Vec<RouteTable>>,
+    tcp: Option<Vec<String>>,
     allow_method: Option<Vec<String>>,
     allow_path: Option<Vec<String>>,
     max_request_body: Option<toml::Value>,
@@ -223,6 +229,7 @@ impl Args {
         config.more_gateways = gateways.collect();
         config.connections = self.connections;
         config.routes = routes;
+        config.tcp = self.tcp;
         config.filters = Filters {
             methods: (!self.allow_method.is_empty()).then_some(self.allow_method),
             paths: (!self.allow_path.is_empty()).then_some(self.allow_path),

@@ -101,7 +101,14 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     }
     let (mut reader, mut writer) = split(stream);
     let mut head = match request_head(&mut reader).await {
-        Ok(head) => head,
+        Ok(First::Request(head)) => head,
+        Ok(First::Tcp(open)) => {
+            let config = &upstream.config;
+            let serving =
+                crate::tcp::serve(&config.tcp, config.upstream_connect_timeout, open, reader, writer);
+            Box::pin(serving).await;
+            return;
+        }
         Err(Some(message)) => {
             Box::pin(abort(&mut writer, AbortCode::ProtocolError, message)).await;
             return;
@@ -146,11 +153,20 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     }
 }
 
+/// What a stream starts with.
+enum First {
+    /// An HTTP request.
+    Request(RequestHead),
+    /// A connection to a TCP endpoint.
+    Tcp(ferry_codec::TcpOpen),
+}
+
 /// The request head that starts a stream; `Err` with what to tell the gateway (nothing if the
 /// stream ended first). Apart from [`serve`], so the frame it reads is not kept in that task.
-async fn request_head(reader: &mut FrameReader) -> Result<RequestHead, Option<&'static str>> {
+async fn request_head(reader: &mut FrameReader) -> Result<First, Option<&'static str>> {
     match reader.next().await {
-        Some(Ok(Frame::Head(Head::Request(head)))) => Ok(head),
+        Some(Ok(Frame::Head(Head::Request(head)))) => Ok(First::Request(head)),
+        Some(Ok(Frame::Head(Head::TcpOpen(open)))) => Ok(First::Tcp(open)),
         Some(Ok(other)) => {
             debug!(kind = other.kind().name(), "stream did not start with a request head");
             Err(Some("expected a request head"))

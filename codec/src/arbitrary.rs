@@ -13,9 +13,12 @@ use crate::auth::{Mac, Nonce};
 use crate::control::{ControlMessage, GoAwayReason, HealthState, Stats};
 use crate::frame::{Frame, MAX_DATA_LEN};
 use crate::handshake::{
-    AuthAccepted, AuthErrorCode, AuthRejected, AuthResult, ClientAuth, ServerHello, SessionLimits,
+    AuthAccepted, AuthErrorCode, AuthRejected, AuthResult, ClientAuth, MAX_TCP_ENDPOINTS, ServerHello,
+    SessionLimits, TcpBinding, TcpEndpoint,
 };
-use crate::head::{Abort, AbortCode, Head, Header, HttpVersion, RequestHead, ResponseHead, Trailers};
+use crate::head::{
+    Abort, AbortCode, Head, Header, HttpVersion, RequestHead, ResponseHead, TcpOpen, Trailers,
+};
 use crate::id::{InstanceId, MAX_PURPOSE_LEN, SessionId, TunnelId};
 
 /// Characters allowed in an HTTP token.
@@ -87,9 +90,31 @@ impl<'a> Arbitrary<'a> for ResponseHead {
     }
 }
 
+impl<'a> Arbitrary<'a> for TcpOpen {
+    fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
+        let (ip, port) = <(std::net::IpAddr, u16)>::arbitrary(u)?;
+        Ok(Self {
+            endpoint: endpoint_name(u)?,
+            client_addr: SocketAddr::new(ip, port),
+            public_port: u.int_in_range(1..=u16::MAX)?,
+        })
+    }
+}
+
+/// 1 to 64 printable ASCII characters.
+fn endpoint_name(u: &mut Unstructured<'_>) -> Result<String> {
+    let len = u.int_in_range(1..=64)?;
+    (0..len).map(|_| Ok(char::from(u.int_in_range(b'!'..=b'~')?))).collect()
+}
+
 impl<'a> Arbitrary<'a> for Head {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
-        Ok(if u.arbitrary()? { Self::Request(u.arbitrary()?) } else { Self::Response(u.arbitrary()?) })
+        Ok(match u.int_in_range(0..=7)? {
+            0..=2 => Self::Request(u.arbitrary()?),
+            3..=5 => Self::Response(u.arbitrary()?),
+            6 => Self::TcpOpen(u.arbitrary()?),
+            _ => Self::TcpAccepted,
+        })
     }
 }
 
@@ -194,8 +219,23 @@ impl<'a> Arbitrary<'a> for ClientAuth {
             instance_id: InstanceId(Uuid::from_bytes(u.arbitrary()?)),
             agent_version: software_version(u)?,
             mac: Option::<[u8; 32]>::arbitrary(u)?.map(Mac::from_bytes),
+            tcp: tcp_endpoints(u)?,
         })
     }
+}
+
+/// Up to the most endpoints, with distinct names.
+fn tcp_endpoints(u: &mut Unstructured<'_>) -> Result<Vec<TcpEndpoint>> {
+    let count = u.int_in_range(0..=MAX_TCP_ENDPOINTS)?;
+    (0..count)
+        .map(|i| {
+            // The leading index keeps the names distinct.
+            let mut name = format!("{i}{}", endpoint_name(u)?);
+            name.truncate(64);
+            let port: u16 = u.arbitrary()?;
+            Ok(TcpEndpoint { name, port: (port != 0).then_some(port) })
+        })
+        .collect()
 }
 
 impl<'a> Arbitrary<'a> for AuthResult {
@@ -227,6 +267,16 @@ impl<'a> Arbitrary<'a> for AuthResult {
                 .map(|_| text_from(u, REQUEST_ID_CHARS, 0, 60).map(|path| format!("http://x/{path}")))
                 .collect::<Result<_>>()?,
             node_id: if u.arbitrary()? { Some(text_from(u, NODE_ID_CHARS, 1, 64)?) } else { None },
+            tcp: tcp_endpoints(u)?
+                .into_iter()
+                .map(|e| {
+                    let port = match e.port {
+                        Some(port) => Ok(port),
+                        None => Err(text_from(u, REQUEST_ID_CHARS, 1, 100)?),
+                    };
+                    Ok(TcpBinding { name: e.name, port })
+                })
+                .collect::<Result<_>>()?,
         }))
     }
 }

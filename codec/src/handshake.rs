@@ -15,9 +15,14 @@ use crate::{CodecError, pb};
 
 /// The protocol version this build speaks (`ferry.v1`).
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest handshake message. The biggest, `ClientAuth`, is under 250 bytes; anything much larger
-/// is not a ferry agent and is refused before decoding.
-pub const MAX_HANDSHAKE_LEN: usize = 1024;
+/// Largest handshake message. The biggest, `AuthAccepted` with [`MAX_TCP_ENDPOINTS`] refused
+/// endpoints, is under 2.5 KiB (a `ClientAuth` with as many endpoints under 1 KiB); anything
+/// larger is not a ferry agent or gateway and is refused before decoding.
+pub const MAX_HANDSHAKE_LEN: usize = 4 * 1024;
+/// Most TCP endpoints one agent may declare.
+pub const MAX_TCP_ENDPOINTS: usize = 8;
+/// Longest reason a TCP endpoint was refused.
+pub const MAX_TCP_ERROR_LEN: usize = 200;
 /// Longest software version string (`gateway_version`, `agent_version`).
 pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
 
@@ -55,6 +60,32 @@ pub struct ClientAuth {
     pub agent_version: String,
     /// MAC over the client transcript; `None` when the agent has no secret.
     pub mac: Option<Mac>,
+    /// Raw TCP endpoints the agent serves, each asking for a public port; names are unique.
+    pub tcp: Vec<TcpEndpoint>,
+}
+
+/// One raw TCP endpoint an agent serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpEndpoint {
+    /// How the agent names it ([`is_endpoint_name`]); a reconnecting agent gets the same port
+    /// back for the same name.
+    pub name: String,
+    /// The public port wanted; `None` for any the gateway may give.
+    pub port: Option<u16>,
+}
+
+/// The gateway's answer for one [`TcpEndpoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpBinding {
+    /// The endpoint's name.
+    pub name: String,
+    /// The public port, or why there is none (at most [`MAX_TCP_ERROR_LEN`] bytes).
+    pub port: Result<u16, String>,
+}
+
+/// Whether `name` may name a TCP endpoint: 1 to 64 printable ASCII characters, no space.
+pub fn is_endpoint_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Limits the gateway applies to a session.
@@ -82,6 +113,8 @@ pub struct AuthAccepted {
     /// The gateway node, when the gateway is one of a cluster: 1 to 64 letters, digits, `.`, `_`
     /// or `-`.
     pub node_id: Option<String>,
+    /// One binding per [`ClientAuth::tcp`] endpoint, in order.
+    pub tcp: Vec<TcpBinding>,
 }
 
 /// Whether `id` is a node id: 1 to 64 letters, digits, `.`, `_` or `-`.
@@ -265,8 +298,67 @@ impl From<&ClientAuth> for pb::ClientAuth {
             instance_id: Bytes::copy_from_slice(auth.instance_id.as_bytes()),
             agent_version: auth.agent_version.clone(),
             mac: mac_to_wire(auth.mac.as_ref()),
+            tcp: auth
+                .tcp
+                .iter()
+                .map(|e| pb::TcpEndpoint { name: e.name.clone(), port: e.port.map_or(0, u32::from) })
+                .collect(),
         }
     }
+}
+
+fn tcp_endpoints_from_wire(endpoints: Vec<pb::TcpEndpoint>) -> Result<Vec<TcpEndpoint>, CodecError> {
+    const FIELD: &str = "ClientAuth.tcp";
+    if endpoints.len() > MAX_TCP_ENDPOINTS {
+        return Err(CodecError::invalid(FIELD, "more than 8 endpoints"));
+    }
+    let mut out: Vec<TcpEndpoint> = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        if !is_endpoint_name(&endpoint.name) {
+            return Err(CodecError::invalid(FIELD, "a name must be 1..=64 printable ASCII characters"));
+        }
+        if out.iter().any(|e| e.name == endpoint.name) {
+            return Err(CodecError::invalid(FIELD, "two endpoints with one name"));
+        }
+        let port = u16::try_from(endpoint.port).map_err(|_| CodecError::invalid(FIELD, "port > 65535"))?;
+        out.push(TcpEndpoint { name: endpoint.name, port: (port != 0).then_some(port) });
+    }
+    Ok(out)
+}
+
+fn tcp_bindings_to_wire(bindings: &[TcpBinding]) -> Vec<pb::TcpBinding> {
+    bindings
+        .iter()
+        .map(|b| match &b.port {
+            Ok(port) => pb::TcpBinding { name: b.name.clone(), port: u32::from(*port), error: String::new() },
+            Err(error) => pb::TcpBinding { name: b.name.clone(), port: 0, error: error.clone() },
+        })
+        .collect()
+}
+
+fn tcp_bindings_from_wire(bindings: Vec<pb::TcpBinding>) -> Result<Vec<TcpBinding>, CodecError> {
+    const FIELD: &str = "AuthAccepted.tcp";
+    if bindings.len() > MAX_TCP_ENDPOINTS {
+        return Err(CodecError::invalid(FIELD, "more than 8 bindings"));
+    }
+    bindings
+        .into_iter()
+        .map(|b| {
+            if !is_endpoint_name(&b.name) {
+                return Err(CodecError::invalid(FIELD, "a name must be 1..=64 printable ASCII characters"));
+            }
+            let port = match (u16::try_from(b.port), b.error.is_empty()) {
+                (Ok(port), true) if port != 0 => Ok(port),
+                (Ok(0), false)
+                    if b.error.len() <= MAX_TCP_ERROR_LEN && !b.error.chars().any(char::is_control) =>
+                {
+                    Err(b.error)
+                }
+                _ => return Err(CodecError::invalid(FIELD, "a binding has a port or a short error")),
+            };
+            Ok(TcpBinding { name: b.name, port })
+        })
+        .collect()
 }
 
 impl TryFrom<pb::ClientAuth> for ClientAuth {
@@ -283,6 +375,7 @@ impl TryFrom<pb::ClientAuth> for ClientAuth {
             instance_id: InstanceId::from_wire(&auth.instance_id)?,
             agent_version: auth.agent_version,
             mac: mac_from_wire(&auth.mac, "ClientAuth.mac")?,
+            tcp: tcp_endpoints_from_wire(auth.tcp)?,
         })
     }
 }
@@ -336,6 +429,7 @@ impl From<&AuthResult> for pb::AuthResult {
                 }),
                 public_urls: ok.public_urls.clone(),
                 node_id: ok.node_id.clone().unwrap_or_default(),
+                tcp: tcp_bindings_to_wire(&ok.tcp),
             }),
             AuthResult::Rejected(err) => Outcome::Rejected(pb::AuthRejected {
                 code: pb::AuthErrorCode::from(err.code).into(),
@@ -376,6 +470,7 @@ impl TryFrom<pb::AuthResult> for AuthResult {
                     },
                     public_urls: ok.public_urls,
                     node_id: (!ok.node_id.is_empty()).then_some(ok.node_id),
+                    tcp: tcp_bindings_from_wire(ok.tcp)?,
                 }))
             }
             // The message length is bounded by MAX_HANDSHAKE_LEN, checked before decoding.

@@ -154,6 +154,17 @@ pub struct ResponseHead {
     pub headers: Vec<Header>,
 }
 
+/// A connection to one of the tunnel's public TCP ports, gateway → agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpOpen {
+    /// The endpoint, by the name the agent declared ([`crate::handshake::is_endpoint_name`]).
+    pub endpoint: String,
+    /// The public client's address.
+    pub client_addr: SocketAddr,
+    /// The public port it connected to.
+    pub public_port: u16,
+}
+
 /// The payload of a `Head` frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Head {
@@ -161,6 +172,10 @@ pub enum Head {
     Request(RequestHead),
     /// Agent → gateway.
     Response(ResponseHead),
+    /// Gateway → agent: starts a TCP stream.
+    TcpOpen(TcpOpen),
+    /// Agent → gateway: the upstream connection of a TCP stream is up; raw bytes follow.
+    TcpAccepted,
 }
 
 /// Trailer fields, sent after the last `Data` frame and before `End`.
@@ -270,16 +285,15 @@ fn addr_to_wire(addr: SocketAddr) -> pb::SocketAddress {
     pb::SocketAddress { ip, port: u32::from(addr.port()) }
 }
 
-fn addr_from_wire(addr: pb::SocketAddress) -> Result<SocketAddr, CodecError> {
-    const FIELD: &str = "RequestHead.client_addr";
+fn addr_from_wire(addr: pb::SocketAddress, field: &'static str) -> Result<SocketAddr, CodecError> {
     let ip = if let Ok(v4) = <[u8; 4]>::try_from(&addr.ip[..]) {
         IpAddr::V4(Ipv4Addr::from(v4))
     } else if let Ok(v6) = <[u8; 16]>::try_from(&addr.ip[..]) {
         IpAddr::V6(Ipv6Addr::from(v6))
     } else {
-        return Err(CodecError::invalid(FIELD, "ip must be 4 or 16 bytes"));
+        return Err(CodecError::invalid(field, "ip must be 4 or 16 bytes"));
     };
-    let port = u16::try_from(addr.port).map_err(|_| CodecError::invalid(FIELD, "port > 65535"))?;
+    let port = u16::try_from(addr.port).map_err(|_| CodecError::invalid(field, "port > 65535"))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -332,7 +346,10 @@ impl TryFrom<pb::RequestHead> for RequestHead {
             target: head.target,
             version: version_from_wire(head.version, "RequestHead.version")?,
             headers: headers_from_wire(head.headers)?,
-            client_addr: head.client_addr.map(addr_from_wire).transpose()?,
+            client_addr: head
+                .client_addr
+                .map(|a| addr_from_wire(a, "RequestHead.client_addr"))
+                .transpose()?,
             request_id: head.request_id,
             body_len: head.body_len,
         })
@@ -365,11 +382,42 @@ impl TryFrom<pb::ResponseHead> for ResponseHead {
     }
 }
 
+impl From<&TcpOpen> for pb::TcpOpen {
+    fn from(open: &TcpOpen) -> Self {
+        Self {
+            endpoint: open.endpoint.clone(),
+            client_addr: Some(addr_to_wire(open.client_addr)),
+            public_port: u32::from(open.public_port),
+        }
+    }
+}
+
+impl TryFrom<pb::TcpOpen> for TcpOpen {
+    type Error = CodecError;
+
+    fn try_from(open: pb::TcpOpen) -> Result<Self, CodecError> {
+        if !crate::handshake::is_endpoint_name(&open.endpoint) {
+            return Err(CodecError::invalid("TcpOpen.endpoint", "must be 1..=64 printable ASCII characters"));
+        }
+        let client_addr = open.client_addr.ok_or(CodecError::MissingField("TcpOpen.client_addr"))?;
+        Ok(Self {
+            endpoint: open.endpoint,
+            client_addr: addr_from_wire(client_addr, "TcpOpen.client_addr")?,
+            public_port: u16::try_from(open.public_port)
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or(CodecError::invalid("TcpOpen.public_port", "must be 1..=65535"))?,
+        })
+    }
+}
+
 impl From<&Head> for pb::Head {
     fn from(head: &Head) -> Self {
         let kind = match head {
             Head::Request(request) => pb::head::Kind::Request(request.into()),
             Head::Response(response) => pb::head::Kind::Response(response.into()),
+            Head::TcpOpen(open) => pb::head::Kind::TcpOpen(open.into()),
+            Head::TcpAccepted => pb::head::Kind::TcpAccepted(pb::TcpAccepted {}),
         };
         Self { kind: Some(kind) }
     }
@@ -382,6 +430,8 @@ impl TryFrom<pb::Head> for Head {
         match head.kind.ok_or(CodecError::MissingField("Head.kind"))? {
             pb::head::Kind::Request(request) => Ok(Self::Request(request.try_into()?)),
             pb::head::Kind::Response(response) => Ok(Self::Response(response.try_into()?)),
+            pb::head::Kind::TcpOpen(open) => Ok(Self::TcpOpen(open.try_into()?)),
+            pb::head::Kind::TcpAccepted(pb::TcpAccepted {}) => Ok(Self::TcpAccepted),
         }
     }
 }
@@ -498,8 +548,8 @@ mod tests {
     #[test]
     fn client_addr_must_be_4_or_16_bytes() {
         let addr = pb::SocketAddress { ip: Bytes::from_static(&[1, 2, 3]), port: 80 };
-        assert!(addr_from_wire(addr).is_err());
+        assert!(addr_from_wire(addr, "RequestHead.client_addr").is_err());
         let addr = pb::SocketAddress { ip: Bytes::from_static(&[127, 0, 0, 1]), port: 70_000 };
-        assert!(addr_from_wire(addr).is_err());
+        assert!(addr_from_wire(addr, "RequestHead.client_addr").is_err());
     }
 }

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, BytesMut};
 
-use crate::head::{Head, Header, HttpVersion, RequestHead, ResponseHead, Trailers};
+use crate::head::{Head, Header, HttpVersion, RequestHead, ResponseHead, TcpOpen, Trailers};
 use crate::pb;
 
 const VARINT: u8 = 0;
@@ -145,11 +145,25 @@ fn put_response(head: &ResponseHead, dst: &mut BytesMut) {
     put_headers(3, &head.headers, dst);
 }
 
+fn tcp_open_len(open: &TcpOpen) -> usize {
+    bytes_len(open.endpoint.as_bytes())
+        + delimited_len(addr_len(open.client_addr))
+        + uint_len(u64::from(open.public_port))
+}
+
+fn put_tcp_open(open: &TcpOpen, dst: &mut BytesMut) {
+    put_bytes(1, open.endpoint.as_bytes(), dst);
+    put_addr(2, open.client_addr, dst);
+    put_uint(3, u64::from(open.public_port), dst);
+}
+
 /// Length of the encoded `Head` message.
 pub(crate) fn head_len(head: &Head) -> usize {
     match head {
         Head::Request(request) => delimited_len(request_len(request)),
         Head::Response(response) => delimited_len(response_len(response)),
+        Head::TcpOpen(open) => delimited_len(tcp_open_len(open)),
+        Head::TcpAccepted => delimited_len(0),
     }
 }
 
@@ -164,6 +178,12 @@ pub(crate) fn put_head(head: &Head, dst: &mut BytesMut) {
             put_delimited_key(2, response_len(response), dst);
             put_response(response, dst);
         }
+        Head::TcpOpen(open) => {
+            put_delimited_key(3, tcp_open_len(open), dst);
+            put_tcp_open(open, dst);
+        }
+        // An empty message that is present: its key and a zero length.
+        Head::TcpAccepted => put_delimited_key(4, 0, dst),
     }
 }
 

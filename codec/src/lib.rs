@@ -47,5 +47,5 @@ pub use control::{ControlCodec, ControlMessage};
 pub use error::CodecError;
 pub use frame::{Frame, FrameCodec, FrameKind};
 pub use handshake::{AuthErrorCode, AuthResult, ClientAuth, PROTOCOL_VERSION, ServerHello};
-pub use head::{Abort, AbortCode, Head, Header, HttpVersion, RequestHead, ResponseHead, Trailers};
+pub use head::{Abort, AbortCode, Head, Header, HttpVersion, RequestHead, ResponseHead, TcpOpen, Trailers};
 pub use id::{InstanceId, SessionId, StreamId, TunnelId, TunnelIdError};

@@ -209,6 +209,7 @@ fn instance_ids_survive_the_handshake() {
         instance_id: InstanceId(Uuid::from_u128(42)),
         agent_version: "ferry-agent 0.1.0".into(),
         mac: None,
+        tcp: Vec::new(),
     };
     assert_eq!(ClientAuth::decode(auth.encode()).unwrap(), auth);
 }
@@ -225,6 +226,7 @@ fn a_node_id_in_auth_accepted_must_be_one() {
             limits: SessionLimits { max_streams: 10, max_data_frame_len: 1 << 20 },
             public_urls: Vec::new(),
             node_id: node_id.map(str::to_owned),
+            tcp: Vec::new(),
         })
     };
     for good in [None, Some("node-a"), Some("n-0123456789ab"), Some("gw_1.eu")] {
@@ -239,4 +241,104 @@ fn a_node_id_in_auth_accepted_must_be_one() {
             "{bad:?}"
         );
     }
+}
+
+/// A `ClientAuth` declaring `endpoints` (name, port) as TCP endpoints.
+fn client_auth_with_tcp(endpoints: &[(&str, u32)]) -> Vec<u8> {
+    let mut auth = client_auth(TUNNEL);
+    for (name, port) in endpoints {
+        let mut endpoint = pb_field(1, name.as_bytes());
+        let mut port_field = vec![2 << 3];
+        let mut value = *port;
+        while value >= 0x80 {
+            port_field.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        port_field.push(value as u8);
+        endpoint.extend(port_field);
+        auth.extend(pb_field(6, &endpoint));
+    }
+    auth
+}
+
+#[test]
+fn tcp_endpoints_in_client_auth_are_checked() {
+    let auth = ClientAuth::decode(client_auth_with_tcp(&[("127.0.0.1:5432", 0), ("db", 20_001)])).unwrap();
+    assert_eq!(auth.tcp.len(), 2);
+    assert_eq!((auth.tcp[0].port, auth.tcp[1].port), (None, Some(20_001)));
+    let nine: Vec<String> = (0..9).map(|i| format!("e{i}")).collect();
+    let nine: Vec<(&str, u32)> = nine.iter().map(|n| (n.as_str(), 0)).collect();
+    let long = "x".repeat(65);
+    for bad in [
+        vec![("a b", 0)],
+        vec![("", 0)],
+        vec![(long.as_str(), 0)],
+        vec![("db", 70_000)],
+        vec![("db", 0), ("db", 1)],
+        nine,
+    ] {
+        assert!(
+            matches!(
+                ClientAuth::decode(client_auth_with_tcp(&bad)),
+                Err(CodecError::InvalidField { field: "ClientAuth.tcp", .. })
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_tcp_binding_has_a_port_or_a_short_error() {
+    use ferry_codec::AuthResult;
+    use ferry_codec::handshake::{AuthAccepted, SessionLimits, TcpBinding};
+    let accepted = |port: Result<u16, String>| {
+        AuthResult::Accepted(AuthAccepted {
+            session_id: ferry_codec::SessionId(Uuid::from_u128(7)),
+            server_mac: None,
+            heartbeat_interval: std::time::Duration::from_secs(20),
+            limits: SessionLimits { max_streams: 10, max_data_frame_len: 1 << 20 },
+            public_urls: Vec::new(),
+            node_id: None,
+            tcp: vec![TcpBinding { name: "127.0.0.1:5432".into(), port }],
+        })
+    };
+    for good in [Ok(20_000), Err("port 5432 is not granted to this tunnel".to_owned())] {
+        assert_eq!(AuthResult::decode(accepted(good.clone()).encode()).unwrap(), accepted(good));
+    }
+    for bad in [Ok(0), Err(String::new()), Err("x".repeat(201)), Err("line\nbreak".to_owned())] {
+        assert!(
+            matches!(
+                AuthResult::decode(accepted(bad.clone()).encode()),
+                Err(CodecError::InvalidField { field: "AuthAccepted.tcp", .. })
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_tcp_open_head_needs_an_endpoint_a_client_and_a_port() {
+    use ferry_codec::{Head, TcpOpen};
+    let open = TcpOpen {
+        endpoint: "db".into(),
+        client_addr: "127.0.0.2:4000".parse().unwrap(),
+        public_port: 20_000,
+    };
+    let mut buf = BytesMut::new();
+    Frame::Head(Head::TcpOpen(open.clone())).encode(&mut buf).unwrap();
+    assert_eq!(Frame::decode(&mut buf).unwrap(), Some(Frame::Head(Head::TcpOpen(open.clone()))));
+    for bad in [
+        TcpOpen { public_port: 0, ..open.clone() },
+        TcpOpen { endpoint: String::new(), ..open.clone() },
+        TcpOpen { endpoint: "a b".into(), ..open.clone() },
+    ] {
+        let mut buf = BytesMut::new();
+        Frame::Head(Head::TcpOpen(bad.clone())).encode(&mut buf).unwrap();
+        assert!(Frame::decode(&mut buf).is_err(), "{bad:?}");
+    }
+    // Without a client address (field 2 left out of the TcpOpen message).
+    let open = [pb_field(1, b"db"), vec![3 << 3, 1]].concat();
+    let head = pb_field(3, &open);
+    let mut buf = frame_bytes(head.len() as u32, 1, &head);
+    assert!(matches!(Frame::decode(&mut buf), Err(CodecError::MissingField("TcpOpen.client_addr"))));
 }

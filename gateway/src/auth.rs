@@ -10,6 +10,7 @@
 //! ```toml
 //! [tunnels.agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web]
 //! secrets = ["a long random secret", "the next one, during rotation"]
+//! tcp-ports = [5432]   # public TCP ports reserved for this tunnel (optional)
 //! ```
 
 use std::collections::HashMap;
@@ -57,8 +58,16 @@ pub enum Secrets {
     Open,
     /// One shared secret.
     Shared(Secret),
-    /// Secrets by tunnel.
-    PerTunnel(HashMap<TunnelId, Vec<Secret>>),
+    /// Secrets (and TCP ports) by tunnel.
+    PerTunnel(HashMap<TunnelId, TunnelGrant>),
+}
+
+/// What the auth file gives one tunnel.
+#[derive(Debug, Clone)]
+pub struct TunnelGrant {
+    secrets: Vec<Secret>,
+    /// Public TCP ports reserved for this tunnel (`tcp-ports = [5432]`).
+    pub tcp_ports: Vec<u16>,
 }
 
 /// Why an auth file was refused.
@@ -92,9 +101,11 @@ struct AuthFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct TunnelEntry {
     secrets: Vec<String>,
+    #[serde(default)]
+    tcp_ports: Vec<u16>,
 }
 
 impl Secrets {
@@ -141,7 +152,18 @@ impl Secrets {
                         .map_err(|_| format!("tunnels.{id}.secrets: a secret is empty"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            tunnels.insert(tunnel, secrets);
+            if entry.tcp_ports.contains(&0) {
+                return Err(format!("tunnels.{id}.tcp-ports: 0 is not a port"));
+            }
+            tunnels.insert(tunnel, TunnelGrant { secrets, tcp_ports: entry.tcp_ports });
+        }
+        let mut granted = HashMap::new();
+        for (tunnel, grant) in &tunnels {
+            for port in &grant.tcp_ports {
+                if let Some(other) = granted.insert(*port, tunnel) {
+                    return Err(format!("tcp-ports: port {port} is granted to both {other} and {tunnel}"));
+                }
+            }
         }
         Ok(Self::PerTunnel(tunnels))
     }
@@ -178,7 +200,7 @@ impl Secrets {
         let candidates: &[Secret] = match self {
             Self::Open => return Ok(None),
             Self::Shared(secret) => std::slice::from_ref(secret),
-            Self::PerTunnel(map) => map.get(tunnel).ok_or(AuthErrorCode::UnknownTunnel)?,
+            Self::PerTunnel(map) => &map.get(tunnel).ok_or(AuthErrorCode::UnknownTunnel)?.secrets,
         };
         let mac = mac.ok_or(AuthErrorCode::BadCredentials)?;
         let transcript = Transcript::client(PROTOCOL_VERSION, nonce, tunnel, instance);
@@ -199,8 +221,26 @@ impl Secrets {
             (_, None) => false,
             (Self::Shared(secret), Some(used)) => fingerprint(secret) == *used,
             (Self::PerTunnel(map), Some(used)) => {
-                map.get(tunnel).is_some_and(|secrets| secrets.iter().any(|s| fingerprint(s) == *used))
+                map.get(tunnel).is_some_and(|grant| grant.secrets.iter().any(|s| fingerprint(s) == *used))
             }
+        }
+    }
+
+    /// The TCP ports the auth file reserves for `tunnel`.
+    pub fn tcp_ports(&self, tunnel: &TunnelId) -> &[u16] {
+        match self {
+            Self::PerTunnel(map) => map.get(tunnel).map_or(&[], |grant| &grant.tcp_ports),
+            _ => &[],
+        }
+    }
+
+    /// Whether the auth file reserves `port` for a tunnel other than `tunnel`.
+    pub fn tcp_port_reserved_for_other(&self, port: u16, tunnel: &TunnelId) -> bool {
+        match self {
+            Self::PerTunnel(map) => {
+                map.iter().any(|(id, grant)| id != tunnel && grant.tcp_ports.contains(&port))
+            }
+            _ => false,
         }
     }
 }

@@ -182,6 +182,8 @@ pub struct GatewayConfig {
     pub tls_handshake_timeout: Duration,
     /// Join a cluster of gateways through Redis; `None`: a node of its own.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Raw TCP endpoints: which public ports, for how long a lease lasts.
+    pub tcp: crate::tcp::TcpConfig,
 }
 
 impl Default for GatewayConfig {
@@ -219,6 +221,7 @@ impl Default for GatewayConfig {
             tls: None,
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
             cluster: None,
+            tcp: crate::tcp::TcpConfig::default(),
         }
     }
 }

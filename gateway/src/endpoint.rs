@@ -29,9 +29,9 @@ use crate::auth::server_mac;
 use crate::error::PublicError;
 use crate::session::Identity;
 
-/// Largest WebSocket message before the handshake completes: a `ClientAuth` is under 250 bytes,
-/// so an unauthenticated peer cannot make the gateway buffer more than this.
-const MAX_HANDSHAKE_MESSAGE: usize = 4 * 1024;
+/// Largest WebSocket message before the handshake completes (a `ClientAuth` is under 1 KiB), so
+/// an unauthenticated peer cannot make the gateway buffer more than this.
+const MAX_HANDSHAKE_MESSAGE: usize = ferry_codec::handshake::MAX_HANDSHAKE_LEN;
 /// How long telling a refused agent why may take (the verdict, the close frame, its answer): a
 /// peer that does not read must not keep the task and its socket.
 const REJECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -176,7 +176,7 @@ impl From<TransportError> for HandshakeFailure {
 }
 
 async fn handshake(
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
     ws: &mut AgentWs,
     peer: SocketAddr,
     host: Option<&str>,
@@ -209,6 +209,21 @@ async fn handshake(
         .as_ref()
         .map(|(secret, _)| server_mac(secret, &nonce, &auth.tunnel_id, &auth.instance_id, &session_id));
     let heartbeat_interval = gateway.config.heartbeat_interval;
+    let (tcp, claims) = if auth.tcp.is_empty() {
+        (Vec::new(), None)
+    } else {
+        let secrets = gateway.secrets();
+        let granted = secrets.tcp_ports(&auth.tunnel_id);
+        let elsewhere = |port| secrets.tcp_port_reserved_for_other(port, &auth.tunnel_id);
+        let (bindings, claims) =
+            gateway.tcp_ports.claim(gateway, &auth.tunnel_id, &auth.tcp, granted, &elsewhere);
+        for binding in &bindings {
+            if let Err(reason) = &binding.port {
+                warn!(tunnel_id = %auth.tunnel_id, endpoint = binding.name, reason, "TCP endpoint refused");
+            }
+        }
+        (bindings, Some(Arc::new(claims)))
+    };
     let accepted = AuthAccepted {
         session_id,
         server_mac,
@@ -219,6 +234,7 @@ async fn handshake(
         },
         public_urls: gateway.public_urls(&auth.tunnel_id, host),
         node_id: gateway.cluster.as_ref().map(|cluster| cluster.node_id().to_owned()),
+        tcp,
     };
     send_message(ws, AuthResult::Accepted(accepted).encode()).await?;
     let identity = Identity {
@@ -228,6 +244,7 @@ async fn handshake(
         agent_version: auth.agent_version,
         peer,
         secret: matched.map(|(_, fingerprint)| fingerprint),
+        tcp: claims,
     };
     Ok((identity, heartbeat_interval))
 }

@@ -56,6 +56,7 @@ mod routes;
 mod server;
 pub mod session;
 mod shards;
+pub mod tcp;
 pub mod tls;
 mod upgrade;
 mod watch;

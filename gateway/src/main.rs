@@ -80,6 +80,17 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pending_timeout: Duration,
 
+    /// Public TCP ports any tunnel may get for its `agent --tcp` endpoints (`20000-20999`, or
+    /// one port); off unless set (ports reserved in the auth file work without it). They listen
+    /// on the --listen address.
+    #[arg(long, value_parser = ferry_gateway::tcp::parse_port_range, value_name = "LOW-HIGH")]
+    tcp_ports: Option<std::ops::RangeInclusive<u16>>,
+
+    /// How long a TCP port stays reserved for its tunnel after the agent's session ended, so a
+    /// reconnecting agent gets the same port back.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    tcp_lease: Duration,
+
     /// Serve HTTPS (and wss:// for agents) with this PEM certificate chain, server certificate
     /// first. Reloaded on SIGHUP.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
@@ -223,6 +234,8 @@ struct ConfigFile {
     admin_token_file: Option<PathBuf>,
     no_loopback_admin: Option<bool>,
     pending_timeout: Option<String>,
+    tcp_ports: Option<String>,
+    tcp_lease: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     header_read_timeout: Option<String>,
@@ -302,6 +315,11 @@ impl Args {
         config.response_timeout = self.response_timeout;
         config.drain_timeout = self.drain_timeout;
         config.pending_timeout = self.pending_timeout;
+        config.tcp = ferry_gateway::tcp::TcpConfig {
+            ports: self.tcp_ports.clone(),
+            lease: self.tcp_lease,
+            bind: self.listen.ip(),
+        };
         anyhow::ensure!(!self.heartbeat_interval.is_zero(), "--heartbeat-interval must be positive");
         config.heartbeat_interval = self.heartbeat_interval;
         let shared = load_secret(self.secret_file.as_deref(), "--secret-file", "FERRY_SECRET")

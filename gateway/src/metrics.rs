@@ -144,6 +144,8 @@ pub struct Metrics {
     connections_moved: Counter,
     reconnects: Family<TunnelLabels, Counter>,
     pending: Family<OutcomeLabels, Counter>,
+    /// Connections to TCP endpoints, by how they were handled.
+    tcp_connections: Family<OutcomeLabels, Counter>,
     limited: Family<LimitLabels, Counter>,
     request_duration: Family<TunnelLabels, Histogram, fn() -> Histogram>,
     /// WebSocket bytes of sessions that have ended, each way (live ones are added at render).
@@ -176,6 +178,7 @@ impl Default for Metrics {
             connections_moved: Counter::default(),
             reconnects: Family::default(),
             pending: Family::default(),
+            tcp_connections: Family::default(),
             limited: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
             closed_bytes_to_agents: AtomicU64::new(0),
@@ -237,6 +240,11 @@ impl Metrics {
     /// Counts a connection or request refused by `limit`.
     pub fn limited(&self, limit: Limit) {
         self.limited.get_or_create(&LimitLabels { limit: limit.as_str() }).inc();
+    }
+
+    /// Counts a connection to a TCP endpoint: `ok` (carried to the agent), or why it was reset.
+    pub fn tcp_connection(&self, outcome: &'static str) {
+        self.tcp_connections.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// Counts a failed handshake.
@@ -377,6 +385,11 @@ impl Metrics {
             "ferry_handshake_failures",
             "Agent handshakes refused, by code",
             self.handshake_failures.clone(),
+        );
+        out.register(
+            "ferry_tcp_connections",
+            "Connections to TCP endpoints: ok (carried to the agent), or why they were reset",
+            self.tcp_connections.clone(),
         );
         out.register("ferry_sessions_started", "Agent sessions established", self.sessions_started.clone());
         out.register(

@@ -67,6 +67,8 @@ pub struct Gateway {
     pub(crate) tls: Option<tls::Tls>,
     /// This node's part in a cluster of gateways (`--cluster`).
     pub cluster: Option<Arc<Cluster>>,
+    /// Public TCP ports leased to tunnels.
+    pub tcp_ports: crate::tcp::TcpPorts,
 }
 
 impl Gateway {
@@ -120,6 +122,7 @@ impl Gateway {
             metrics,
             tls,
             cluster,
+            tcp_ports: crate::tcp::TcpPorts::default(),
             config,
         }))
     }

@@ -75,6 +75,9 @@ pub struct Identity {
     pub peer: SocketAddr,
     /// The secret it proved it holds (`None` without authentication).
     pub secret: Option<Fingerprint>,
+    /// The public TCP ports its endpoints hold (released into their lease when the last clone
+    /// goes, with the session).
+    pub tcp: Option<Arc<crate::tcp::TcpClaims>>,
 }
 
 impl Session {
@@ -245,6 +248,9 @@ impl Session {
             "upstream_health": health,
             "upstream_health_detail": detail,
             "authenticated": identity.secret.is_some(),
+            "tcp": identity.tcp.as_ref().map_or_else(Vec::new, |claims| {
+                claims.bound.iter().map(|(endpoint, port)| serde_json::json!({ "endpoint": endpoint, "port": port })).collect()
+            }),
         })
     }
 }

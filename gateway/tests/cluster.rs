@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::redis::Redis;
 use common::*;
 use ferry_codec::Secret;
 use ferry_gateway::cluster::{ClusterConfig, Holding, Owners};
@@ -21,83 +22,7 @@ use ferry_gateway::{Gateway, GatewayConfig};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A `redis-server` of this test, on a loopback port, without persistence; killed on drop.
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Redis {
-    /// Starts one, or `None` (with a loud message) when the binary is missing.
-    async fn start() -> Option<Self> {
-        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
-            assert!(
-                std::env::var_os("FERRY_CI").is_none(),
-                "the cluster tests need redis-server: apt-get install -y redis-server"
-            );
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install -y redis-server)");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
-        Some(Self::start_on(port).await)
-    }
-
-    async fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        let redis = Self { port, child };
-        redis.wait_ready().await;
-        redis
-    }
-
-    /// Readiness: the server answers PING.
-    async fn wait_ready(&self) {
-        loop {
-            if let Ok(reply) = self.command("PING\r\n").await
-                && reply.starts_with("+PONG")
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Sends one inline command and returns what came back first.
-    async fn command(&self, line: &str) -> std::io::Result<String> {
-        let mut conn = TcpStream::connect(("127.0.0.1", self.port)).await?;
-        conn.write_all(line.as_bytes()).await?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = conn.read(&mut buf).await?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Stops it (SIGKILL) and starts an empty one on the same port.
-    async fn restart_empty(&mut self) {
-        self.stop();
-        *self = Self::start_on(self.port).await;
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// HAProxy in TCP mode in front of three nodes, with the configuration `examples/cluster/`
 /// ships; killed on drop.

@@ -511,6 +511,7 @@ fn client_auth_with_id(id: &str) -> bytes::Bytes {
         instance_id: InstanceId(Uuid::new_v4()),
         agent_version: "raw".into(),
         mac: None,
+        tcp: Vec::new(),
     };
     let encoded = auth.encode().to_vec();
     let old = placeholder.as_str().as_bytes();

@@ -414,6 +414,7 @@ async fn raw_agent_socket(gateway: SocketAddr, authenticate: bool) -> TcpStream 
             instance_id: InstanceId(Uuid::new_v4()),
             agent_version: "raw".into(),
             mac: None,
+            tcp: Vec::new(),
         };
         socket.write_all(&ws_frame(2, true, &auth.encode(), false, 0)).await.unwrap();
         // Accepted: the AuthResult frame arrives.
@@ -481,6 +482,7 @@ async fn t10_malformed_handshake_messages() {
                 instance_id: InstanceId(Uuid::new_v4()),
                 agent_version: "raw".into(),
                 mac: None,
+                tcp: Vec::new(),
             };
             auth.encode().to_vec()
         };

@@ -734,6 +734,7 @@ async fn t19_a_gateway_answering_with_a_bad_mac_is_not_served() {
                         limits: ferry_codec::handshake::SessionLimits { max_streams: 100, max_data_frame_len: 1 << 20 },
                         public_urls: Vec::new(),
                         node_id: None,
+                        tcp: Vec::new(),
                     };
                     let _ = ferry_transport::ws::send_message(&mut ws, ferry_codec::AuthResult::Accepted(accepted).encode()).await;
                 });

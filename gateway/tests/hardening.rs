@@ -143,6 +143,7 @@ async fn a_secret_revoked_during_the_handshake_keeps_no_session() {
             instance_id: instance,
             agent_version: "raw".into(),
             mac: Some(mac),
+            tcp: Vec::new(),
         };
         send_message(&mut ws, auth.encode()).await.unwrap();
         let result = AuthResult::decode(recv_message(&mut ws).await.unwrap()).unwrap();

@@ -102,6 +102,7 @@ async fn session_task(
         instance_id: InstanceId(uuid::Uuid::from_u128(i as u128 + 1)),
         agent_version: "swarm".into(),
         mac: None,
+        tcp: Vec::new(),
     };
     send_message(&mut ws, auth.encode()).await?;
     let AuthResult::Accepted(accepted) = AuthResult::decode(recv_message(&mut ws).await?)? else {

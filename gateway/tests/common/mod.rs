@@ -34,6 +34,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
+pub mod redis;
+
 /// Bound on every test.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -289,6 +291,7 @@ pub async fn raw_handshake(
             instance_id: instance,
             agent_version: "raw test agent".into(),
             mac,
+            tcp: Vec::new(),
         }
         .encode()
     });
