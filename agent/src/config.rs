@@ -138,14 +138,39 @@ pub struct TcpTarget {
     pub port: u16,
     /// The public port asked for; `None` takes any the gateway may give.
     pub public_port: Option<u16>,
+    /// Send the upstream a PROXY protocol header with the public client's address first.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A PROXY protocol version (HAProxy's specification).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// The text header: `PROXY TCP4 client public cport pport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 impl TcpTarget {
-    /// Parses `[PUBLIC_PORT=]HOST:PORT`, for example `127.0.0.1:5432` or `5432=db.local:5432`.
+    /// Parses `[PUBLIC_PORT=]HOST:PORT[,proxy-protocol=v1|v2]`, for example `127.0.0.1:5432`,
+    /// `5432=db.local:5432` or `127.0.0.1:6379,proxy-protocol=v2`.
     ///
     /// # Errors
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
+        let (text, options) = text.split_once(',').unwrap_or((text, ""));
+        let mut proxy_protocol = None;
+        for option in options.split(',').filter(|o| !o.is_empty()) {
+            proxy_protocol = Some(match option {
+                "proxy-protocol=v1" => ProxyProtocol::V1,
+                "proxy-protocol=v2" => ProxyProtocol::V2,
+                other => {
+                    return Err(format!(
+                        "--tcp {text}: unknown option {other:?} (known: proxy-protocol=v1|v2)"
+                    ));
+                }
+            });
+        }
         let (public_port, addr) = match text.split_once('=') {
             Some((port, addr)) => {
                 let port = port
@@ -167,7 +192,7 @@ impl TcpTarget {
         if !ferry_codec::handshake::is_endpoint_name(addr) {
             return Err(format!("--tcp {text}: the address must be 1 to 64 printable characters"));
         }
-        Ok(Self { name: addr.to_owned(), host: host.to_owned(), port, public_port })
+        Ok(Self { name: addr.to_owned(), host: host.to_owned(), port, public_port, proxy_protocol })
     }
 }
 

@@ -93,10 +93,11 @@ impl<'a> Arbitrary<'a> for ResponseHead {
 impl<'a> Arbitrary<'a> for TcpOpen {
     fn arbitrary(u: &mut Unstructured<'a>) -> Result<Self> {
         let (ip, port) = <(std::net::IpAddr, u16)>::arbitrary(u)?;
+        let (public_ip, public_port) = <(std::net::IpAddr, u16)>::arbitrary(u)?;
         Ok(Self {
             endpoint: endpoint_name(u)?,
             client_addr: SocketAddr::new(ip, port),
-            public_port: u.int_in_range(1..=u16::MAX)?,
+            public_addr: SocketAddr::new(public_ip, public_port.max(1)),
         })
     }
 }

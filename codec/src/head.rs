@@ -161,8 +161,8 @@ pub struct TcpOpen {
     pub endpoint: String,
     /// The public client's address.
     pub client_addr: SocketAddr,
-    /// The public port it connected to.
-    pub public_port: u16,
+    /// The gateway's address the client connected to (port 1..=65535).
+    pub public_addr: SocketAddr,
 }
 
 /// The payload of a `Head` frame.
@@ -387,7 +387,7 @@ impl From<&TcpOpen> for pb::TcpOpen {
         Self {
             endpoint: open.endpoint.clone(),
             client_addr: Some(addr_to_wire(open.client_addr)),
-            public_port: u32::from(open.public_port),
+            public_addr: Some(addr_to_wire(open.public_addr)),
         }
     }
 }
@@ -400,13 +400,15 @@ impl TryFrom<pb::TcpOpen> for TcpOpen {
             return Err(CodecError::invalid("TcpOpen.endpoint", "must be 1..=64 printable ASCII characters"));
         }
         let client_addr = open.client_addr.ok_or(CodecError::MissingField("TcpOpen.client_addr"))?;
+        let public_addr = open.public_addr.ok_or(CodecError::MissingField("TcpOpen.public_addr"))?;
+        let public_addr = addr_from_wire(public_addr, "TcpOpen.public_addr")?;
+        if public_addr.port() == 0 {
+            return Err(CodecError::invalid("TcpOpen.public_addr", "port must be 1..=65535"));
+        }
         Ok(Self {
             endpoint: open.endpoint,
             client_addr: addr_from_wire(client_addr, "TcpOpen.client_addr")?,
-            public_port: u16::try_from(open.public_port)
-                .ok()
-                .filter(|port| *port != 0)
-                .ok_or(CodecError::invalid("TcpOpen.public_port", "must be 1..=65535"))?,
+            public_addr,
         })
     }
 }

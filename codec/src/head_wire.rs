@@ -148,13 +148,13 @@ fn put_response(head: &ResponseHead, dst: &mut BytesMut) {
 fn tcp_open_len(open: &TcpOpen) -> usize {
     bytes_len(open.endpoint.as_bytes())
         + delimited_len(addr_len(open.client_addr))
-        + uint_len(u64::from(open.public_port))
+        + delimited_len(addr_len(open.public_addr))
 }
 
 fn put_tcp_open(open: &TcpOpen, dst: &mut BytesMut) {
     put_bytes(1, open.endpoint.as_bytes(), dst);
     put_addr(2, open.client_addr, dst);
-    put_uint(3, u64::from(open.public_port), dst);
+    put_addr(3, open.public_addr, dst);
 }
 
 /// Length of the encoded `Head` message.

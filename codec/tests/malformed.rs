@@ -317,18 +317,18 @@ fn a_tcp_binding_has_a_port_or_a_short_error() {
 }
 
 #[test]
-fn a_tcp_open_head_needs_an_endpoint_a_client_and_a_port() {
+fn a_tcp_open_head_needs_an_endpoint_a_client_and_a_public_port() {
     use ferry_codec::{Head, TcpOpen};
     let open = TcpOpen {
         endpoint: "db".into(),
         client_addr: "127.0.0.2:4000".parse().unwrap(),
-        public_port: 20_000,
+        public_addr: "127.0.0.1:20000".parse().unwrap(),
     };
     let mut buf = BytesMut::new();
     Frame::Head(Head::TcpOpen(open.clone())).encode(&mut buf).unwrap();
     assert_eq!(Frame::decode(&mut buf).unwrap(), Some(Frame::Head(Head::TcpOpen(open.clone()))));
     for bad in [
-        TcpOpen { public_port: 0, ..open.clone() },
+        TcpOpen { public_addr: "127.0.0.1:0".parse().unwrap(), ..open.clone() },
         TcpOpen { endpoint: String::new(), ..open.clone() },
         TcpOpen { endpoint: "a b".into(), ..open.clone() },
     ] {
@@ -336,8 +336,8 @@ fn a_tcp_open_head_needs_an_endpoint_a_client_and_a_port() {
         Frame::Head(Head::TcpOpen(bad.clone())).encode(&mut buf).unwrap();
         assert!(Frame::decode(&mut buf).is_err(), "{bad:?}");
     }
-    // Without a client address (field 2 left out of the TcpOpen message).
-    let open = [pb_field(1, b"db"), vec![3 << 3, 1]].concat();
+    // Without a client address (only field 1 of the TcpOpen message).
+    let open = pb_field(1, b"db");
     let head = pb_field(3, &open);
     let mut buf = frame_bytes(head.len() as u32, 1, &head);
     assert!(matches!(Frame::decode(&mut buf), Err(CodecError::MissingField("TcpOpen.client_addr"))));

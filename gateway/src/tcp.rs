@@ -323,7 +323,8 @@ async fn connection(
         return reset(&socket, "cannot open a stream to the agent");
     };
     let (mut reader, mut writer) = split_counted(stream, slot);
-    let open = TcpOpen { endpoint: endpoint.to_owned(), client_addr: client, public_port: port };
+    let public_addr = socket.local_addr().unwrap_or(SocketAddr::new(gateway.config.tcp.bind, port));
+    let open = TcpOpen { endpoint: endpoint.to_owned(), client_addr: client, public_addr };
     if writer.send(&Frame::Head(Head::TcpOpen(open))).await.is_err() {
         gateway.metrics.tcp_connection("agent_unavailable");
         return reset(&socket, "the agent's stream failed");

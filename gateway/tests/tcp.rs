@@ -283,3 +283,80 @@ async fn redis_cli_and_redis_benchmark_work_through_a_tcp_tunnel() {
     })
     .await;
 }
+
+/// An upstream that reads one PROXY protocol header (either version) and answers with the
+/// client address it names, as `ip:port`, then closes.
+async fn proxy_protocol_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let source = loop {
+                    let mut buf = [0u8; 256];
+                    let n = socket.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the connection ended before a whole PROXY header");
+                    received.extend_from_slice(&buf[..n]);
+                    match ppp::HeaderResult::parse(&received) {
+                        ppp::HeaderResult::V1(Ok(header)) => match header.addresses {
+                            ppp::v1::Addresses::Tcp4(a) => {
+                                break format!("v1 {}:{}", a.source_address, a.source_port);
+                            }
+                            other => break format!("v1 {other:?}"),
+                        },
+                        ppp::HeaderResult::V2(Ok(header)) => match header.addresses {
+                            ppp::v2::Addresses::IPv4(a) => {
+                                break format!("v2 {}:{}", a.source_address, a.source_port);
+                            }
+                            other => break format!("v2 {other:?}"),
+                        },
+                        partial if ppp::PartialResult::is_incomplete(&partial) => {}
+                        broken => break format!("unparsable: {broken:?}"),
+                    }
+                };
+                socket.write_all(source.as_bytes()).await.unwrap();
+                socket.shutdown().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_upstream_learns_the_real_client_address_over_proxy_protocol() {
+    bounded(async {
+        let upstream = proxy_protocol_upstream().await;
+        let port = free_port().await;
+        let config = gateway_with_ports(port..=port.saturating_add(1));
+        let env = TestEnv::start_with(config, |agent| {
+            agent.tcp = ["v1", "v2"]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    // Two endpoints to one upstream: distinct names through the host's spelling.
+                    let host = if i == 0 { "127.0.0.1" } else { "localhost" };
+                    TcpTarget::parse(&format!("{host}:{},proxy-protocol={v}", upstream.port())).unwrap()
+                })
+                .collect();
+        })
+        .await;
+        for (name, version) in [
+            (format!("127.0.0.1:{}", upstream.port()), "v1"),
+            (format!("localhost:{}", upstream.port()), "v2"),
+        ] {
+            let public = public_port(&env, &name);
+            // A client on another loopback address, so the address the upstream hears is not
+            // the gateway's own.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let mut client = socket.connect(([127, 0, 0, 1], public).into()).await.unwrap();
+            let me = client.local_addr().unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).await.unwrap();
+            assert_eq!(answer, format!("{version} {me}"));
+        }
+    })
+    .await;
+}
