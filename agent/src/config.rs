@@ -262,8 +262,9 @@ pub const MAX_CONNECTIONS: usize = 16;
 pub struct AgentConfig {
     /// The tunnel this agent serves.
     pub tunnel_id: TunnelId,
-    /// The local service (requests no route matches).
-    pub upstream: Upstream,
+    /// The local service (requests no route matches); `None` for an agent that serves only
+    /// `--tcp` endpoints (and routes, if any): other HTTP requests get 404 `no_upstream`.
+    pub upstream: Option<Upstream>,
     /// Other local services by path prefix.
     pub routes: Vec<Route>,
     /// Raw TCP endpoints, each on a public port of the gateway.
@@ -328,18 +329,18 @@ impl AgentConfig {
         std::iter::once(&self.gateway).chain(&self.more_gateways)
     }
 
-    /// The upstream for a request path: the longest matching route, else the default.
-    pub fn upstream_for(&self, path: &str) -> &Upstream {
+    /// The upstream for a request path: the longest matching route, else the default (if any).
+    pub fn upstream_for(&self, path: &str) -> Option<&Upstream> {
         self.routes
             .iter()
             .filter(|route| path_matches(path, &route.prefix))
             .max_by_key(|route| route.prefix.trim_end_matches('/').len())
-            .map_or(&self.upstream, |route| &route.upstream)
+            .map_or(self.upstream.as_ref(), |route| Some(&route.upstream))
     }
 
-    /// Every distinct upstream: the default first, then the routes'.
+    /// Every distinct HTTP upstream: the default first, then the routes'.
     pub fn upstreams(&self) -> Vec<&Upstream> {
-        let mut all = vec![&self.upstream];
+        let mut all: Vec<&Upstream> = self.upstream.iter().collect();
         for route in &self.routes {
             if !all.contains(&&route.upstream) {
                 all.push(&route.upstream);
@@ -362,6 +363,9 @@ impl AgentConfig {
                     gateway.host
                 ));
             }
+        }
+        if self.upstream.is_none() && self.routes.is_empty() && self.tcp.is_empty() {
+            return Err("nothing to serve: give --upstream, a --route or a --tcp endpoint".into());
         }
         if self.tcp.len() > ferry_codec::handshake::MAX_TCP_ENDPOINTS {
             return Err(format!("at most {} --tcp endpoints", ferry_codec::handshake::MAX_TCP_ENDPOINTS));
@@ -399,6 +403,11 @@ impl AgentConfig {
 
     /// A configuration with every default, for `tunnel_id` → `upstream` via `gateway`.
     pub fn new(tunnel_id: TunnelId, upstream: Upstream, gateway: GatewayUrl) -> Self {
+        Self::with_upstream(tunnel_id, Some(upstream), gateway)
+    }
+
+    /// As [`AgentConfig::new`], with or without a default HTTP upstream.
+    pub fn with_upstream(tunnel_id: TunnelId, upstream: Option<Upstream>, gateway: GatewayUrl) -> Self {
         Self {
             tunnel_id,
             upstream,
@@ -473,7 +482,7 @@ mod tests {
             Route::parse("/api=127.0.0.1:8000").unwrap(),
             Route::parse("/api/v2/=127.0.0.1:8002").unwrap(),
         ];
-        let port = |path: &str| config.upstream_for(path).authority.port_u16().unwrap();
+        let port = |path: &str| config.upstream_for(path).unwrap().authority.port_u16().unwrap();
         assert_eq!(port("/"), 5173);
         assert_eq!(port("/apix"), 5173);
         assert_eq!(port("/api"), 8000);

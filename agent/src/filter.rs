@@ -66,6 +66,12 @@ impl Refusal {
             .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"))
     }
 
+    /// 404: the agent serves no HTTP upstream for this path (it was started with `--tcp`
+    /// endpoints only, or routes that do not cover it).
+    pub(crate) fn no_upstream() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "no_upstream", "this tunnel serves no HTTP service at this path")
+    }
+
     /// Sends the refusal as a complete response on `writer`.
     pub(crate) async fn send(self, writer: &mut FrameWriter, request_id: &str) {
         let body = serde_json::json!({

@@ -160,7 +160,8 @@ async fn serve_until_shutdown(
     let gateways: Vec<String> = config.gateways().map(|g| g.uri.to_string()).collect();
     info!(
         tunnel_id = %config.tunnel_id,
-        upstream = %config.upstream,
+        upstream = %config.upstream.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
+        tcp = %config.tcp.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(" "),
         gateway = %gateways.join(" "),
         connections = config.connections,
         "agent starting"

@@ -213,19 +213,20 @@ impl Args {
             self.tunnel_id.context("--tunnel-id is required (or tunnel-id in the config file)")?;
         // Without --upstream, a route for `/` is the default.
         let mut routes = self.route;
+        // An agent with only --tcp endpoints serves no HTTP.
         let upstream = match self.upstream {
-            Some(upstream) => upstream,
-            None => {
-                let root = routes
-                    .iter()
-                    .position(|r| r.prefix.trim_end_matches('/').is_empty())
-                    .context("--upstream is required (or a route for /, or upstream in the config file)")?;
-                routes.remove(root).upstream
-            }
+            Some(upstream) => Some(upstream),
+            None => match routes.iter().position(|r| r.prefix.trim_end_matches('/').is_empty()) {
+                Some(root) => Some(routes.remove(root).upstream),
+                None if !self.tcp.is_empty() => None,
+                None => anyhow::bail!(
+                    "--upstream is required (or a route for /, a --tcp endpoint, or upstream in the config file)"
+                ),
+            },
         };
         let mut gateways = self.gateway.into_iter();
         let first = gateways.next().context("--gateway is required")?;
-        let mut config = AgentConfig::new(tunnel_id, upstream, first);
+        let mut config = AgentConfig::with_upstream(tunnel_id, upstream, first);
         config.more_gateways = gateways.collect();
         config.connections = self.connections;
         config.routes = routes;
@@ -351,11 +352,33 @@ mod tests {
         ])
         .unwrap();
         let config = args.into_config().unwrap();
-        assert_eq!(config.upstream.to_string(), "http://127.0.0.1:5173");
+        assert_eq!(config.upstream.unwrap().to_string(), "http://127.0.0.1:5173");
         assert_eq!(config.routes.len(), 1);
         let missing =
             Args::try_parse_from(["agent", "--tunnel-id", "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web"]);
         assert!(missing.unwrap().into_config().unwrap_err().to_string().contains("--upstream"));
+    }
+
+    #[test]
+    fn an_agent_with_tcp_endpoints_needs_no_http_upstream() {
+        let args = Args::try_parse_from([
+            "agent",
+            "--tunnel-id",
+            "agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_db",
+            "--tcp",
+            "127.0.0.1:5432",
+            "--tcp",
+            "6380=[::1]:6379,proxy-protocol=v1",
+        ])
+        .unwrap();
+        let config = args.into_config().unwrap();
+        assert!(config.upstream.is_none());
+        assert_eq!(config.tcp[1].name, "[::1]:6379");
+        assert_eq!((config.tcp[1].host.as_str(), config.tcp[1].port), ("::1", 6379));
+        assert_eq!(config.tcp[1].public_port, Some(6380));
+        for bad in ["5432", "0=127.0.0.1:5432", "127.0.0.1:0", "127.0.0.1:5432,proxy-protocol=v3", ":5432"] {
+            assert!(Args::try_parse_from(["agent", "--tcp", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -256,7 +256,9 @@ async fn proxy(
     };
 
     let config = &upstream.config;
-    let target = config.upstream_for(target_path(&head.target));
+    let Some(target) = config.upstream_for(target_path(&head.target)) else {
+        return Err(Failure::Refuse(Box::new(Refusal::no_upstream())));
+    };
     // The target's bytes as they came off the wire, without a copy, checked as a request line
     // allows (no spaces or control bytes).
     let path = PathAndQuery::from_maybe_shared(head.target.clone())

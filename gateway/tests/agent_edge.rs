@@ -185,7 +185,7 @@ async fn the_circuit_breaker_opens_on_connection_failures_and_closes_on_recovery
     bounded(async {
         let down = closed_port().await;
         let env = TestEnv::start_with(GatewayConfig::default(), |config| {
-            config.upstream = ferry_agent::config::Upstream::parse(&down.to_string()).unwrap();
+            config.upstream = Some(ferry_agent::config::Upstream::parse(&down.to_string()).unwrap());
             config.breaker_failures = 2;
             config.breaker_cooldown = Duration::from_millis(200);
         })

@@ -268,7 +268,7 @@ async fn t08c_huge_response_headers_from_the_agent() {
             addr
         };
         let env = TestEnv::start_with(GatewayConfig::default(), |c| {
-            c.upstream = ferry_agent::config::Upstream::parse(&big_headers.to_string()).unwrap();
+            c.upstream = Some(ferry_agent::config::Upstream::parse(&big_headers.to_string()).unwrap());
         })
         .await;
         let witness = Witness::start(&env).await;

@@ -44,7 +44,7 @@ async fn t13_clients_that_stop_reading() {
     let upstream = upstream.listen(1024).unwrap();
     let mut agent = env.agent_config();
     agent.upstream =
-        ferry_agent::config::Upstream::parse(&upstream.local_addr().unwrap().to_string()).unwrap();
+        Some(ferry_agent::config::Upstream::parse(&upstream.local_addr().unwrap().to_string()).unwrap());
     agent.upstream_timeout = Duration::from_secs(5);
     tokio::spawn(ferry_benches::upstream::serve(upstream, Arc::clone(&env.stats), env.shutdown.clone()));
     env.agent = Some(spawn_agent(agent));

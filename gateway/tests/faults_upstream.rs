@@ -86,7 +86,7 @@ async fn t03_upstream_down() {
     let _serial = serial();
     bounded(async {
         let down = closed_port().await;
-        let env = TestEnv::start_with(GatewayConfig::default(), |c| c.upstream = upstream(down)).await;
+        let env = TestEnv::start_with(GatewayConfig::default(), |c| c.upstream = Some(upstream(down))).await;
         let witness = Witness::start(&env).await;
         let session = session_id(&env);
         let mut took = Vec::new();
@@ -143,7 +143,7 @@ async fn t04a_upstream_slow_head() {
         .await;
         let timeout = Duration::from_millis(400);
         let env = TestEnv::start_with(GatewayConfig::default(), |c| {
-            c.upstream = upstream(slow);
+            c.upstream = Some(upstream(slow));
             c.upstream_timeout = timeout;
         })
         .await;
@@ -248,7 +248,7 @@ async fn t05_upstream_resetting() {
         })
         .await;
         let env = TestEnv::start_with(GatewayConfig::default(), |c| {
-            c.upstream = upstream(resetting);
+            c.upstream = Some(upstream(resetting));
             c.breaker_failures = 100;
         })
         .await;
@@ -452,7 +452,7 @@ async fn t31_loop() {
         let mut env = TestEnv::start_without_agent(GatewayConfig::default()).await;
         let mut config = env.agent_config();
         // The agent's upstream is the gateway's own public address.
-        config.upstream = upstream(env.gateway_addr);
+        config.upstream = Some(upstream(env.gateway_addr));
         env.agent = Some(spawn_agent(config));
         env.wait_for_sessions(1).await;
         let witness = Witness::start(&env).await;

@@ -241,7 +241,7 @@ async fn an_upload_ends_with_its_request() {
         };
         let upstream = holding_upstream().await;
         let env = TestEnv::start_with(config, |c| {
-            c.upstream = ferry_agent::config::Upstream::parse(&upstream.to_string()).unwrap();
+            c.upstream = Some(ferry_agent::config::Upstream::parse(&upstream.to_string()).unwrap());
         })
         .await;
         let session = env.gateway.registry.all()[0].identity.id;
@@ -453,7 +453,7 @@ async fn a_request_looping_through_a_tunnel_never_reaches_the_admin_pages() {
         let mut env = TestEnv::start_without_agent(GatewayConfig::default()).await;
         // The agent's upstream is the gateway itself, on loopback.
         let mut config = env.agent_config();
-        config.upstream = ferry_agent::config::Upstream::parse(&env.gateway_addr.to_string()).unwrap();
+        config.upstream = Some(ferry_agent::config::Upstream::parse(&env.gateway_addr.to_string()).unwrap());
         env.agent = Some(spawn_agent(config));
         env.wait_for_sessions(1).await;
         for path in ["/connections", "/metrics", "/"] {
@@ -480,7 +480,7 @@ async fn public_errors_do_not_show_upstream_details() {
     bounded(async {
         let down = closed_port().await;
         let env = TestEnv::start_with(GatewayConfig::default(), |config| {
-            config.upstream = ferry_agent::config::Upstream::parse(&down.to_string()).unwrap();
+            config.upstream = Some(ferry_agent::config::Upstream::parse(&down.to_string()).unwrap());
             config.breaker_failures = 2;
             config.breaker_cooldown = Duration::from_secs(60);
         })

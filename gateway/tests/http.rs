@@ -206,7 +206,7 @@ async fn upstream_down_is_a_fast_502() {
     bounded(async {
         let dead = closed_port().await;
         let env = TestEnv::start_with(GatewayConfig::default(), |config| {
-            config.upstream = ferry_agent::config::Upstream::parse(&dead.to_string()).unwrap();
+            config.upstream = Some(ferry_agent::config::Upstream::parse(&dead.to_string()).unwrap());
         })
         .await;
         let started = Instant::now();

@@ -184,6 +184,28 @@ async fn a_killed_agent_resets_the_connection_and_gets_its_port_back() {
 }
 
 #[tokio::test]
+async fn an_agent_with_only_tcp_endpoints_answers_http_with_404() {
+    bounded(async {
+        let upstream = answering_after_eof(0).await;
+        let port = free_port().await;
+        let env = TestEnv::start_with(gateway_with_ports(port..=port), |agent| {
+            agent.upstream = None;
+            agent.tcp = vec![TcpTarget::parse(&upstream.to_string()).unwrap()];
+        })
+        .await;
+        let (response, body) = get(&env.url("/")).await;
+        assert_eq!(response.status(), http::StatusCode::NOT_FOUND);
+        assert_eq!(json(&body)["error"]["code"], "no_upstream");
+        let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("0 "), "{answer}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_unreachable_tcp_upstream_resets_the_public_connection() {
     bounded(async {
         let port = free_port().await;

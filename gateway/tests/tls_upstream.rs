@@ -60,7 +60,7 @@ async fn https_upstream_with_a_trusted_ca() {
         let (port, pem) = tls_upstream(shutdown.clone()).await;
         let ca = ca_file(&pem);
         let env = TestEnv::start_with(GatewayConfig::default(), |config| {
-            config.upstream = Upstream::parse(&format!("https://localhost:{port}")).unwrap();
+            config.upstream = Some(Upstream::parse(&format!("https://localhost:{port}")).unwrap());
             config.upstream_ca = Some(ca.clone());
         })
         .await;
@@ -82,7 +82,7 @@ async fn https_upstream_with_an_unknown_certificate_is_refused() {
         let (_, other_pem) = tls_upstream(shutdown.clone()).await;
         let ca = ca_file(&other_pem);
         let env = TestEnv::start_with(GatewayConfig::default(), |config| {
-            config.upstream = Upstream::parse(&format!("https://localhost:{port}")).unwrap();
+            config.upstream = Some(Upstream::parse(&format!("https://localhost:{port}")).unwrap());
             config.upstream_ca = Some(ca.clone());
         })
         .await;
