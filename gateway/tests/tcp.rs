@@ -382,3 +382,42 @@ async fn the_upstream_learns_the_real_client_address_over_proxy_protocol() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_stops_the_tcp_upstream() {
+    bounded(async {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        /// What may sit between a stalled client and the upstream: the stream's window at the
+        /// agent's session, the WebSocket buffers, and the kernel's buffers on three loopback
+        /// connections.
+        const IN_FLIGHT_BOUND: u64 = 32 << 20;
+
+        // An upstream that writes for as long as it is let, counting what it wrote.
+        let produced = Arc::new(AtomicU64::new(0));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let counting = Arc::clone(&produced);
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let chunk = vec![7u8; 64 * 1024];
+            while socket.write_all(&chunk).await.is_ok() {
+                counting.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let port = free_port().await;
+        let (env, name) = with_tcp_endpoint(gateway_with_ports(port..=port), upstream).await;
+
+        let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let stalled = plateau(|| produced.load(Ordering::Relaxed)).await;
+        println!("a TCP client that reads nothing: the upstream stopped after {} KiB", stalled / 1024);
+        assert!(stalled > 0, "nothing was produced");
+        assert!(stalled < IN_FLIGHT_BOUND, "the upstream kept writing: {} MiB", stalled >> 20);
+        // /connections shows the endpoint and its port.
+        let (_, body) = get(&env.gateway_url("/connections")).await;
+        let listing = json(&body);
+        assert_eq!(listing["sessions"][0]["tcp"], serde_json::json!([{ "endpoint": name, "port": port }]));
+        drop(client);
+    })
+    .await;
+}
