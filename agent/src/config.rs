@@ -269,6 +269,11 @@ pub struct AgentConfig {
     pub routes: Vec<Route>,
     /// Raw TCP endpoints, each on a public port of the gateway.
     pub tcp: Vec<TcpTarget>,
+    /// Client address blocks that may reach the tunnel (HTTP and TCP), enforced by the gateway;
+    /// empty: any.
+    pub allow_ip: Vec<ipnet::IpNet>,
+    /// Client address blocks that may not; they win over `allow_ip`.
+    pub deny_ip: Vec<ipnet::IpNet>,
     /// What the agent refuses before the upstream sees it.
     pub filters: Filters,
     /// Extra CA certificates (PEM) to trust for an `https` upstream, besides the system roots.
@@ -367,6 +372,12 @@ impl AgentConfig {
         if self.upstream.is_none() && self.routes.is_empty() && self.tcp.is_empty() {
             return Err("nothing to serve: give --upstream, a --route or a --tcp endpoint".into());
         }
+        if self.allow_ip.len().max(self.deny_ip.len()) > ferry_codec::handshake::MAX_IP_RULES {
+            return Err(format!(
+                "at most {} --allow-ip and --deny-ip blocks each",
+                ferry_codec::handshake::MAX_IP_RULES
+            ));
+        }
         if self.tcp.len() > ferry_codec::handshake::MAX_TCP_ENDPOINTS {
             return Err(format!("at most {} --tcp endpoints", ferry_codec::handshake::MAX_TCP_ENDPOINTS));
         }
@@ -413,6 +424,8 @@ impl AgentConfig {
             upstream,
             routes: Vec::new(),
             tcp: Vec::new(),
+            allow_ip: Vec::new(),
+            deny_ip: Vec::new(),
             filters: Filters::default(),
             upstream_ca: None,
             gateway,
@@ -439,6 +452,18 @@ impl AgentConfig {
             breaker_cooldown: BREAKER_COOLDOWN,
         }
     }
+}
+
+/// Parses an address block for `--allow-ip` / `--deny-ip`: `10.0.0.0/8`, `2001:db8::/32`, or one
+/// address.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_ip_block(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|net| net.trunc())
+        .map_err(|_| format!("{text:?} is not an address or a CIDR block (like 10.0.0.0/8 or 2001:db8::/32)"))
 }
 
 #[cfg(test)]

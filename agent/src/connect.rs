@@ -80,6 +80,8 @@ async fn connect_inner(
         agent_version: concat!("ferry-agent ", env!("CARGO_PKG_VERSION")).into(),
         mac,
         tcp: config.tcp.iter().map(|t| TcpEndpoint { name: t.name.clone(), port: t.public_port }).collect(),
+        allow_ip: config.allow_ip.iter().map(ToString::to_string).collect(),
+        deny_ip: config.deny_ip.iter().map(ToString::to_string).collect(),
     };
     send_message(&mut ws, auth.encode()).await?;
     match AuthResult::decode(recv_message(&mut ws).await?)? {

@@ -45,6 +45,16 @@ struct Args {
     #[arg(long, value_parser = TcpTarget::parse, value_name = "[PORT=]HOST:PORT")]
     tcp: Vec<TcpTarget>,
 
+    /// Only clients in these address blocks may reach the tunnel (CIDR or one address,
+    /// repeatable): the gateway refuses the others before anything reaches the agent.
+    #[arg(long, value_parser = ferry_agent::config::parse_ip_block, value_name = "CIDR")]
+    allow_ip: Vec<ipnet::IpNet>,
+
+    /// Clients in these address blocks may not reach the tunnel (repeatable; wins over
+    /// --allow-ip).
+    #[arg(long, value_parser = ferry_agent::config::parse_ip_block, value_name = "CIDR")]
+    deny_ip: Vec<ipnet::IpNet>,
+
     /// Only these methods get through (comma-separated or repeated); others get 405.
     #[arg(long, value_delimiter = ',', value_parser = parse_method, value_name = "METHOD")]
     allow_method: Vec<Method>,
@@ -159,6 +169,8 @@ struct ConfigFile {
     upstream: Option<String>,
     route: Option<Vec<RouteTable>>,
     tcp: Option<Vec<String>>,
+    allow_ip: Option<Vec<String>>,
+    deny_ip: Option<Vec<String>>,
     allow_method: Option<Vec<String>>,
     allow_path: Option<Vec<String>>,
     max_request_body: Option<toml::Value>,
@@ -231,6 +243,8 @@ impl Args {
         config.connections = self.connections;
         config.routes = routes;
         config.tcp = self.tcp;
+        config.allow_ip = self.allow_ip;
+        config.deny_ip = self.deny_ip;
         config.filters = Filters {
             methods: (!self.allow_method.is_empty()).then_some(self.allow_method),
             paths: (!self.allow_path.is_empty()).then_some(self.allow_path),
@@ -369,10 +383,17 @@ mod tests {
             "127.0.0.1:5432",
             "--tcp",
             "6380=[::1]:6379,proxy-protocol=v1",
+            "--allow-ip",
+            "10.1.2.3/8",
+            "--deny-ip",
+            "10.9.9.9",
         ])
         .unwrap();
         let config = args.into_config().unwrap();
         assert!(config.upstream.is_none());
+        assert_eq!(config.allow_ip[0].to_string(), "10.0.0.0/8");
+        assert_eq!(config.deny_ip[0].to_string(), "10.9.9.9/32");
+        assert!(Args::try_parse_from(["agent", "--allow-ip", "10.0.0.0/40"]).is_err());
         assert_eq!(config.tcp[1].name, "[::1]:6379");
         assert_eq!((config.tcp[1].host.as_str(), config.tcp[1].port), ("::1", 6379));
         assert_eq!(config.tcp[1].public_port, Some(6380));

@@ -221,8 +221,21 @@ impl<'a> Arbitrary<'a> for ClientAuth {
             agent_version: software_version(u)?,
             mac: Option::<[u8; 32]>::arbitrary(u)?.map(Mac::from_bytes),
             tcp: tcp_endpoints(u)?,
+            allow_ip: ip_blocks(u)?,
+            deny_ip: ip_blocks(u)?,
         })
     }
+}
+
+/// A few address blocks, as text.
+fn ip_blocks(u: &mut Unstructured<'_>) -> Result<Vec<String>> {
+    let count = u.int_in_range(0..=3)?;
+    (0..count)
+        .map(|_| {
+            let (ip, bits) = <(std::net::IpAddr, u8)>::arbitrary(u)?;
+            Ok(format!("{ip}/{}", bits % if ip.is_ipv4() { 33 } else { 129 }))
+        })
+        .collect()
 }
 
 /// Up to the most endpoints, with distinct names.

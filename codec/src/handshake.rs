@@ -23,6 +23,8 @@ pub const MAX_HANDSHAKE_LEN: usize = 4 * 1024;
 pub const MAX_TCP_ENDPOINTS: usize = 8;
 /// Longest reason a TCP endpoint was refused.
 pub const MAX_TCP_ERROR_LEN: usize = 200;
+/// Most address blocks in each of `allow_ip` and `deny_ip`.
+pub const MAX_IP_RULES: usize = 64;
 /// Longest software version string (`gateway_version`, `agent_version`).
 pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
 
@@ -62,6 +64,27 @@ pub struct ClientAuth {
     pub mac: Option<Mac>,
     /// Raw TCP endpoints the agent serves, each asking for a public port; names are unique.
     pub tcp: Vec<TcpEndpoint>,
+    /// Client address blocks that may reach the tunnel ([`is_ip_block`]); empty: any.
+    pub allow_ip: Vec<String>,
+    /// Client address blocks that may not ([`is_ip_block`]); they win over `allow_ip`.
+    pub deny_ip: Vec<String>,
+}
+
+/// Whether `text` looks like an address block (`10.0.0.0/8`, `::1`): 2 to 43 characters of
+/// hexadecimal digits, `.`, `:` and `/`. The gateway parses it, and refuses one it cannot.
+pub fn is_ip_block(text: &str) -> bool {
+    (2..=43).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b':' | b'/'))
+}
+
+fn ip_blocks_from_wire(blocks: Vec<String>, field: &'static str) -> Result<Vec<String>, CodecError> {
+    if blocks.len() > MAX_IP_RULES {
+        return Err(CodecError::invalid(field, "more than 64 address blocks"));
+    }
+    if !blocks.iter().all(|b| is_ip_block(b)) {
+        return Err(CodecError::invalid(field, "not an address block"));
+    }
+    Ok(blocks)
 }
 
 /// One raw TCP endpoint an agent serves.
@@ -303,6 +326,8 @@ impl From<&ClientAuth> for pb::ClientAuth {
                 .iter()
                 .map(|e| pb::TcpEndpoint { name: e.name.clone(), port: e.port.map_or(0, u32::from) })
                 .collect(),
+            allow_ip: auth.allow_ip.clone(),
+            deny_ip: auth.deny_ip.clone(),
         }
     }
 }
@@ -376,6 +401,8 @@ impl TryFrom<pb::ClientAuth> for ClientAuth {
             agent_version: auth.agent_version,
             mac: mac_from_wire(&auth.mac, "ClientAuth.mac")?,
             tcp: tcp_endpoints_from_wire(auth.tcp)?,
+            allow_ip: ip_blocks_from_wire(auth.allow_ip, "ClientAuth.allow_ip")?,
+            deny_ip: ip_blocks_from_wire(auth.deny_ip, "ClientAuth.deny_ip")?,
         })
     }
 }

@@ -210,6 +210,8 @@ fn instance_ids_survive_the_handshake() {
         agent_version: "ferry-agent 0.1.0".into(),
         mac: None,
         tcp: Vec::new(),
+        allow_ip: Vec::new(),
+        deny_ip: Vec::new(),
     };
     assert_eq!(ClientAuth::decode(auth.encode()).unwrap(), auth);
 }
@@ -341,4 +343,35 @@ fn a_tcp_open_head_needs_an_endpoint_a_client_and_a_public_port() {
     let head = pb_field(3, &open);
     let mut buf = frame_bytes(head.len() as u32, 1, &head);
     assert!(matches!(Frame::decode(&mut buf), Err(CodecError::MissingField("TcpOpen.client_addr"))));
+}
+
+#[test]
+fn address_blocks_in_client_auth_are_checked() {
+    let auth = |allow: Vec<String>| ClientAuth {
+        version: PROTOCOL_VERSION,
+        tunnel_id: TUNNEL.parse().unwrap(),
+        instance_id: InstanceId(Uuid::from_u128(42)),
+        agent_version: "ferry-agent 0.1.0".into(),
+        mac: None,
+        tcp: Vec::new(),
+        allow_ip: allow,
+        deny_ip: vec!["2001:db8::/32".into()],
+    };
+    let good = auth(vec!["10.0.0.0/8".into(), "127.0.0.1".into()]);
+    assert_eq!(ClientAuth::decode(good.encode()).unwrap(), good);
+    for bad in [
+        vec!["10.0.0.0/8 ".to_owned()],
+        vec!["evil".to_owned()],
+        vec!["1".to_owned()],
+        vec!["1.2.3.4/8".to_owned(); 65],
+    ] {
+        assert!(
+            matches!(
+                ClientAuth::decode(auth(bad.clone()).encode()),
+                Err(CodecError::InvalidField { field: "ClientAuth.allow_ip", .. })
+                    | Err(CodecError::TooLarge { .. })
+            ),
+            "{bad:?}"
+        );
+    }
 }

@@ -209,6 +209,8 @@ async fn handshake(
         .as_ref()
         .map(|(secret, _)| server_mac(secret, &nonce, &auth.tunnel_id, &auth.instance_id, &session_id));
     let heartbeat_interval = gateway.config.heartbeat_interval;
+    let ip_rules = crate::access::IpRules::parse(&auth.allow_ip, &auth.deny_ip)
+        .map_err(|err| HandshakeFailure::new(AuthErrorCode::Malformed, err))?;
     let (tcp, claims) = if auth.tcp.is_empty() {
         (Vec::new(), None)
     } else {
@@ -245,6 +247,7 @@ async fn handshake(
         peer,
         secret: matched.map(|(_, fingerprint)| fingerprint),
         tcp: claims,
+        ip_rules,
     };
     Ok((identity, heartbeat_interval))
 }

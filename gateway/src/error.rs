@@ -100,6 +100,9 @@ pub enum PublicError {
     /// A rate limit (requests, or failed handshakes) was reached; retry after the given seconds.
     #[error("rate limit reached; retry later")]
     RateLimited(u64),
+    /// The tunnel's agent does not let clients from this address reach it.
+    #[error("this tunnel does not accept requests from your address")]
+    IpDenied,
     /// An admin endpoint without valid credentials.
     #[error("admin endpoints need a loopback client or the admin bearer token")]
     Unauthorized,
@@ -126,6 +129,7 @@ impl PublicError {
             Self::TunnelOffline | Self::ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) | Self::ClientAtCapacity => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::IpDenied => StatusCode::FORBIDDEN,
         }
     }
 
@@ -156,6 +160,7 @@ impl PublicError {
             Self::ClusterUnavailable => "cluster_unavailable",
             Self::RateLimited(_) => "rate_limited",
             Self::Unauthorized => "unauthorized",
+            Self::IpDenied => "ip_denied",
         }
     }
 

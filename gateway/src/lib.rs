@@ -38,6 +38,7 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::unwrap_used)]
 
+pub mod access;
 mod admin;
 pub mod auth;
 pub mod cluster;

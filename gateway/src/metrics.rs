@@ -116,6 +116,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -146,6 +152,8 @@ pub struct Metrics {
     pending: Family<OutcomeLabels, Counter>,
     /// Connections to TCP endpoints, by how they were handled.
     tcp_connections: Family<OutcomeLabels, Counter>,
+    /// Requests and connections refused by a tunnel's access rules.
+    access_refused: Family<RuleLabels, Counter>,
     limited: Family<LimitLabels, Counter>,
     request_duration: Family<TunnelLabels, Histogram, fn() -> Histogram>,
     /// WebSocket bytes of sessions that have ended, each way (live ones are added at render).
@@ -179,6 +187,7 @@ impl Default for Metrics {
             reconnects: Family::default(),
             pending: Family::default(),
             tcp_connections: Family::default(),
+            access_refused: Family::default(),
             limited: Family::default(),
             request_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
             closed_bytes_to_agents: AtomicU64::new(0),
@@ -245,6 +254,11 @@ impl Metrics {
     /// Counts a connection to a TCP endpoint: `ok` (carried to the agent), or why it was reset.
     pub fn tcp_connection(&self, outcome: &'static str) {
         self.tcp_connections.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts a request (`http`) or connection (`tcp`) refused by a tunnel's `rule`.
+    pub fn access_refused(&self, rule: &'static str, kind: &'static str) {
+        self.access_refused.get_or_create(&RuleLabels { rule, kind }).inc();
     }
 
     /// Counts a failed handshake.
@@ -390,6 +404,11 @@ impl Metrics {
             "ferry_tcp_connections",
             "Connections to TCP endpoints: ok (carried to the agent), or why they were reset",
             self.tcp_connections.clone(),
+        );
+        out.register(
+            "ferry_access_refused",
+            "Public requests (http) and connections (tcp) refused by a tunnel's access rules, by rule",
+            self.access_refused.clone(),
         );
         out.register("ferry_sessions_started", "Agent sessions established", self.sessions_started.clone());
         out.register(

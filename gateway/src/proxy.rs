@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
+use crate::cluster::peer::{ACK_DENIED, PeerError};
 use crate::cluster::{Cluster, Owners};
 use crate::config::GatewayConfig;
 use crate::error::PublicError;
@@ -149,10 +150,14 @@ pub(crate) fn forward<'a>(
         }
         let located = match session {
             Some(session) => Located::Here(session),
-            None => locate(fw, id).await?,
+            None => locate(fw, id, peer.ip()).await?,
         };
         let (stream, slot, in_flight, metrics) = match located {
             Located::Here(session) => {
+                if !session.identity.ip_rules.allows(peer.ip()) {
+                    fw.metrics.access_refused("ip", "http");
+                    return Err(PublicError::IpDenied);
+                }
                 if session.is_unhealthy() {
                     debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
                     return Err(PublicError::UpstreamUnhealthy);
@@ -205,7 +210,7 @@ fn held_elsewhere(fw: Forwarding<'_>, id: &TunnelId) -> Result<(), PublicError> 
 /// Finds a session for a tunnel with none here now: another node's, or (waiting, bounded as for
 /// an offline tunnel) the first to come back here or anywhere in the cluster. Nodes whose entry
 /// was stale, or that cannot be reached, are passed over: nothing reached an agent through them.
-async fn locate(fw: Forwarding<'_>, id: &TunnelId) -> Result<Located, PublicError> {
+async fn locate(fw: Forwarding<'_>, id: &TunnelId, client: IpAddr) -> Result<Located, PublicError> {
     let Some(cluster) = fw.cluster else {
         return wait_for_session(fw, id).await.map(Located::Here);
     };
@@ -225,12 +230,20 @@ async fn locate(fw: Forwarding<'_>, id: &TunnelId) -> Result<Located, PublicErro
                     return Err(PublicError::UpstreamUnhealthy);
                 }
                 for owner in &owners {
-                    match tokio::time::timeout_at(deadline, cluster.open_to(owner, id, fw.session_config))
-                        .await
+                    match tokio::time::timeout_at(
+                        deadline,
+                        cluster.open_to(owner, id, client, fw.session_config),
+                    )
+                    .await
                     {
                         Ok(Ok((stream, slot))) => {
                             fw.metrics.pending_outcome(waiting.is_some(), true);
                             return Ok(Located::Elsewhere(stream, slot));
+                        }
+                        // The owner checked the client against the agent's rules.
+                        Ok(Err(PeerError::Refused { code: ACK_DENIED, .. })) => {
+                            fw.metrics.access_refused("ip", "http");
+                            return Err(PublicError::IpDenied);
                         }
                         Ok(Err(err)) => debug!(%err, "passing over a node that holds the tunnel"),
                         Err(_) => {

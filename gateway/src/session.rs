@@ -78,6 +78,8 @@ pub struct Identity {
     /// The public TCP ports its endpoints hold (released into their lease when the last clone
     /// goes, with the session).
     pub tcp: Option<Arc<crate::tcp::TcpClaims>>,
+    /// Which clients may reach the tunnel through this session.
+    pub ip_rules: crate::access::IpRules,
 }
 
 impl Session {
@@ -248,6 +250,7 @@ impl Session {
             "upstream_health": health,
             "upstream_health_detail": detail,
             "authenticated": identity.secret.is_some(),
+            "ip_rules": identity.ip_rules.to_json(),
             "tcp": identity.tcp.as_ref().map_or_else(Vec::new, |claims| {
                 claims.bound.iter().map(|(endpoint, port)| serde_json::json!({ "endpoint": endpoint, "port": port })).collect()
             }),

@@ -316,6 +316,11 @@ async fn connection(
         gateway.metrics.tcp_connection("no_session");
         return reset(&socket, "no session of the tunnel came within the pending timeout");
     };
+    if !session.identity.ip_rules.allows(client.ip()) {
+        gateway.metrics.access_refused("ip", "tcp");
+        gateway.metrics.tcp_connection("ip_denied");
+        return reset(&socket, "the tunnel's agent does not accept this client's address");
+    }
     let _in_flight = session.begin_request();
     let opened = tokio::time::timeout(gateway.config.stream_open_timeout, session.open_stream()).await;
     let Ok(Ok((stream, slot))) = opened else {

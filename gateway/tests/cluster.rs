@@ -872,3 +872,26 @@ async fn three_nodes_behind_haproxy_serve_the_tunnel_from_any_node_through_a_sig
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_forwarded_request_is_checked_against_the_agents_address_rules() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (a_config, peers) = with_peer_listener(node_config(&redis, "node-a")).await;
+        let env = TestEnv::start_with(a_config, |agent| {
+            agent.deny_ip = vec![ferry_agent::config::parse_ip_block("127.0.0.2").unwrap()];
+        })
+        .await;
+        serve_peers(&env.gateway, peers);
+        let (b, b_addr) = start_node(node_config(&redis, "node-b")).await;
+        until_reachable(&b.gateway).await;
+        // Node B does not know the agent's rules; node A checks the client B names.
+        let path = format!("/t/{TUNNEL}/");
+        let (status, body) = get_from("127.0.0.2", b_addr, &path).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("\"ip_denied\""), "{body}");
+        assert_eq!(get_from("127.0.0.1", b_addr, &path).await.0, 200);
+        b.shutdown.cancel();
+    })
+    .await;
+}

@@ -512,6 +512,8 @@ fn client_auth_with_id(id: &str) -> bytes::Bytes {
         agent_version: "raw".into(),
         mac: None,
         tcp: Vec::new(),
+        allow_ip: Vec::new(),
+        deny_ip: Vec::new(),
     };
     let encoded = auth.encode().to_vec();
     let old = placeholder.as_str().as_bytes();

@@ -415,6 +415,8 @@ async fn raw_agent_socket(gateway: SocketAddr, authenticate: bool) -> TcpStream 
             agent_version: "raw".into(),
             mac: None,
             tcp: Vec::new(),
+            allow_ip: Vec::new(),
+            deny_ip: Vec::new(),
         };
         socket.write_all(&ws_frame(2, true, &auth.encode(), false, 0)).await.unwrap();
         // Accepted: the AuthResult frame arrives.
@@ -483,6 +485,8 @@ async fn t10_malformed_handshake_messages() {
                 agent_version: "raw".into(),
                 mac: None,
                 tcp: Vec::new(),
+                allow_ip: Vec::new(),
+                deny_ip: Vec::new(),
             };
             auth.encode().to_vec()
         };

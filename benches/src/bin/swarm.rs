@@ -103,6 +103,8 @@ async fn session_task(
         agent_version: "swarm".into(),
         mac: None,
         tcp: Vec::new(),
+        allow_ip: Vec::new(),
+        deny_ip: Vec::new(),
     };
     send_message(&mut ws, auth.encode()).await?;
     let AuthResult::Accepted(accepted) = AuthResult::decode(recv_message(&mut ws).await?)? else {

@@ -16,7 +16,7 @@
 //! within one refresh) and reads everyone's (so a missed event is mended within one refresh);
 //! events make the other nodes' views current in between.
 
-mod peer;
+pub(crate) mod peer;
 mod view;
 
 use std::collections::HashMap;
@@ -209,11 +209,19 @@ impl Cluster {
         &self,
         owner: &Owner,
         tunnel: &TunnelId,
+        client: std::net::IpAddr,
         session: &ferry_transport::SessionConfig,
     ) -> Result<(ferry_transport::multiplex::Stream, ferry_transport::StreamSlot), PeerError> {
         let opened = self
             .links
-            .open(&owner.node, owner.advertise.as_deref(), tunnel, &self.config.secret, session, &self.leave)
+            .open(
+                &owner.node,
+                owner.advertise.as_deref(),
+                (tunnel, client),
+                &self.config.secret,
+                session,
+                &self.leave,
+            )
             .await?;
         self.metrics.cluster_forward(true);
         Ok(opened)

@@ -3,7 +3,8 @@
 //! framing as agent sessions) over which the dialling node sends requests for tunnels held here.
 //!
 //! One stream per request. The dialling node writes the tunnel id (one length byte, then the id)
-//! and waits for one byte: [`ACK_OK`] once a stream to a local agent session is open, else why
+//! and the client's address (4 or 16, then its bytes: the owner checks it against the agent's
+//! `--allow-ip` / `--deny-ip`, answering [`ACK_DENIED`]) and waits for one byte: [`ACK_OK`] once a stream to a local agent session is open, else why
 //! not (nothing has reached an agent then, so it may try another node). After `ACK_OK` the two
 //! streams are spliced byte for byte: the request head, body, response and any upgraded
 //! connection are the ferry frames the dialling node's proxy writes and reads, as if the agent's
@@ -11,6 +12,7 @@
 //! forwarded again.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +39,8 @@ pub(crate) const ACK_OK: u8 = 0;
 pub(crate) const ACK_NO_SESSION: u8 = 1;
 /// A session is here but took no stream (at its limit, closing, or slow).
 pub(crate) const ACK_UNAVAILABLE: u8 = 2;
+/// The tunnel's agent does not let this client reach it (its `--allow-ip` / `--deny-ip`).
+pub(crate) const ACK_DENIED: u8 = 3;
 /// Longest wait for a peer connection, its WebSocket handshake, or one stream's answer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest chunk moved at once by a splice.
@@ -59,7 +63,7 @@ pub enum PeerError {
         detail: String,
     },
     /// The node answered that it cannot take the request.
-    #[error("node {node} has {}", if *.code == ACK_NO_SESSION { "no session of the tunnel" } else { "no room for the request" })]
+    #[error("node {node} has {}", match *.code { ACK_NO_SESSION => "no session of the tunnel", ACK_DENIED => "an agent that refuses this client", _ => "no room for the request" })]
     Refused {
         /// The node.
         node: String,
@@ -159,8 +163,8 @@ impl Gateway {
             }
             Err(_) => return,
         };
-        let id = match asked {
-            Ask::Tunnel(id) => id,
+        let (id, client) = match asked {
+            Ask::Tunnel(id, client) => (id, client),
             Ask::Sessions(tunnel) => {
                 let list = serde_json::Value::Array(crate::admin::local_sessions(self, tunnel.as_ref()));
                 let mut reply = vec![ACK_OK];
@@ -175,6 +179,10 @@ impl Gateway {
             let _ = answer(&mut stream, ACK_NO_SESSION).await;
             return;
         };
+        if !session.identity.ip_rules.allows(client) {
+            let _ = answer(&mut stream, ACK_DENIED).await;
+            return;
+        }
         let in_flight = session.begin_request();
         let (mut agent, _slot) =
             match tokio::time::timeout(self.config.stream_open_timeout, session.open_stream()).await {
@@ -266,16 +274,27 @@ fn refusal(status: StatusCode) -> ErrorResponse {
 
 /// What a peer stream asks for.
 enum Ask {
-    /// A stream to an agent session of this tunnel.
-    Tunnel(TunnelId),
+    /// A stream to an agent session of this tunnel, for a client at this address.
+    Tunnel(TunnelId, IpAddr),
     /// This node's sessions (of one tunnel, or all).
     Sessions(Option<TunnelId>),
 }
 
-/// `len, tunnel id` asks for a tunnel; `0, len, tunnel id` (`0, 0`: all) for a listing.
+/// `len, tunnel id, len (4 or 16), client address` asks for a tunnel; `0, len, tunnel id`
+/// (`0, 0`: all) for a listing.
 async fn read_ask(stream: &mut multiplex::Stream) -> std::io::Result<Ask> {
     match read_short(stream).await? {
-        Some(id) => Ok(Ask::Tunnel(parse_tunnel_id(&id)?)),
+        Some(id) => {
+            let id = parse_tunnel_id(&id)?;
+            let client = match read_short(stream).await?.as_deref() {
+                Some(&[a, b, c, d]) => IpAddr::from([a, b, c, d]),
+                Some(v6) if v6.len() == 16 => IpAddr::from(<[u8; 16]>::try_from(v6).unwrap_or_default()),
+                _ => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a client address"));
+                }
+            };
+            Ok(Ask::Tunnel(id, client))
+        }
         None => {
             let tunnel = read_short(stream).await?.map(|id| parse_tunnel_id(&id)).transpose()?;
             Ok(Ask::Sessions(tunnel))
@@ -325,19 +344,31 @@ pub(crate) struct Links {
 
 impl Links {
     /// A stream to `node` at `advertise` on which the other node has opened a stream to one of
-    /// its agent sessions of tunnel `id`. A link that fails here is forgotten, so the next
-    /// request dials again instead of waiting on a connection that may be dead.
+    /// its agent sessions of tunnel `id`, for a request from `client`. A link that fails here is
+    /// forgotten, so the next request dials again instead of waiting on a connection that may be
+    /// dead.
     pub(crate) async fn open(
         &self,
         node: &str,
         advertise: Option<&str>,
-        id: &TunnelId,
+        (id, client): (&TunnelId, IpAddr),
         secret: &Secret,
         config: &ferry_transport::SessionConfig,
         stop: &CancellationToken,
     ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
-        let mut preamble = Vec::with_capacity(64);
+        let mut preamble = Vec::with_capacity(80);
         short(id, &mut preamble);
+        // The client's address, for the owner to check against the agent's rules.
+        match client {
+            IpAddr::V4(v4) => {
+                preamble.push(4);
+                preamble.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                preamble.push(16);
+                preamble.extend_from_slice(&v6.octets());
+            }
+        }
         self.ask(node, advertise, &preamble, secret, config, stop).await
     }
 

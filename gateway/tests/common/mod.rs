@@ -256,6 +256,25 @@ pub fn json(body: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|err| panic!("not JSON ({err}): {}", String::from_utf8_lossy(body)))
 }
 
+/// A connection to `to` from `from` (a loopback address of the test's choosing).
+pub async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// `GET path` from `from`; the status and the body.
+pub async fn get_from(from: &str, gateway: SocketAddr, path: &str) -> (u16, String) {
+    let mut socket = connect_from(from, gateway).await;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 /// An address nothing listens on. On a loopback address of its own, so that a listener another
 /// test binds meanwhile (on 127.0.0.1, perhaps with the same port) cannot answer there.
 pub async fn closed_port() -> SocketAddr {
@@ -292,6 +311,8 @@ pub async fn raw_handshake(
             agent_version: "raw test agent".into(),
             mac,
             tcp: Vec::new(),
+            allow_ip: Vec::new(),
+            deny_ip: Vec::new(),
         }
         .encode()
     });
