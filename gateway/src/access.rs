@@ -6,11 +6,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// The address rules of one agent session.
+/// The address rules of one agent session: the agent's own, under the floor the gateway's auth
+/// file sets for the tunnel (a client must pass both).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IpRules {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
+    floor: Option<Box<IpRules>>,
 }
 
 impl IpRules {
@@ -28,7 +30,16 @@ impl IpRules {
         Ok(Self {
             allow: allow.iter().map(parse).collect::<Result<_, _>>()?,
             deny: deny.iter().map(parse).collect::<Result<_, _>>()?,
+            floor: None,
         })
+    }
+
+    /// These rules, with `floor` (the auth file's for the tunnel) applying as well: an agent
+    /// cannot loosen it.
+    #[must_use]
+    pub fn under(mut self, floor: Option<&IpRules>) -> Self {
+        self.floor = floor.filter(|f| !f.allow.is_empty() || !f.deny.is_empty()).cloned().map(Box::new);
+        self
     }
 
     /// Whether a client at `ip` may reach the tunnel: in no denied block, and in an allowed one
@@ -41,12 +52,17 @@ impl IpRules {
         };
         !self.deny.iter().any(|net| net.contains(&ip))
             && (self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip)))
+            && self.floor.as_ref().is_none_or(|floor| floor.allows(ip))
     }
 
     /// The rules as `/connections` shows them.
     pub fn to_json(&self) -> serde_json::Value {
         let text = |nets: &[IpNet]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
-        serde_json::json!({ "allow": text(&self.allow), "deny": text(&self.deny) })
+        let mut rules = serde_json::json!({ "allow": text(&self.allow), "deny": text(&self.deny) });
+        if let Some(floor) = &self.floor {
+            rules["floor"] = floor.to_json();
+        }
+        rules
     }
 }
 
@@ -71,6 +87,13 @@ mod tests {
             assert_eq!(rules.allows(ip.parse().unwrap()), allowed, "{ip}");
         }
         assert!(IpRules::default().allows("192.0.2.1".parse().unwrap()));
+
+        // A floor the agent's own rules cannot loosen: its allow-list is wider, the floor wins.
+        let floor = IpRules::parse(&strings(&["127.0.0.1"]), &[]).unwrap();
+        let loose = IpRules::parse(&strings(&["0.0.0.0/0"]), &[]).unwrap().under(Some(&floor));
+        assert!(loose.allows("127.0.0.1".parse().unwrap()));
+        assert!(!loose.allows("127.0.0.3".parse().unwrap()));
+        assert!(!IpRules::default().under(Some(&floor)).allows("10.0.0.1".parse().unwrap()));
         assert!(IpRules::parse(&strings(&["10.0.0.0/33"]), &[]).is_err());
         assert!(IpRules::parse(&[], &strings(&["::g"])).is_err());
     }

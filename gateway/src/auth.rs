@@ -11,6 +11,8 @@
 //! [tunnels.agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_web]
 //! secrets = ["a long random secret", "the next one, during rotation"]
 //! tcp-ports = [5432]   # public TCP ports reserved for this tunnel (optional)
+//! allow-ip = ["10.0.0.0/8"]   # who may reach it at most, whatever the agent says (optional)
+//! deny-ip = []
 //! ```
 
 use std::collections::HashMap;
@@ -68,6 +70,8 @@ pub struct TunnelGrant {
     secrets: Vec<Secret>,
     /// Public TCP ports reserved for this tunnel (`tcp-ports = [5432]`).
     pub tcp_ports: Vec<u16>,
+    /// Who may reach the tunnel at most (`allow-ip`, `deny-ip`), whatever its agent declares.
+    pub ip_floor: crate::access::IpRules,
 }
 
 /// Why an auth file was refused.
@@ -106,6 +110,10 @@ struct TunnelEntry {
     secrets: Vec<String>,
     #[serde(default)]
     tcp_ports: Vec<u16>,
+    #[serde(default)]
+    allow_ip: Vec<String>,
+    #[serde(default)]
+    deny_ip: Vec<String>,
 }
 
 impl Secrets {
@@ -155,7 +163,9 @@ impl Secrets {
             if entry.tcp_ports.contains(&0) {
                 return Err(format!("tunnels.{id}.tcp-ports: 0 is not a port"));
             }
-            tunnels.insert(tunnel, TunnelGrant { secrets, tcp_ports: entry.tcp_ports });
+            let ip_floor = crate::access::IpRules::parse(&entry.allow_ip, &entry.deny_ip)
+                .map_err(|err| format!("tunnels.{id}: {err}"))?;
+            tunnels.insert(tunnel, TunnelGrant { secrets, tcp_ports: entry.tcp_ports, ip_floor });
         }
         let mut granted = HashMap::new();
         for (tunnel, grant) in &tunnels {
@@ -231,6 +241,14 @@ impl Secrets {
         match self {
             Self::PerTunnel(map) => map.get(tunnel).map_or(&[], |grant| &grant.tcp_ports),
             _ => &[],
+        }
+    }
+
+    /// The address rules the auth file sets for `tunnel`, if any.
+    pub fn ip_floor(&self, tunnel: &TunnelId) -> Option<&crate::access::IpRules> {
+        match self {
+            Self::PerTunnel(map) => map.get(tunnel).map(|grant| &grant.ip_floor),
+            _ => None,
         }
     }
 

@@ -210,7 +210,8 @@ async fn handshake(
         .map(|(secret, _)| server_mac(secret, &nonce, &auth.tunnel_id, &auth.instance_id, &session_id));
     let heartbeat_interval = gateway.config.heartbeat_interval;
     let ip_rules = crate::access::IpRules::parse(&auth.allow_ip, &auth.deny_ip)
-        .map_err(|err| HandshakeFailure::new(AuthErrorCode::Malformed, err))?;
+        .map_err(|err| HandshakeFailure::new(AuthErrorCode::Malformed, err))?
+        .under(gateway.secrets().ip_floor(&auth.tunnel_id));
     let (tcp, claims) = if auth.tcp.is_empty() {
         (Vec::new(), None)
     } else {

@@ -83,3 +83,30 @@ async fn tcp_connections_from_outside_the_allowed_blocks_are_reset_at_the_gatewa
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_auth_files_floor_holds_whatever_the_agent_allows() {
+    bounded(async {
+        let path = std::env::temp_dir().join(format!("ferry-auth-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            format!("[tunnels.{TUNNEL}]\nsecrets = [\"s1\"]\nallow-ip = [\"127.0.0.1\"]\n"),
+        )
+        .unwrap();
+        let config = GatewayConfig {
+            auth: ferry_gateway::auth::AuthSource::File(path.clone()),
+            ..GatewayConfig::default()
+        };
+        let env = TestEnv::start_with(config, |agent| {
+            agent.secret = Some(ferry_codec::Secret::from_text("s1").unwrap());
+            agent.allow_ip = blocks(&["0.0.0.0/0"]);
+        })
+        .await;
+        let path_in_tunnel = format!("/t/{TUNNEL}/");
+        assert_eq!(get_from("127.0.0.1", env.gateway_addr, &path_in_tunnel).await.0, 200);
+        let (status, body) = get_from("127.0.0.2", env.gateway_addr, &path_in_tunnel).await;
+        assert_eq!(status, 403, "{body}");
+        let _ = std::fs::remove_file(&path);
+    })
+    .await;
+}
