@@ -15,16 +15,17 @@ use crate::{CodecError, pb};
 
 /// The protocol version this build speaks (`ferry.v1`).
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest handshake message. The biggest, `AuthAccepted` with [`MAX_TCP_ENDPOINTS`] refused
-/// endpoints, is under 2.5 KiB (a `ClientAuth` with as many endpoints under 1 KiB); anything
-/// larger is not a ferry agent or gateway and is refused before decoding.
+/// Largest handshake message. The biggest, a `ClientAuth` with [`MAX_TCP_ENDPOINTS`] endpoints
+/// and [`MAX_IP_RULES`] blocks of each kind at their longest, is under 4 KiB (a test checks it),
+/// as is an `AuthAccepted` refusing as many endpoints; anything larger is not a ferry agent or
+/// gateway and is refused before decoding.
 pub const MAX_HANDSHAKE_LEN: usize = 4 * 1024;
 /// Most TCP endpoints one agent may declare.
 pub const MAX_TCP_ENDPOINTS: usize = 8;
 /// Longest reason a TCP endpoint was refused.
 pub const MAX_TCP_ERROR_LEN: usize = 200;
 /// Most address blocks in each of `allow_ip` and `deny_ip`.
-pub const MAX_IP_RULES: usize = 64;
+pub const MAX_IP_RULES: usize = 32;
 /// Longest software version string (`gateway_version`, `agent_version`).
 pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
 
@@ -79,7 +80,7 @@ pub fn is_ip_block(text: &str) -> bool {
 
 fn ip_blocks_from_wire(blocks: Vec<String>, field: &'static str) -> Result<Vec<String>, CodecError> {
     if blocks.len() > MAX_IP_RULES {
-        return Err(CodecError::invalid(field, "more than 64 address blocks"));
+        return Err(CodecError::invalid(field, "more than 32 address blocks"));
     }
     if !blocks.iter().all(|b| is_ip_block(b)) {
         return Err(CodecError::invalid(field, "not an address block"));

@@ -363,7 +363,7 @@ fn address_blocks_in_client_auth_are_checked() {
         vec!["10.0.0.0/8 ".to_owned()],
         vec!["evil".to_owned()],
         vec!["1".to_owned()],
-        vec!["1.2.3.4/8".to_owned(); 65],
+        vec!["1.2.3.4/8".to_owned(); 33],
     ] {
         assert!(
             matches!(
@@ -374,4 +374,25 @@ fn address_blocks_in_client_auth_are_checked() {
             "{bad:?}"
         );
     }
+}
+
+#[test]
+fn the_largest_client_auth_fits_the_handshake_limit() {
+    use ferry_codec::handshake::{MAX_IP_RULES, MAX_SOFTWARE_VERSION_LEN, MAX_TCP_ENDPOINTS, TcpEndpoint};
+    let longest_block = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128".to_owned();
+    let auth = ClientAuth {
+        version: PROTOCOL_VERSION,
+        tunnel_id: format!("agent_0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4_{}", "p".repeat(20)).parse().unwrap(),
+        instance_id: InstanceId(Uuid::from_u128(u128::MAX)),
+        agent_version: "v".repeat(MAX_SOFTWARE_VERSION_LEN),
+        mac: Some(ferry_codec::Mac::from_bytes([0xff; 32])),
+        tcp: (0..MAX_TCP_ENDPOINTS)
+            .map(|i| TcpEndpoint { name: format!("{i}{}", "n".repeat(63)), port: Some(u16::MAX) })
+            .collect(),
+        allow_ip: vec![longest_block.clone(); MAX_IP_RULES],
+        deny_ip: vec![longest_block; MAX_IP_RULES],
+    };
+    let wire = auth.encode();
+    assert!(wire.len() <= MAX_HANDSHAKE_LEN, "{} bytes", wire.len());
+    assert_eq!(ClientAuth::decode(wire).unwrap(), auth);
 }
