@@ -272,7 +272,11 @@ async fn serve_connection(
                     }
                     for binding in &accepted.tcp {
                         if let Ok(port) = binding.port {
-                            let url = format!("tcp://{}:{port}", gateway.host);
+                            let url = if gateway.host.contains(':') {
+                                format!("tcp://[{}]:{port}", gateway.host)
+                            } else {
+                                format!("tcp://{}:{port}", gateway.host)
+                            };
                             info!(%url, endpoint = binding.name, "public TCP address");
                         }
                     }

@@ -41,8 +41,10 @@ struct Args {
     route: Vec<Route>,
 
     /// A raw TCP service to expose on a public port of the gateway: HOST:PORT, e.g.
-    /// 127.0.0.1:5432, or PORT=HOST:PORT to ask for that public port (repeatable, up to 8).
-    #[arg(long, value_parser = TcpTarget::parse, value_name = "[PORT=]HOST:PORT")]
+    /// 127.0.0.1:5432, or PORT=HOST:PORT to ask for that public port; add
+    /// `,proxy-protocol=v1` or `v2` to send the upstream the client's address first
+    /// (repeatable, up to 8).
+    #[arg(long, value_parser = TcpTarget::parse, value_name = "[PORT=]HOST:PORT[,OPTION]")]
     tcp: Vec<TcpTarget>,
 
     /// Only clients in these address blocks may reach the tunnel (CIDR or one address,

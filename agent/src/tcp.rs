@@ -5,13 +5,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_codec::{Abort, AbortCode, Frame, Head, TcpOpen};
+use ferry_codec::{AbortCode, Frame, Head, TcpOpen};
 use ferry_transport::stream::{FrameReader, FrameWriter, pipe};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::{ProxyProtocol, TcpTarget};
+use crate::upstream::abort;
 
 /// Serves a stream that started with `open` to the end.
 pub(crate) async fn serve(
@@ -103,12 +104,6 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
-    }
-}
-
-async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
-    if writer.send(&Frame::Abort(Abort::new(code, message))).await.is_ok() {
-        let _ = writer.finish().await;
     }
 }
 

@@ -179,7 +179,8 @@ async fn request_head(reader: &mut FrameReader) -> Result<First, Option<&'static
     }
 }
 
-async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
+/// Tells the gateway the stream failed, and why; then ends it.
+pub(crate) async fn abort(writer: &mut FrameWriter, code: AbortCode, message: &str) {
     if writer.send(&Frame::Abort(Abort::new(code, message))).await.is_ok() {
         let _ = writer.finish().await;
     }

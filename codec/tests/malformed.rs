@@ -201,9 +201,9 @@ fn other_protocol_versions_are_refused() {
     assert!(check_version(decoded.version).is_err());
 }
 
-#[test]
-fn instance_ids_survive_the_handshake() {
-    let auth = ClientAuth {
+/// A plain `ClientAuth`, for tests to change one field of.
+fn plain_client_auth() -> ClientAuth {
+    ClientAuth {
         version: PROTOCOL_VERSION,
         tunnel_id: TUNNEL.parse().unwrap(),
         instance_id: InstanceId(Uuid::from_u128(42)),
@@ -212,24 +212,34 @@ fn instance_ids_survive_the_handshake() {
         tcp: Vec::new(),
         allow_ip: Vec::new(),
         deny_ip: Vec::new(),
-    };
+    }
+}
+
+/// A plain `AuthAccepted`, for tests to change one field of.
+fn plain_accepted() -> ferry_codec::handshake::AuthAccepted {
+    ferry_codec::handshake::AuthAccepted {
+        session_id: ferry_codec::SessionId(Uuid::from_u128(7)),
+        server_mac: None,
+        heartbeat_interval: std::time::Duration::from_secs(20),
+        limits: ferry_codec::handshake::SessionLimits { max_streams: 10, max_data_frame_len: 1 << 20 },
+        public_urls: Vec::new(),
+        node_id: None,
+        tcp: Vec::new(),
+    }
+}
+
+#[test]
+fn instance_ids_survive_the_handshake() {
+    let auth = plain_client_auth();
     assert_eq!(ClientAuth::decode(auth.encode()).unwrap(), auth);
 }
 
 #[test]
 fn a_node_id_in_auth_accepted_must_be_one() {
     use ferry_codec::AuthResult;
-    use ferry_codec::handshake::{AuthAccepted, SessionLimits};
+    use ferry_codec::handshake::AuthAccepted;
     let accepted = |node_id: Option<&str>| {
-        AuthResult::Accepted(AuthAccepted {
-            session_id: ferry_codec::SessionId(Uuid::from_u128(7)),
-            server_mac: None,
-            heartbeat_interval: std::time::Duration::from_secs(20),
-            limits: SessionLimits { max_streams: 10, max_data_frame_len: 1 << 20 },
-            public_urls: Vec::new(),
-            node_id: node_id.map(str::to_owned),
-            tcp: Vec::new(),
-        })
+        AuthResult::Accepted(AuthAccepted { node_id: node_id.map(str::to_owned), ..plain_accepted() })
     };
     for good in [None, Some("node-a"), Some("n-0123456789ab"), Some("gw_1.eu")] {
         assert_eq!(AuthResult::decode(accepted(good).encode()).unwrap(), accepted(good));
@@ -292,16 +302,11 @@ fn tcp_endpoints_in_client_auth_are_checked() {
 #[test]
 fn a_tcp_binding_has_a_port_or_a_short_error() {
     use ferry_codec::AuthResult;
-    use ferry_codec::handshake::{AuthAccepted, SessionLimits, TcpBinding};
+    use ferry_codec::handshake::{AuthAccepted, TcpBinding};
     let accepted = |port: Result<u16, String>| {
         AuthResult::Accepted(AuthAccepted {
-            session_id: ferry_codec::SessionId(Uuid::from_u128(7)),
-            server_mac: None,
-            heartbeat_interval: std::time::Duration::from_secs(20),
-            limits: SessionLimits { max_streams: 10, max_data_frame_len: 1 << 20 },
-            public_urls: Vec::new(),
-            node_id: None,
             tcp: vec![TcpBinding { name: "127.0.0.1:5432".into(), port }],
+            ..plain_accepted()
         })
     };
     for good in [Ok(20_000), Err("port 5432 is not granted to this tunnel".to_owned())] {
@@ -348,14 +353,9 @@ fn a_tcp_open_head_needs_an_endpoint_a_client_and_a_public_port() {
 #[test]
 fn address_blocks_in_client_auth_are_checked() {
     let auth = |allow: Vec<String>| ClientAuth {
-        version: PROTOCOL_VERSION,
-        tunnel_id: TUNNEL.parse().unwrap(),
-        instance_id: InstanceId(Uuid::from_u128(42)),
-        agent_version: "ferry-agent 0.1.0".into(),
-        mac: None,
-        tcp: Vec::new(),
         allow_ip: allow,
         deny_ip: vec!["2001:db8::/32".into()],
+        ..plain_client_auth()
     };
     let good = auth(vec!["10.0.0.0/8".into(), "127.0.0.1".into()]);
     assert_eq!(ClientAuth::decode(good.encode()).unwrap(), good);

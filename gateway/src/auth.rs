@@ -60,8 +60,9 @@ pub enum Secrets {
     Open,
     /// One shared secret.
     Shared(Secret),
-    /// Secrets (and TCP ports) by tunnel.
-    PerTunnel(HashMap<TunnelId, TunnelGrant>),
+    /// Secrets (and TCP ports, address rules) by tunnel; and which tunnel each reserved TCP
+    /// port belongs to.
+    PerTunnel(HashMap<TunnelId, TunnelGrant>, HashMap<u16, TunnelId>),
 }
 
 /// What the auth file gives one tunnel.
@@ -167,15 +168,15 @@ impl Secrets {
                 .map_err(|err| format!("tunnels.{id}: {err}"))?;
             tunnels.insert(tunnel, TunnelGrant { secrets, tcp_ports: entry.tcp_ports, ip_floor });
         }
-        let mut granted = HashMap::new();
+        let mut reserved = HashMap::new();
         for (tunnel, grant) in &tunnels {
             for port in &grant.tcp_ports {
-                if let Some(other) = granted.insert(*port, tunnel) {
+                if let Some(other) = reserved.insert(*port, tunnel.clone()) {
                     return Err(format!("tcp-ports: port {port} is granted to both {other} and {tunnel}"));
                 }
             }
         }
-        Ok(Self::PerTunnel(tunnels))
+        Ok(Self::PerTunnel(tunnels, reserved))
     }
 
     /// Whether agents must authenticate.
@@ -186,7 +187,7 @@ impl Secrets {
     /// Number of tunnels with their own secrets (for logs).
     pub fn tunnel_count(&self) -> Option<usize> {
         match self {
-            Self::PerTunnel(map) => Some(map.len()),
+            Self::PerTunnel(map, _) => Some(map.len()),
             _ => None,
         }
     }
@@ -210,7 +211,7 @@ impl Secrets {
         let candidates: &[Secret] = match self {
             Self::Open => return Ok(None),
             Self::Shared(secret) => std::slice::from_ref(secret),
-            Self::PerTunnel(map) => &map.get(tunnel).ok_or(AuthErrorCode::UnknownTunnel)?.secrets,
+            Self::PerTunnel(map, _) => &map.get(tunnel).ok_or(AuthErrorCode::UnknownTunnel)?.secrets,
         };
         let mac = mac.ok_or(AuthErrorCode::BadCredentials)?;
         let transcript = Transcript::client(PROTOCOL_VERSION, nonce, tunnel, instance);
@@ -230,7 +231,7 @@ impl Secrets {
             (Self::Open, _) => true,
             (_, None) => false,
             (Self::Shared(secret), Some(used)) => fingerprint(secret) == *used,
-            (Self::PerTunnel(map), Some(used)) => {
+            (Self::PerTunnel(map, _), Some(used)) => {
                 map.get(tunnel).is_some_and(|grant| grant.secrets.iter().any(|s| fingerprint(s) == *used))
             }
         }
@@ -239,7 +240,7 @@ impl Secrets {
     /// The TCP ports the auth file reserves for `tunnel`.
     pub fn tcp_ports(&self, tunnel: &TunnelId) -> &[u16] {
         match self {
-            Self::PerTunnel(map) => map.get(tunnel).map_or(&[], |grant| &grant.tcp_ports),
+            Self::PerTunnel(map, _) => map.get(tunnel).map_or(&[], |grant| &grant.tcp_ports),
             _ => &[],
         }
     }
@@ -247,7 +248,7 @@ impl Secrets {
     /// The address rules the auth file sets for `tunnel`, if any.
     pub fn ip_floor(&self, tunnel: &TunnelId) -> Option<&crate::access::IpRules> {
         match self {
-            Self::PerTunnel(map) => map.get(tunnel).map(|grant| &grant.ip_floor),
+            Self::PerTunnel(map, _) => map.get(tunnel).map(|grant| &grant.ip_floor),
             _ => None,
         }
     }
@@ -255,9 +256,7 @@ impl Secrets {
     /// Whether the auth file reserves `port` for a tunnel other than `tunnel`.
     pub fn tcp_port_reserved_for_other(&self, port: u16, tunnel: &TunnelId) -> bool {
         match self {
-            Self::PerTunnel(map) => {
-                map.iter().any(|(id, grant)| id != tunnel && grant.tcp_ports.contains(&port))
-            }
+            Self::PerTunnel(_, reserved) => reserved.get(&port).is_some_and(|owner| owner != tunnel),
             _ => false,
         }
     }

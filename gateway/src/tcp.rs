@@ -156,28 +156,25 @@ impl TcpPorts {
             return Ok(*port);
         }
         let in_range = |port: u16| config.ports.as_ref().is_some_and(|range| range.contains(&port));
-        let candidates: Vec<u16> = match endpoint.port {
+        // The ports to try, in order, looked at lazily: a range may be large.
+        let candidates: Box<dyn Iterator<Item = u16>> = match endpoint.port {
             Some(port) if !granted.contains(&port) && (!in_range(port) || granted_elsewhere(port)) => {
                 return Err(format!("port {port} is not granted to this tunnel"));
             }
             Some(port) if leases.contains_key(&port) => {
                 return Err(format!("port {port} is in use by another endpoint"));
             }
-            Some(port) => vec![port],
+            Some(port) => Box::new(std::iter::once(port)),
+            None if config.ports.is_none() && granted.is_empty() => {
+                return Err("this gateway gives no TCP ports to this tunnel".into());
+            }
             None => {
                 let range = config.ports.clone().into_iter().flatten().filter(|p| !granted_elsewhere(*p));
-                granted.iter().copied().chain(range).filter(|p| !leases.contains_key(p)).collect()
+                Box::new(granted.iter().copied().chain(range))
             }
         };
-        if candidates.is_empty() {
-            return Err(if config.ports.is_none() && granted.is_empty() {
-                "this gateway gives no TCP ports to this tunnel".into()
-            } else {
-                "every TCP port this tunnel may have is taken".into()
-            });
-        }
         let mut last_error = None;
-        for port in candidates {
+        for port in candidates.filter(|p| !leases.contains_key(p)) {
             match bind(config.bind, port) {
                 Ok(listener) => {
                     let stop = gateway.shutdown.child_token();
@@ -207,8 +204,10 @@ impl TcpPorts {
                 }
             }
         }
-        let (port, err) = last_error.expect("at least one candidate was tried");
-        Err(format!("cannot listen on port {port}: {err}"))
+        Err(match last_error {
+            Some((port, err)) => format!("cannot listen on port {port}: {err}"),
+            None => "every TCP port this tunnel may have is taken".into(),
+        })
     }
 
     /// A session let go of `port`: the lease runs out after [`TcpConfig::lease`] unless a
@@ -237,21 +236,13 @@ impl TcpPorts {
             }
             let Some(gateway) = weak.upgrade() else { return };
             let mut leases = gateway.tcp_ports.leases.lock().unwrap_or_else(|e| e.into_inner());
-            if leases.get(&port).is_some_and(|l| l.holders == 0 && l.generation == generation) {
-                let lease = leases.remove(&port).expect("just seen");
+            if leases.get(&port).is_some_and(|l| l.holders == 0 && l.generation == generation)
+                && let Some(lease) = leases.remove(&port)
+            {
                 lease.stop.cancel();
                 info!(port, tunnel_id = %lease.tunnel, endpoint = lease.endpoint, "TCP port lease ended");
             }
         });
-    }
-
-    /// The ports leased now, as `(port, tunnel, endpoint, sessions holding it)`.
-    pub fn leases(&self) -> Vec<(u16, TunnelId, String, usize)> {
-        let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> =
-            leases.iter().map(|(port, l)| (*port, l.tunnel.clone(), l.endpoint.clone(), l.holders)).collect();
-        all.sort_by_key(|(port, ..)| *port);
-        all
     }
 }
 
@@ -274,23 +265,38 @@ async fn accept(
     stop: CancellationToken,
 ) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let Some(slots) = gateway.upgrade().map(|g| Arc::clone(&g.connection_slots)) else { return };
     loop {
-        let (socket, client) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+        // The same limits as the HTTP port: a permit among the gateway's connections, then a
+        // slot among the client address's.
+        let accepted = async {
+            let permit = Arc::clone(&slots).acquire_owned().await.ok()?;
+            match listener.accept().await {
+                Ok((socket, client)) => Some((socket, client, permit)),
                 Err(err) => {
                     // Out of descriptors, mostly: pause rather than spin.
                     warn!(port, %err, "cannot accept on a TCP port");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    None
                 }
+            }
+        };
+        let (socket, client, permit) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = accepted => match accepted {
+                Some(accepted) => accepted,
+                None => continue,
             },
         };
         let Some(serving) = gateway.upgrade() else { return };
+        let Some(address_slot) = serving.limits.connection(client.ip()) else {
+            let _ = socket.set_zero_linger();
+            continue;
+        };
         let tracker = serving.tracker.clone();
         let (tunnel, endpoint) = (tunnel.clone(), endpoint.clone());
         tracker.spawn(async move {
+            let _held = (permit, address_slot);
             if let Err(reason) = connection(&serving, socket, client, port, &tunnel, &endpoint).await {
                 debug!(port, %client, reason, "TCP connection reset");
             }
@@ -368,14 +374,20 @@ async fn session_for(
     endpoint: &str,
     port: u16,
 ) -> Option<Arc<Session>> {
+    // The least loaded of the sessions that declared the endpoint on this port.
     let find = || {
-        gateway.registry.of(tunnel).into_iter().find(|s| {
-            s.accepts_requests()
-                && s.identity
-                    .tcp
-                    .as_ref()
-                    .is_some_and(|c| c.bound.iter().any(|(n, p)| n == endpoint && *p == port))
-        })
+        gateway
+            .registry
+            .of(tunnel)
+            .into_iter()
+            .filter(|s| {
+                s.accepts_requests()
+                    && s.identity
+                        .tcp
+                        .as_ref()
+                        .is_some_and(|c| c.bound.iter().any(|(n, p)| n == endpoint && *p == port))
+            })
+            .min_by_key(|s| s.in_flight())
     };
     if let Some(session) = find() {
         return Some(session);

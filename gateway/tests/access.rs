@@ -67,10 +67,7 @@ async fn tcp_connections_from_outside_the_allowed_blocks_are_reset_at_the_gatewa
         .await;
         let public: SocketAddr = ([127, 0, 0, 1], port).into();
 
-        let mut refused = connect_from("127.0.0.2", public).await;
-        let mut buf = [0u8; 8];
-        let err = refused.read(&mut buf).await.expect_err("a reset");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        expect_reset(&mut connect_from("127.0.0.2", public).await).await;
 
         let mut allowed = connect_from("127.0.0.1", public).await;
         // The first connection the upstream sees is the allowed client's: the refused one (made

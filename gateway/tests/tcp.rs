@@ -21,6 +21,7 @@ use ferry_gateway::tcp::TcpConfig;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 /// A port nothing listens on now, for a one-port `--tcp-ports` range.
 async fn free_port() -> u16 {
@@ -42,37 +43,48 @@ fn public_port(env: &TestEnv, name: &str) -> u16 {
 }
 
 /// An upstream that reads what a connection sends until its half-close, then answers
-/// `{bytes} {sha256}\n` and `reply` bytes of the pattern, and closes.
-async fn answering_after_eof(reply: u64) -> SocketAddr {
+/// `{bytes} {sha256}\n` and `reply` bytes of the pattern, and closes. The receiver counts the
+/// connections it accepted.
+async fn answering_after_eof(reply: u64) -> (SocketAddr, watch::Receiver<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (accepted, count) = watch::channel(0);
     tokio::spawn(async move {
-        loop {
-            let (mut socket, _) = listener.accept().await.unwrap();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            accepted.send_modify(|n| *n += 1);
             tokio::spawn(async move {
                 let (mut hasher, mut total, mut buf) = (Sha256::new(), 0u64, vec![0u8; 64 * 1024]);
-                loop {
-                    let n = socket.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        break;
-                    }
+                // A connection the agent resets (it was killed) just ends.
+                while let Ok(n @ 1..) = socket.read(&mut buf).await {
                     hasher.update(&buf[..n]);
                     total += n as u64;
                 }
                 let line = format!("{total} {}\n", hex(&hasher.finalize()));
-                socket.write_all(line.as_bytes()).await.unwrap();
+                let _ = socket.write_all(line.as_bytes()).await;
                 let mut offset = 0;
                 while offset < reply {
                     let chunk =
                         ferry_benches::upstream::pattern(offset, (reply - offset).min(64 * 1024) as usize);
-                    socket.write_all(&chunk).await.unwrap();
+                    if socket.write_all(&chunk).await.is_err() {
+                        return;
+                    }
                     offset += chunk.len() as u64;
                 }
-                socket.shutdown().await.unwrap();
+                let _ = socket.shutdown().await;
             });
         }
     });
-    addr
+    (addr, count)
+}
+
+/// Sends `bytes` on a new connection to the public `port`, half-closes, and reads the answer.
+async fn exchange(port: u16, bytes: &[u8]) -> String {
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(bytes).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    answer
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -89,7 +101,7 @@ async fn with_tcp_endpoint(config: GatewayConfig, upstream: SocketAddr) -> (Test
 async fn a_tcp_endpoint_carries_bytes_both_ways_intact_with_the_half_close() {
     bounded(async {
         const SIZE: u64 = 64 << 20;
-        let upstream = answering_after_eof(SIZE).await;
+        let (upstream, _) = answering_after_eof(SIZE).await;
         let port = free_port().await;
         let (env, name) = with_tcp_endpoint(gateway_with_ports(port..=port), upstream).await;
         assert_eq!(public_port(&env, &name), port);
@@ -139,7 +151,7 @@ async fn a_tcp_endpoint_carries_bytes_both_ways_intact_with_the_half_close() {
 #[tokio::test]
 async fn a_killed_agent_resets_the_connection_and_gets_its_port_back() {
     bounded(async {
-        let upstream = answering_after_eof(0).await;
+        let (upstream, mut accepted) = answering_after_eof(0).await;
         // Two ports in the range: the second session must still get the first one.
         let port = free_port().await;
         let config = GatewayConfig {
@@ -150,26 +162,14 @@ async fn a_killed_agent_resets_the_connection_and_gets_its_port_back() {
         let port = public_port(&env, &name);
         let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         client.write_all(b"half a message").await.unwrap();
-        // The connection is through once the session counts it (polled: a count in flight is
-        // not a registry change).
-        while env.gateway.registry.in_flight(&env.tunnel_id) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // The connection is through once the upstream accepted it.
+        accepted.wait_for(|n| *n == 1).await.unwrap();
 
         env.agent.take().unwrap().kill();
-        let mut buf = [0u8; 16];
-        let err = client.read(&mut buf).await.expect_err("a reset, not an orderly end");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        expect_reset(&mut client).await;
 
         // A connection that arrives while the agent is away waits for it.
-        let waiting = tokio::spawn(async move {
-            let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-            client.write_all(b"hello").await.unwrap();
-            client.shutdown().await.unwrap();
-            let mut answer = String::new();
-            client.read_to_string(&mut answer).await.unwrap();
-            answer
-        });
+        let waiting = tokio::spawn(async move { exchange(port, b"hello").await });
         env.agent = Some(spawn_agent({
             let mut config = env.agent_config();
             config.tcp = vec![TcpTarget::parse(&name).unwrap()];
@@ -186,7 +186,7 @@ async fn a_killed_agent_resets_the_connection_and_gets_its_port_back() {
 #[tokio::test]
 async fn an_agent_with_only_tcp_endpoints_answers_http_with_404() {
     bounded(async {
-        let upstream = answering_after_eof(0).await;
+        let (upstream, _) = answering_after_eof(0).await;
         let port = free_port().await;
         let env = TestEnv::start_with(gateway_with_ports(port..=port), |agent| {
             agent.upstream = None;
@@ -196,10 +196,7 @@ async fn an_agent_with_only_tcp_endpoints_answers_http_with_404() {
         let (response, body) = get(&env.url("/")).await;
         assert_eq!(response.status(), http::StatusCode::NOT_FOUND);
         assert_eq!(json(&body)["error"]["code"], "no_upstream");
-        let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).await.unwrap();
+        let answer = exchange(port, b"").await;
         assert!(answer.starts_with("0 "), "{answer}");
     })
     .await;
@@ -210,10 +207,7 @@ async fn an_unreachable_tcp_upstream_resets_the_public_connection() {
     bounded(async {
         let port = free_port().await;
         let (env, _) = with_tcp_endpoint(gateway_with_ports(port..=port), closed_port().await).await;
-        let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut buf = [0u8; 16];
-        let err = client.read(&mut buf).await.expect_err("a reset");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        expect_reset(&mut TcpStream::connect(("127.0.0.1", port)).await.unwrap()).await;
         let metrics = env.gateway.metrics.render(&env.gateway.registry);
         assert!(
             metrics.contains("ferry_tcp_connections_total{outcome=\"upstream_unreachable\"} 1"),
@@ -236,7 +230,7 @@ async fn ports_are_given_only_to_the_tunnel_they_are_reserved_for() {
             ),
         )
         .unwrap();
-        let upstream = answering_after_eof(0).await;
+        let (upstream, _) = answering_after_eof(0).await;
         let config = GatewayConfig { auth: AuthSource::File(path.clone()), ..GatewayConfig::default() };
         // Without --tcp-ports, the tunnel gets the port reserved for it.
         let env = TestEnv::start_with(config, |agent| {
@@ -371,9 +365,7 @@ async fn the_upstream_learns_the_real_client_address_over_proxy_protocol() {
             let public = public_port(&env, &name);
             // A client on another loopback address, so the address the upstream hears is not
             // the gateway's own.
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-            let mut client = socket.connect(([127, 0, 0, 1], public).into()).await.unwrap();
+            let mut client = connect_from("127.0.0.2", ([127, 0, 0, 1], public).into()).await;
             let me = client.local_addr().unwrap();
             let mut answer = String::new();
             client.read_to_string(&mut answer).await.unwrap();
@@ -418,6 +410,22 @@ async fn a_client_that_stops_reading_stops_the_tcp_upstream() {
         let listing = json(&body);
         assert_eq!(listing["sessions"][0]["tcp"], serde_json::json!([{ "endpoint": name, "port": port }]));
         drop(client);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tcp_connections_count_against_the_per_address_limit() {
+    bounded(async {
+        let (upstream, mut accepted) = answering_after_eof(0).await;
+        let port = free_port().await;
+        let config = GatewayConfig { max_connections_per_address: 1, ..gateway_with_ports(port..=port) };
+        let (_env, _) = with_tcp_endpoint(config, upstream).await;
+        let _first = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        accepted.wait_for(|n| *n == 1).await.unwrap();
+        // A second connection from the same address, while the first is open, is reset.
+        expect_reset(&mut TcpStream::connect(("127.0.0.1", port)).await.unwrap()).await;
+        assert_eq!(*accepted.borrow(), 1);
     })
     .await;
 }

@@ -4,8 +4,9 @@
 //!
 //! One stream per request. The dialling node writes the tunnel id (one length byte, then the id)
 //! and the client's address (4 or 16, then its bytes: the owner checks it against the agent's
-//! `--allow-ip` / `--deny-ip`, answering [`ACK_DENIED`]) and waits for one byte: [`ACK_OK`] once a stream to a local agent session is open, else why
-//! not (nothing has reached an agent then, so it may try another node). After `ACK_OK` the two
+//! `--allow-ip` / `--deny-ip`, answering [`ACK_DENIED`]), and waits for one byte: [`ACK_OK`]
+//! once a stream to a local agent session is open, else why not (nothing has reached an agent
+//! then, so it may try another node). After `ACK_OK` the two
 //! streams are spliced byte for byte: the request head, body, response and any upgraded
 //! connection are the ferry frames the dialling node's proxy writes and reads, as if the agent's
 //! session were its own. A request therefore crosses one hop at most: what arrives here is never
@@ -286,12 +287,13 @@ async fn read_ask(stream: &mut multiplex::Stream) -> std::io::Result<Ask> {
     match read_short(stream).await? {
         Some(id) => {
             let id = parse_tunnel_id(&id)?;
-            let client = match read_short(stream).await?.as_deref() {
-                Some(&[a, b, c, d]) => IpAddr::from([a, b, c, d]),
-                Some(v6) if v6.len() == 16 => IpAddr::from(<[u8; 16]>::try_from(v6).unwrap_or_default()),
-                _ => {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a client address"));
-                }
+            let bytes = read_short(stream).await?.unwrap_or_default();
+            let client = if let Ok(v4) = <[u8; 4]>::try_from(&bytes[..]) {
+                IpAddr::from(v4)
+            } else if let Ok(v6) = <[u8; 16]>::try_from(&bytes[..]) {
+                IpAddr::from(v6)
+            } else {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a client address"));
             };
             Ok(Ask::Tunnel(id, client))
         }

@@ -275,6 +275,13 @@ pub async fn get_from(from: &str, gateway: SocketAddr, path: &str) -> (u16, Stri
     (status, body)
 }
 
+/// Reads from `socket` and expects a reset (RST), not data or an orderly end.
+pub async fn expect_reset(socket: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    let err = socket.read(&mut buf).await.expect_err("a reset, not data or an orderly end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
 /// An address nothing listens on. On a loopback address of its own, so that a listener another
 /// test binds meanwhile (on 127.0.0.1, perhaps with the same port) cannot answer there.
 pub async fn closed_port() -> SocketAddr {
