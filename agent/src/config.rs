@@ -274,6 +274,14 @@ pub struct AgentConfig {
     pub allow_ip: Vec<ipnet::IpNet>,
     /// Client address blocks that may not; they win over `allow_ip`.
     pub deny_ip: Vec<ipnet::IpNet>,
+    /// htpasswd lines (`user:bcrypt-hash`) the gateway checks public HTTP requests against
+    /// (`Authorization: Basic`); empty: no authentication.
+    pub basic_auth: Vec<String>,
+    /// Header fields set and removed on the way to the upstream and back.
+    pub headers: crate::rewrite::HeaderRules,
+    /// Put `/t/{tunnel_id}` back in front of a path-routed target, for an application served
+    /// under that base path.
+    pub keep_path_prefix: bool,
     /// What the agent refuses before the upstream sees it.
     pub filters: Filters,
     /// Extra CA certificates (PEM) to trust for an `https` upstream, besides the system roots.
@@ -378,6 +386,11 @@ impl AgentConfig {
                 ferry_codec::handshake::MAX_IP_RULES
             ));
         }
+        let rules = [&self.headers.request.set.len(), &self.headers.request.remove.len()];
+        let more = [&self.headers.response.set.len(), &self.headers.response.remove.len()];
+        if rules.iter().chain(&more).any(|n| **n > crate::rewrite::MAX_RULES) {
+            return Err(format!("at most {} header rules of each kind", crate::rewrite::MAX_RULES));
+        }
         if self.tcp.len() > ferry_codec::handshake::MAX_TCP_ENDPOINTS {
             return Err(format!("at most {} --tcp endpoints", ferry_codec::handshake::MAX_TCP_ENDPOINTS));
         }
@@ -426,6 +439,9 @@ impl AgentConfig {
             tcp: Vec::new(),
             allow_ip: Vec::new(),
             deny_ip: Vec::new(),
+            basic_auth: Vec::new(),
+            headers: crate::rewrite::HeaderRules::default(),
+            keep_path_prefix: false,
             filters: Filters::default(),
             upstream_ca: None,
             gateway,
@@ -452,6 +468,45 @@ impl AgentConfig {
             breaker_cooldown: BREAKER_COOLDOWN,
         }
     }
+}
+
+/// Reads an htpasswd file for `--basic-auth-file`: one `user:hash` line per user, bcrypt hashes
+/// only (`htpasswd -B`, or `agent --hash-password USER`); blank lines and `#` comments are
+/// skipped.
+///
+/// # Errors
+/// The file cannot be read, or a line that is not a bcrypt entry (named by its number, never
+/// printed), a user given twice, more than the handshake carries.
+pub fn load_htpasswd(path: &std::path::Path) -> Result<Vec<String>, String> {
+    use ferry_codec::handshake::{MAX_BASIC_AUTH_USERS, is_basic_auth_entry};
+    let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
+    let mut lines: Vec<String> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), number + 1);
+        if !is_basic_auth_entry(line) {
+            return Err(format!(
+                "{}: expected `user:hash` with a bcrypt hash ($2y$, $2b$ or $2a$): make one with \
+                 `agent --hash-password USER` or `htpasswd -nB USER`",
+                at()
+            ));
+        }
+        let user = line.split_once(':').map(|(user, _)| user);
+        if lines.iter().any(|l| l.split_once(':').map(|(u, _)| u) == user) {
+            return Err(format!("{}: user {:?} is given twice", at(), user.unwrap_or_default()));
+        }
+        lines.push(line.to_owned());
+    }
+    if lines.is_empty() {
+        return Err(format!("{}: no users", path.display()));
+    }
+    if lines.len() > MAX_BASIC_AUTH_USERS {
+        return Err(format!("{}: at most {MAX_BASIC_AUTH_USERS} users", path.display()));
+    }
+    Ok(lines)
 }
 
 /// Parses an address block for `--allow-ip` / `--deny-ip`: `10.0.0.0/8`, `2001:db8::/32`, or one
@@ -554,5 +609,31 @@ mod tests {
             config.connections = n;
             assert_eq!(config.validate().is_ok(), ok, "{n}");
         }
+    }
+
+    #[test]
+    fn htpasswd_files_hold_bcrypt_lines_only() {
+        let dir = std::env::temp_dir().join(format!("ferry-htpasswd-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let hash = format!("$2y$05${}", "a".repeat(53));
+        let good = file("good", &format!("# users\n\nalice:{hash}\n  bob:{hash}  \n"));
+        assert_eq!(load_htpasswd(&good).unwrap(), [format!("alice:{hash}"), format!("bob:{hash}")]);
+        let plain = file("plain", "alice:secret\n");
+        let err = load_htpasswd(&plain).unwrap_err();
+        assert!(err.contains("line 1") && !err.contains("secret"), "{err}");
+        let md5 = file("md5", "alice:$apr1$abc$def\n");
+        assert!(load_htpasswd(&md5).unwrap_err().contains("bcrypt"));
+        let twice = file("twice", &format!("alice:{hash}\nalice:{hash}\n"));
+        assert!(load_htpasswd(&twice).unwrap_err().contains("twice"));
+        assert!(load_htpasswd(&file("empty", "# nobody\n")).unwrap_err().contains("no users"));
+        let many: String = (0..17).map(|i| format!("u{i}:{hash}\n")).collect();
+        assert!(load_htpasswd(&file("many", &many)).unwrap_err().contains("at most 16"));
+        assert!(load_htpasswd(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

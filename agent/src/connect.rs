@@ -82,6 +82,7 @@ async fn connect_inner(
         tcp: config.tcp.iter().map(|t| TcpEndpoint { name: t.name.clone(), port: t.public_port }).collect(),
         allow_ip: config.allow_ip.iter().map(ToString::to_string).collect(),
         deny_ip: config.deny_ip.iter().map(ToString::to_string).collect(),
+        basic_auth: config.basic_auth.clone(),
     };
     send_message(&mut ws, auth.encode()).await?;
     match AuthResult::decode(recv_message(&mut ws).await?)? {

@@ -174,6 +174,7 @@ mod tests {
             client_addr: None,
             request_id: "r".into(),
             body_len,
+            path_routed: false,
         }
     }
 

@@ -34,6 +34,7 @@ mod health;
 mod metrics;
 mod pool;
 mod probe;
+pub mod rewrite;
 mod session;
 mod tcp;
 pub mod tls;

@@ -57,6 +57,41 @@ struct Args {
     #[arg(long, value_parser = ferry_agent::config::parse_ip_block, value_name = "CIDR")]
     deny_ip: Vec<ipnet::IpNet>,
 
+    /// Ask every public HTTP request for a user and password (HTTP basic authentication),
+    /// checked by the gateway: an htpasswd file of `user:hash` lines with bcrypt hashes (make one
+    /// with --hash-password). Only the hashes leave this machine.
+    #[arg(long, value_name = "PATH")]
+    basic_auth_file: Option<std::path::PathBuf>,
+
+    /// Print an htpasswd line for USER, with a bcrypt hash of the password read from stdin, and
+    /// exit.
+    #[arg(long, value_name = "USER", exclusive = true)]
+    hash_password: Option<String>,
+
+    /// Set a header on every request to the upstream, replacing any the client sent:
+    /// `Name: value` (repeatable).
+    #[arg(long, value_parser = ferry_agent::rewrite::parse_field, value_name = "NAME: VALUE")]
+    request_header_add: Vec<(http::HeaderName, http::HeaderValue)>,
+
+    /// Remove a header from every request before the upstream sees it (repeatable).
+    #[arg(long, value_parser = ferry_agent::rewrite::parse_name, value_name = "NAME")]
+    request_header_remove: Vec<http::HeaderName>,
+
+    /// Set a header on every response to the client, replacing any the upstream sent:
+    /// `Name: value` (repeatable).
+    #[arg(long, value_parser = ferry_agent::rewrite::parse_field, value_name = "NAME: VALUE")]
+    response_header_add: Vec<(http::HeaderName, http::HeaderValue)>,
+
+    /// Remove a header from every response before the client sees it (repeatable).
+    #[arg(long, value_parser = ferry_agent::rewrite::parse_name, value_name = "NAME")]
+    response_header_remove: Vec<http::HeaderName>,
+
+    /// Under path routing (`/t/{tunnel_id}/...`), send the upstream the whole path, prefix
+    /// included, for an application configured with that base path (JupyterLab's base_url,
+    /// Grafana's root_url); by default the upstream sees the path after it.
+    #[arg(long)]
+    keep_path_prefix: bool,
+
     /// Only these methods get through (comma-separated or repeated); others get 405.
     #[arg(long, value_delimiter = ',', value_parser = parse_method, value_name = "METHOD")]
     allow_method: Vec<Method>,
@@ -173,6 +208,12 @@ struct ConfigFile {
     tcp: Option<Vec<String>>,
     allow_ip: Option<Vec<String>>,
     deny_ip: Option<Vec<String>>,
+    basic_auth_file: Option<std::path::PathBuf>,
+    request_header_add: Option<Vec<String>>,
+    request_header_remove: Option<Vec<String>>,
+    response_header_add: Option<Vec<String>>,
+    response_header_remove: Option<Vec<String>>,
+    keep_path_prefix: Option<bool>,
     allow_method: Option<Vec<String>>,
     allow_path: Option<Vec<String>>,
     max_request_body: Option<toml::Value>,
@@ -247,6 +288,22 @@ impl Args {
         config.tcp = self.tcp;
         config.allow_ip = self.allow_ip;
         config.deny_ip = self.deny_ip;
+        if let Some(path) = &self.basic_auth_file {
+            config.basic_auth = ferry_agent::config::load_htpasswd(path)
+                .map_err(anyhow::Error::msg)
+                .context("--basic-auth-file")?;
+        }
+        config.headers = ferry_agent::rewrite::HeaderRules {
+            request: ferry_agent::rewrite::FieldRules {
+                set: self.request_header_add,
+                remove: self.request_header_remove,
+            },
+            response: ferry_agent::rewrite::FieldRules {
+                set: self.response_header_add,
+                remove: self.response_header_remove,
+            },
+        };
+        config.keep_path_prefix = self.keep_path_prefix;
         config.filters = Filters {
             methods: (!self.allow_method.is_empty()).then_some(self.allow_method),
             paths: (!self.allow_path.is_empty()).then_some(self.allow_path),
@@ -284,8 +341,37 @@ fn main() -> anyhow::Result<()> {
         render_table,
     )?;
     let args = Args::parse_from(argv);
+    if let Some(user) = &args.hash_password {
+        return hash_password(user);
+    }
     let runtime = ferry_transport::runtime(args.threads.get()).context("cannot start the async runtime")?;
     runtime.block_on(run(args))
+}
+
+/// bcrypt cost of `--hash-password`: 2^10 rounds, ~60 ms per check on one core. The gateway
+/// checks a credential once and remembers the answer, so this is paid once per client, not per
+/// request.
+const HASH_COST: u32 = 10;
+
+/// `--hash-password USER`: the password from stdin (one line), an htpasswd line on stdout.
+fn hash_password(user: &str) -> anyhow::Result<()> {
+    let line = format!("{user}:{}", "$2y$10$".to_owned() + &"x".repeat(53));
+    anyhow::ensure!(
+        ferry_codec::handshake::is_basic_auth_entry(&line),
+        "{user:?}: a user name is 1 to 64 printable characters, without `:` or spaces"
+    );
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("password for {user} (shown as typed; or pipe it in): ");
+    }
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password).context("reading the password from stdin")?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "an empty password");
+    anyhow::ensure!(password.len() <= 72, "bcrypt uses at most 72 bytes of a password");
+    let hash = bcrypt::hash(password, HASH_COST).context("hashing")?;
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{user}:{hash}").context("writing the line")?;
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -347,6 +433,8 @@ mod tests {
         assert_eq!(args.allow_method, [Method::GET, Method::HEAD, Method::POST]);
         assert_eq!(args.route, [Route::parse("/api=127.0.0.1:8000").unwrap()]);
         assert_eq!(args.health_path.as_deref(), Some("/health"));
+        assert_eq!(args.request_header_add[0].0, "x-env");
+        assert_eq!(args.response_header_remove[0], "server");
         assert!(args.gateway[0].tls);
     }
 

@@ -224,9 +224,11 @@ async fn proxy(
     // The fields go to the upstream as they came through the tunnel, in order, without a
     // `HeaderMap` in between (building and hashing one, and another for the response, was 5 % of
     // the agent's CPU per small request in `perf`).
+    let config = &upstream.config;
     let mut headers = head.headers;
     let upgrade = fields_want_upgrade(&headers);
     strip_hop_by_hop_fields(&mut headers, upgrade);
+    config.headers.request.apply(&mut headers);
     let method = http::Method::from_bytes(head.method.as_bytes())
         .map_err(|_| Failure::Abort(AbortCode::ProtocolError, "invalid method".to_owned()))?;
 
@@ -256,7 +258,6 @@ async fn proxy(
         (FrameBody::new(reader, head.body_len), None, framing)
     };
 
-    let config = &upstream.config;
     let Some(target) = config.upstream_for(target_path(&head.target)) else {
         return Err(Failure::Refuse(Box::new(Refusal::no_upstream())));
     };
@@ -268,6 +269,11 @@ async fn proxy(
         head.target.clone()
     } else {
         bytes::Bytes::from(format!("/{}", path.as_str()))
+    };
+    let request_target = if config.keep_path_prefix && head.path_routed && request_target != "*" {
+        crate::rewrite::with_path_prefix(&config.tunnel_id, &request_target)
+    } else {
+        request_target
     };
     let limit = config.filters.max_request_body;
     let request = OutRequest {
@@ -338,6 +344,7 @@ async fn proxy(
     let mut headers = response.headers;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop_fields(&mut headers, switching);
+    config.headers.response.apply(&mut headers);
     // The fields are views of the upstream's head (which shares the exchange's read buffer) and go
     // on the wire as they are; the head is encoded into the stream's frame buffer and dropped
     // before any of the body is read.

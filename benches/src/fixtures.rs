@@ -31,5 +31,6 @@ pub fn typical_request_head() -> RequestHead {
         client_addr: Some(([203, 0, 113, 7], 52_114).into()),
         request_id: "01JD3Z8Q5W6T2M4N7P9R0S1V3X".into(),
         body_len: Some(0),
+        path_routed: true,
     }
 }

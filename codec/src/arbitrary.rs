@@ -80,6 +80,7 @@ impl<'a> Arbitrary<'a> for RequestHead {
                 .map(|(ip, port)| SocketAddr::new(ip, port)),
             request_id: text_from(u, REQUEST_ID_CHARS, 1, 40)?,
             body_len: u.arbitrary()?,
+            path_routed: u.arbitrary()?,
         })
     }
 }
@@ -223,8 +224,21 @@ impl<'a> Arbitrary<'a> for ClientAuth {
             tcp: tcp_endpoints(u)?,
             allow_ip: ip_blocks(u)?,
             deny_ip: ip_blocks(u)?,
+            basic_auth: basic_auth(u)?,
         })
     }
+}
+
+/// A few htpasswd lines with distinct users and hashes of the right shape.
+fn basic_auth(u: &mut Unstructured<'_>) -> Result<Vec<String>> {
+    const HASH_CHARS: &[u8] = b"./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let count = u.int_in_range(0..=2)?;
+    (0..count)
+        .map(|i| {
+            let salt_and_hash = text_from(u, HASH_CHARS, 53, 53)?;
+            Ok(format!("user{i}:$2b$10${salt_and_hash}"))
+        })
+        .collect()
 }
 
 /// A few address blocks, as text.

@@ -15,17 +15,21 @@ use crate::{CodecError, pb};
 
 /// The protocol version this build speaks (`ferry.v1`).
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest handshake message. The biggest, a `ClientAuth` with [`MAX_TCP_ENDPOINTS`] endpoints
-/// and [`MAX_IP_RULES`] blocks of each kind at their longest, is under 4 KiB (a test checks it),
-/// as is an `AuthAccepted` refusing as many endpoints; anything larger is not a ferry agent or
-/// gateway and is refused before decoding.
-pub const MAX_HANDSHAKE_LEN: usize = 4 * 1024;
+/// Largest handshake message. The biggest, a `ClientAuth` with [`MAX_TCP_ENDPOINTS`] endpoints,
+/// [`MAX_IP_RULES`] blocks of each kind and [`MAX_BASIC_AUTH_USERS`] users, all at their longest,
+/// is under 8 KiB (a test checks it), as is an `AuthAccepted` refusing as many endpoints;
+/// anything larger is not a ferry agent or gateway and is refused before decoding.
+pub const MAX_HANDSHAKE_LEN: usize = 8 * 1024;
 /// Most TCP endpoints one agent may declare.
 pub const MAX_TCP_ENDPOINTS: usize = 8;
 /// Longest reason a TCP endpoint was refused.
 pub const MAX_TCP_ERROR_LEN: usize = 200;
 /// Most address blocks in each of `allow_ip` and `deny_ip`.
 pub const MAX_IP_RULES: usize = 32;
+/// Most users in `basic_auth`.
+pub const MAX_BASIC_AUTH_USERS: usize = 16;
+/// Longest user name in `basic_auth`.
+pub const MAX_BASIC_AUTH_USER_LEN: usize = 64;
 /// Longest software version string (`gateway_version`, `agent_version`).
 pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
 
@@ -69,6 +73,38 @@ pub struct ClientAuth {
     pub allow_ip: Vec<String>,
     /// Client address blocks that may not ([`is_ip_block`]); they win over `allow_ip`.
     pub deny_ip: Vec<String>,
+    /// Users a public HTTP request must authenticate as (`Authorization: Basic`), as htpasswd
+    /// lines `user:bcrypt-hash` ([`is_basic_auth_entry`]); empty: no authentication.
+    pub basic_auth: Vec<String>,
+}
+
+/// Whether `line` looks like an htpasswd line with a bcrypt hash: a user name of 1 to 64 printable
+/// ASCII characters without `:`, then `:$2a$`, `$2b$` or `$2y$` and the rest of a 60-character
+/// hash. The gateway parses the hash, and refuses a line it cannot.
+pub fn is_basic_auth_entry(line: &str) -> bool {
+    let Some((user, hash)) = line.split_once(':') else { return false };
+    (1..=MAX_BASIC_AUTH_USER_LEN).contains(&user.len())
+        && user.bytes().all(|b| b.is_ascii_graphic())
+        && hash.len() == 60
+        && ["$2a$", "$2b$", "$2y$"].iter().any(|prefix| hash.starts_with(prefix))
+        && hash.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn basic_auth_from_wire(lines: Vec<String>) -> Result<Vec<String>, CodecError> {
+    const FIELD: &str = "ClientAuth.basic_auth";
+    if lines.len() > MAX_BASIC_AUTH_USERS {
+        return Err(CodecError::invalid(FIELD, "more than 16 users"));
+    }
+    if !lines.iter().all(|line| is_basic_auth_entry(line)) {
+        return Err(CodecError::invalid(FIELD, "not a `user:bcrypt-hash` line"));
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let user = line.split_once(':').map(|(user, _)| user);
+        if lines[..i].iter().any(|earlier| earlier.split_once(':').map(|(u, _)| u) == user) {
+            return Err(CodecError::invalid(FIELD, "one user twice"));
+        }
+    }
+    Ok(lines)
 }
 
 /// Whether `text` looks like an address block (`10.0.0.0/8`, `::1`): 2 to 43 characters of
@@ -329,6 +365,7 @@ impl From<&ClientAuth> for pb::ClientAuth {
                 .collect(),
             allow_ip: auth.allow_ip.clone(),
             deny_ip: auth.deny_ip.clone(),
+            basic_auth: auth.basic_auth.clone(),
         }
     }
 }
@@ -404,6 +441,7 @@ impl TryFrom<pb::ClientAuth> for ClientAuth {
             tcp: tcp_endpoints_from_wire(auth.tcp)?,
             allow_ip: ip_blocks_from_wire(auth.allow_ip, "ClientAuth.allow_ip")?,
             deny_ip: ip_blocks_from_wire(auth.deny_ip, "ClientAuth.deny_ip")?,
+            basic_auth: basic_auth_from_wire(auth.basic_auth)?,
         })
     }
 }

@@ -141,6 +141,8 @@ pub struct RequestHead {
     pub request_id: String,
     /// Exact body length when known; `None` for a body of unknown length.
     pub body_len: Option<u64>,
+    /// The gateway routed by path and took `/t/{tunnel_id}` off `target`.
+    pub path_routed: bool,
 }
 
 /// An HTTP response head, agent → gateway.
@@ -318,6 +320,7 @@ impl From<&RequestHead> for pb::RequestHead {
             client_addr: head.client_addr.map(addr_to_wire),
             request_id: head.request_id.clone(),
             body_len: head.body_len,
+            path_routed: head.path_routed,
         }
     }
 }
@@ -352,6 +355,7 @@ impl TryFrom<pb::RequestHead> for RequestHead {
                 .transpose()?,
             request_id: head.request_id,
             body_len: head.body_len,
+            path_routed: head.path_routed,
         })
     }
 }
@@ -539,6 +543,7 @@ mod tests {
             client_addr: None,
             request_id: "r1".into(),
             body_len: None,
+            path_routed: false,
         };
         assert!(RequestHead::try_from(head.clone()).is_ok());
         for bad in [&b"http://x/"[..], b"", b"/a b", b"/\x01"] {

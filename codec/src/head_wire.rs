@@ -117,6 +117,7 @@ fn request_len(head: &RequestHead) -> usize {
         + head.client_addr.map_or(0, |addr| delimited_len(addr_len(addr)))
         + bytes_len(head.request_id.as_bytes())
         + head.body_len.map_or(0, |len| 1 + varint_len(len))
+        + uint_len(u64::from(head.path_routed))
 }
 
 fn put_request(head: &RequestHead, dst: &mut BytesMut) {
@@ -133,6 +134,7 @@ fn put_request(head: &RequestHead, dst: &mut BytesMut) {
         dst.put_u8(key(7, VARINT));
         put_varint(len, dst);
     }
+    put_uint(8, u64::from(head.path_routed), dst);
 }
 
 fn response_len(head: &ResponseHead) -> usize {
@@ -235,6 +237,7 @@ mod tests {
                 client_addr,
                 request_id: "r".into(),
                 body_len,
+                path_routed: body_len == Some(0),
             })
         };
         let v6 = "[::1]:0".parse().ok();

@@ -212,6 +212,7 @@ fn plain_client_auth() -> ClientAuth {
         tcp: Vec::new(),
         allow_ip: Vec::new(),
         deny_ip: Vec::new(),
+        basic_auth: Vec::new(),
     }
 }
 
@@ -377,8 +378,36 @@ fn address_blocks_in_client_auth_are_checked() {
 }
 
 #[test]
+fn basic_auth_lines_in_client_auth_are_checked() {
+    let hash = format!("$2y$10${}", "a".repeat(53));
+    let auth = |lines: Vec<String>| ClientAuth { basic_auth: lines, ..plain_client_auth() };
+    let good = auth(vec![format!("alice:{hash}"), format!("bob:{}", hash.replace("$2y$", "$2b$"))]);
+    assert_eq!(ClientAuth::decode(good.encode()).unwrap(), good);
+    for bad in [
+        vec![format!("alice:{hash}"), format!("alice:{hash}")],
+        vec![format!(":{hash}")],
+        vec![format!("al ice:{hash}")],
+        vec!["alice:secret".to_owned()],
+        vec![format!("alice:{}", hash.replace("$2y$", "$1$x"))],
+        vec![format!("alice:{hash}x")],
+        vec![format!("{}:{hash}", "u".repeat(65))],
+        (0..17).map(|i| format!("u{i}:{hash}")).collect(),
+    ] {
+        assert!(
+            matches!(
+                ClientAuth::decode(auth(bad.clone()).encode()),
+                Err(CodecError::InvalidField { field: "ClientAuth.basic_auth", .. })
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
 fn the_largest_client_auth_fits_the_handshake_limit() {
-    use ferry_codec::handshake::{MAX_IP_RULES, MAX_SOFTWARE_VERSION_LEN, MAX_TCP_ENDPOINTS, TcpEndpoint};
+    use ferry_codec::handshake::{
+        MAX_BASIC_AUTH_USERS, MAX_IP_RULES, MAX_SOFTWARE_VERSION_LEN, MAX_TCP_ENDPOINTS, TcpEndpoint,
+    };
     let longest_block = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128".to_owned();
     let auth = ClientAuth {
         version: PROTOCOL_VERSION,
@@ -391,6 +420,9 @@ fn the_largest_client_auth_fits_the_handshake_limit() {
             .collect(),
         allow_ip: vec![longest_block.clone(); MAX_IP_RULES],
         deny_ip: vec![longest_block; MAX_IP_RULES],
+        basic_auth: (0..MAX_BASIC_AUTH_USERS)
+            .map(|i| format!("{i:0>64}:$2y$31${}", "x".repeat(53)))
+            .collect(),
     };
     let wire = auth.encode();
     assert!(wire.len() <= MAX_HANDSHAKE_LEN, "{} bytes", wire.len());

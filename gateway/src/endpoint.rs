@@ -212,6 +212,9 @@ async fn handshake(
     let ip_rules = crate::access::IpRules::parse(&auth.allow_ip, &auth.deny_ip)
         .map_err(|err| HandshakeFailure::new(AuthErrorCode::Malformed, err))?
         .under(gateway.secrets().ip_floor(&auth.tunnel_id));
+    let basic_auth = crate::basic_auth::BasicAuth::parse(&auth.basic_auth)
+        .map_err(|err| HandshakeFailure::new(AuthErrorCode::Malformed, err))?
+        .map(Arc::new);
     let (tcp, claims) = if auth.tcp.is_empty() {
         (Vec::new(), None)
     } else {
@@ -249,6 +252,7 @@ async fn handshake(
         secret: matched.map(|(_, fingerprint)| fingerprint),
         tcp: claims,
         ip_rules,
+        basic_auth,
     };
     Ok((identity, heartbeat_interval))
 }

@@ -103,6 +103,10 @@ pub enum PublicError {
     /// The tunnel's agent does not let clients from this address reach it.
     #[error("this tunnel does not accept requests from your address")]
     IpDenied,
+    /// The tunnel asks for a user and password (its agent's `--basic-auth-file`), and the
+    /// request brought none, or wrong ones.
+    #[error("this tunnel asks for a user name and password")]
+    AuthRequired,
     /// An admin endpoint without valid credentials.
     #[error("admin endpoints need a loopback client or the admin bearer token")]
     Unauthorized,
@@ -128,7 +132,7 @@ impl PublicError {
             Self::LoopDetected => StatusCode::LOOP_DETECTED,
             Self::TunnelOffline | Self::ClusterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) | Self::ClientAtCapacity => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::AuthRequired => StatusCode::UNAUTHORIZED,
             Self::IpDenied => StatusCode::FORBIDDEN,
         }
     }
@@ -160,6 +164,7 @@ impl PublicError {
             Self::ClusterUnavailable => "cluster_unavailable",
             Self::RateLimited(_) => "rate_limited",
             Self::Unauthorized => "unauthorized",
+            Self::AuthRequired => "auth_required",
             Self::IpDenied => "ip_denied",
         }
     }
@@ -209,6 +214,12 @@ impl PublicError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"ferry admin\""));
+        }
+        if matches!(self, Self::AuthRequired) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"ferry tunnel\", charset=\"UTF-8\""),
+            );
         }
         response
     }

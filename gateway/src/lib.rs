@@ -41,6 +41,7 @@
 pub mod access;
 mod admin;
 pub mod auth;
+pub mod basic_auth;
 pub mod cluster;
 pub mod config;
 mod endpoint;

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
-use crate::cluster::peer::{ACK_DENIED, PeerError};
+use crate::cluster::peer::{ACK_DENIED, ACK_UNAUTHORIZED, PeerError};
 use crate::cluster::{Cluster, Owners};
 use crate::config::GatewayConfig;
 use crate::error::PublicError;
@@ -131,7 +131,7 @@ pub(crate) fn forward<'a>(
     peer: SocketAddr,
     conn: &'a ConnWatch,
     id: &'a TunnelId,
-    target: String,
+    (target, by_path): (String, bool),
     request_id: &str,
 ) -> impl Future<Output = Result<Response<ResponseBody>, PublicError>> + Send + 'a {
     let started = std::time::Instant::now();
@@ -140,7 +140,8 @@ pub(crate) fn forward<'a>(
     let on_upgrade = upgrade.then(|| crate::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let body_len = if body.is_end_stream() { Some(0) } else { body.size_hint().exact() };
-    let head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
+    let mut head = request_head(fw.settings, parts, peer, target, request_id, upgrade, body_len);
+    head.path_routed = by_path;
     async move {
         // Admit: the edge's limits, a session here or at another node (or the wait for one), the
         // announced body.
@@ -150,13 +151,24 @@ pub(crate) fn forward<'a>(
         }
         let located = match session {
             Some(session) => Located::Here(session),
-            None => locate(fw, id, peer.ip()).await?,
+            None => locate(fw, id, (peer.ip(), authorization(&head.headers))).await?,
         };
         let (stream, slot, in_flight, metrics) = match located {
             Located::Here(session) => {
                 if !session.identity.ip_rules.allows(peer.ip()) {
                     fw.metrics.access_refused("ip", "http");
                     return Err(PublicError::IpDenied);
+                }
+                if let Some(auth) = &session.identity.basic_auth {
+                    let checked = auth.check(authorization(&head.headers)).await;
+                    if let Err(err) = checked {
+                        if matches!(err, PublicError::AuthRequired) {
+                            fw.metrics.access_refused("basic_auth", "http");
+                        }
+                        return Err(err);
+                    }
+                    // The tunnel's password is for the gateway; the upstream never sees it.
+                    head.headers.retain(|field| !field.is("authorization"));
                 }
                 if session.is_unhealthy() {
                     debug!(detail = %session.health_detail(), "every agent reports its upstream unhealthy");
@@ -170,7 +182,10 @@ pub(crate) fn forward<'a>(
                 let (stream, slot, in_flight) = open(fw, session, id).await?;
                 (stream, slot, Some(in_flight), metrics)
             }
-            Located::Elsewhere(stream, slot) => {
+            Located::Elsewhere(stream, slot, authenticated) => {
+                if authenticated {
+                    head.headers.retain(|field| !field.is("authorization"));
+                }
                 fw.limits.announced_body(id, announced)?;
                 (stream, slot, None, fw.metrics.tunnel(id))
             }
@@ -187,10 +202,15 @@ pub(crate) fn forward<'a>(
 }
 
 /// Where a request goes: a session of this node, or a stream another node opened to one of its
-/// sessions.
+/// sessions (and whether that node checked the request's basic-auth credential).
 enum Located {
     Here(Arc<Session>),
-    Elsewhere(multiplex::Stream, StreamSlot),
+    Elsewhere(multiplex::Stream, StreamSlot, bool),
+}
+
+/// The request's first `Authorization` value, for a tunnel with basic authentication.
+fn authorization(fields: &[ferry_codec::Header]) -> Option<&[u8]> {
+    fields.iter().find(|field| field.is("authorization")).map(|field| field.value().as_ref())
 }
 
 /// For a tunnel with no session here and none expected back here: whether another node holds it
@@ -210,7 +230,11 @@ fn held_elsewhere(fw: Forwarding<'_>, id: &TunnelId) -> Result<(), PublicError> 
 /// Finds a session for a tunnel with none here now: another node's, or (waiting, bounded as for
 /// an offline tunnel) the first to come back here or anywhere in the cluster. Nodes whose entry
 /// was stale, or that cannot be reached, are passed over: nothing reached an agent through them.
-async fn locate(fw: Forwarding<'_>, id: &TunnelId, client: IpAddr) -> Result<Located, PublicError> {
+async fn locate(
+    fw: Forwarding<'_>,
+    id: &TunnelId,
+    client: (IpAddr, Option<&[u8]>),
+) -> Result<Located, PublicError> {
     let Some(cluster) = fw.cluster else {
         return wait_for_session(fw, id).await.map(Located::Here);
     };
@@ -236,14 +260,18 @@ async fn locate(fw: Forwarding<'_>, id: &TunnelId, client: IpAddr) -> Result<Loc
                     )
                     .await
                     {
-                        Ok(Ok((stream, slot))) => {
+                        Ok(Ok((stream, slot, authenticated))) => {
                             fw.metrics.pending_outcome(waiting.is_some(), true);
-                            return Ok(Located::Elsewhere(stream, slot));
+                            return Ok(Located::Elsewhere(stream, slot, authenticated));
                         }
                         // The owner checked the client against the agent's rules.
                         Ok(Err(PeerError::Refused { code: ACK_DENIED, .. })) => {
                             fw.metrics.access_refused("ip", "http");
                             return Err(PublicError::IpDenied);
+                        }
+                        Ok(Err(PeerError::Refused { code: ACK_UNAUTHORIZED, .. })) => {
+                            fw.metrics.access_refused("basic_auth", "http");
+                            return Err(PublicError::AuthRequired);
                         }
                         Ok(Err(err)) => debug!(%err, "passing over a node that holds the tunnel"),
                         Err(_) => {
@@ -599,6 +627,7 @@ fn request_head(
         client_addr: Some(SocketAddr::new(client_ip, peer.port())),
         request_id: request_id.to_owned(),
         body_len,
+        path_routed: false,
     }
 }
 

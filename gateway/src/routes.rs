@@ -39,8 +39,9 @@ pub(crate) enum Route {
     Metrics,
     /// `GET /ws`: an agent connecting.
     AgentConnect,
-    /// To a tunnel, with the target (path and query) the upstream should see.
-    Tunnel { id: TunnelId, target: String },
+    /// To a tunnel, with the target (path and query) the upstream should see, and whether
+    /// `/t/{tunnel_id}` was taken off it (path routing).
+    Tunnel { id: TunnelId, target: String, by_path: bool },
     /// `/t/{x}` where `x` is not a tunnel id, or a Host label that is not one.
     InvalidTunnelId(String),
     /// Nothing here.
@@ -81,7 +82,7 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
             return Route::NotFound;
         }
         return match TunnelId::from_label(label) {
-            Ok(id) => Route::Tunnel { id, target: path_and_query.to_owned() },
+            Ok(id) => Route::Tunnel { id, target: path_and_query.to_owned(), by_path: false },
             Err(_) => Route::InvalidTunnelId(label.to_owned()),
         };
     }
@@ -100,7 +101,7 @@ pub(crate) fn route(domain: Option<&str>, host: Option<&str>, path_and_query: &s
                     Some(query) => format!("{rest}?{query}"),
                     None => rest.to_owned(),
                 };
-                Route::Tunnel { id, target }
+                Route::Tunnel { id, target, by_path: true }
             }
             Err(_) => Route::InvalidTunnelId(id.to_owned()),
         };
@@ -145,9 +146,10 @@ pub(crate) fn handle<'a>(
             Ok(routed) => routed,
             Err((err, request_id)) => return err.to_response(&request_id).map(Either::Left),
         };
-        if let Route::Tunnel { id, target } = route {
+        if let Route::Tunnel { id, target, by_path } = route {
+            let forwarding = gateway.forwarding();
             let response =
-                match proxy::forward(gateway.forwarding(), request, peer, conn, &id, target, &request_id)
+                match proxy::forward(forwarding, request, peer, conn, &id, (target, by_path), &request_id)
                     .await
                 {
                     Ok(response) => response,
@@ -248,7 +250,11 @@ mod tests {
     const LABEL: &str = "agent-0b6f4c1e-8a51-4c3e-9d2a-51f0e6a7b9c4-web";
 
     fn tunnel(target: &str) -> Route {
-        Route::Tunnel { id: ID.parse().unwrap(), target: target.into() }
+        Route::Tunnel { id: ID.parse().unwrap(), target: target.into(), by_path: true }
+    }
+
+    fn by_host(target: &str) -> Route {
+        Route::Tunnel { id: ID.parse().unwrap(), target: target.into(), by_path: false }
     }
 
     #[test]
@@ -264,7 +270,7 @@ mod tests {
     fn host_routing_by_label() {
         let raw = format!("{}.Tunnel.Example.com.:8443", LABEL.to_uppercase());
         let host = normalize_host(&raw);
-        assert_eq!(route(Some("tunnel.example.com"), Some(&host), "/a?b"), tunnel("/a?b"));
+        assert_eq!(route(Some("tunnel.example.com"), Some(&host), "/a?b"), by_host("/a?b"));
         // The bare domain and other hosts fall back to the gateway's own routes.
         assert_eq!(route(Some("tunnel.example.com"), Some("tunnel.example.com"), "/"), Route::Health);
         assert_eq!(route(Some("tunnel.example.com"), Some("other.org"), "/ws"), Route::AgentConnect);

@@ -80,6 +80,8 @@ pub struct Identity {
     pub tcp: Option<Arc<crate::tcp::TcpClaims>>,
     /// Which clients may reach the tunnel through this session.
     pub ip_rules: crate::access::IpRules,
+    /// The users a request must authenticate as (`None`: no authentication).
+    pub basic_auth: Option<Arc<crate::basic_auth::BasicAuth>>,
 }
 
 impl Session {
@@ -251,6 +253,7 @@ impl Session {
             "upstream_health_detail": detail,
             "authenticated": identity.secret.is_some(),
             "ip_rules": identity.ip_rules.to_json(),
+            "basic_auth_users": identity.basic_auth.as_ref().map(|auth| auth.users().collect::<Vec<_>>()),
             "tcp": identity.tcp.as_ref().map_or_else(Vec::new, |claims| {
                 claims.bound.iter().map(|(endpoint, port)| serde_json::json!({ "endpoint": endpoint, "port": port })).collect()
             }),

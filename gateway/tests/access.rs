@@ -107,3 +107,103 @@ async fn the_auth_files_floor_holds_whatever_the_agent_allows() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn basic_auth_is_checked_at_the_gateway_right_wrong_and_missing() {
+    bounded(async {
+        let env = TestEnv::start_with(GatewayConfig::default(), |agent| {
+            agent.basic_auth = vec![htpasswd("alice", "correct horse"), htpasswd("bob", "b:b")];
+        })
+        .await;
+        let path = format!("/t/{TUNNEL}/headers");
+        let served = env.stats.requests.load(Ordering::Relaxed);
+        for fields in [
+            vec![],
+            vec![("Authorization", basic("alice", "wrong"))],
+            vec![("Authorization", basic("mallory", "correct horse"))],
+            vec![("Authorization", "Bearer abc".to_owned())],
+        ] {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let (status, head, body) = get_from_with("127.0.0.1", env.gateway_addr, &path, &fields).await;
+            assert_eq!(status, 401, "{fields:?}: {body}");
+            assert!(
+                head.to_ascii_lowercase().contains("www-authenticate: basic realm=\"ferry tunnel\""),
+                "{head}"
+            );
+            assert_eq!(json(body.as_bytes())["error"]["code"], "auth_required");
+        }
+        assert_eq!(
+            env.stats.requests.load(Ordering::Relaxed),
+            served,
+            "a refused request reached the upstream"
+        );
+
+        // Right: served, and the tunnel's password is not passed on to the upstream. Twice
+        // (the second answered from the gateway's memory of the credential), and for the
+        // second user, whose password holds a `:`.
+        for (user, password) in [("alice", "correct horse"), ("alice", "correct horse"), ("bob", "b:b")] {
+            let authorization = basic(user, password);
+            let (status, _, body) =
+                get_from_with("127.0.0.1", env.gateway_addr, &path, &[("Authorization", &authorization)])
+                    .await;
+            assert_eq!(status, 200, "{body}");
+            let seen = json(body.as_bytes());
+            let names: Vec<&str> =
+                seen["headers"].as_array().unwrap().iter().map(|h| h[0].as_str().unwrap()).collect();
+            assert!(!names.contains(&"authorization"), "{names:?}");
+        }
+
+        let metrics = env.gateway.metrics.render(&env.gateway.registry);
+        assert!(
+            metrics.contains("ferry_access_refused_total{rule=\"basic_auth\",kind=\"http\"} 4"),
+            "{metrics}"
+        );
+        let (_, listing) = get(&env.gateway_url("/connections")).await;
+        assert_eq!(json(&listing)["sessions"][0]["basic_auth_users"], serde_json::json!(["alice", "bob"]));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn header_rules_and_the_kept_path_prefix_change_what_the_upstream_sees() {
+    bounded(async {
+        let config = GatewayConfig { domain: Some("tunnel.test".into()), ..GatewayConfig::default() };
+        let env = TestEnv::start_with(config, |agent| {
+            use ferry_agent::rewrite::{parse_field, parse_name};
+            agent.headers.request.set = vec![parse_field("X-Env: prod").unwrap()];
+            agent.headers.request.remove = vec![parse_name("cookie").unwrap()];
+            agent.headers.response.set = vec![parse_field("X-Frame-Options: DENY").unwrap()];
+            agent.headers.response.remove = vec![parse_name("content-type").unwrap()];
+            agent.keep_path_prefix = true;
+        })
+        .await;
+        // Host routing: the path is the upstream's already; nothing to put back.
+        let host = format!("{}.tunnel.test", env.tunnel_id.to_label());
+        let (status, head, body) = get_from_with(
+            "127.0.0.1",
+            env.gateway_addr,
+            "/headers?x=1",
+            &[("Host", &host), ("X-Env", "spoofed"), ("Cookie", "session=1")],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("x-frame-options: deny"), "{head}");
+        assert!(!head.contains("content-type"), "{head}");
+        let seen = json(body.as_bytes());
+        let fields: Vec<(String, String)> = serde_json::from_value(seen["headers"].clone()).unwrap();
+        assert!(fields.contains(&("x-env".into(), "prod".into())), "{fields:?}");
+        assert_eq!(fields.iter().filter(|(name, _)| name == "x-env").count(), 1, "{fields:?}");
+        assert!(!fields.iter().any(|(name, _)| name == "cookie"), "{fields:?}");
+        assert_eq!(seen["target"], "/headers?x=1");
+
+        // Path routing: the upstream sees the whole path, as an app with that base URL expects.
+        let path = format!("/t/{TUNNEL}/lab/tree?token=1");
+        let (status, head, _) = get_from_with("127.0.0.1", env.gateway_addr, &path, &[]).await;
+        assert_eq!(status, 404, "the sample upstream has no /t/...: {head}");
+        assert!(head.to_ascii_lowercase().contains("x-frame-options: deny"), "{head}");
+        let targets = env.stats.targets.lock().unwrap().clone();
+        assert_eq!(targets.back().map(String::as_str), Some(path.as_str()), "{targets:?}");
+    })
+    .await;
+}

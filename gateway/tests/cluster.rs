@@ -874,12 +874,13 @@ async fn three_nodes_behind_haproxy_serve_the_tunnel_from_any_node_through_a_sig
 }
 
 #[tokio::test]
-async fn a_forwarded_request_is_checked_against_the_agents_address_rules() {
+async fn a_forwarded_request_is_checked_against_the_agents_address_rules_and_users() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
         let (a_config, peers) = with_peer_listener(node_config(&redis, "node-a")).await;
         let env = TestEnv::start_with(a_config, |agent| {
             agent.deny_ip = vec![ferry_agent::config::parse_ip_block("127.0.0.2").unwrap()];
+            agent.basic_auth = vec![htpasswd("alice", "pw")];
         })
         .await;
         serve_peers(&env.gateway, peers);
@@ -890,7 +891,19 @@ async fn a_forwarded_request_is_checked_against_the_agents_address_rules() {
         let (status, body) = get_from("127.0.0.2", b_addr, &path).await;
         assert_eq!(status, 403, "{body}");
         assert!(body.contains("\"ip_denied\""), "{body}");
-        assert_eq!(get_from("127.0.0.1", b_addr, &path).await.0, 200);
+        // Node B does not know the agent's users either: it passes the credential to node A,
+        // which checks it, and B takes it out of the request when A says it was the tunnel's.
+        let (status, head, _) = get_from_with("127.0.0.1", b_addr, &path, &[]).await;
+        assert_eq!(status, 401, "{head}");
+        assert!(head.to_ascii_lowercase().contains("www-authenticate: basic"), "{head}");
+        let wrong = basic("alice", "nope");
+        assert_eq!(get_from_with("127.0.0.1", b_addr, &path, &[("Authorization", &wrong)]).await.0, 401);
+        let right = basic("alice", "pw");
+        let headers = format!("/t/{TUNNEL}/headers");
+        let (status, _, body) =
+            get_from_with("127.0.0.1", b_addr, &headers, &[("Authorization", &right)]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(!body.to_ascii_lowercase().contains("authorization"), "{body}");
         b.shutdown.cancel();
     })
     .await;

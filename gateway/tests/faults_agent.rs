@@ -514,6 +514,7 @@ fn client_auth_with_id(id: &str) -> bytes::Bytes {
         tcp: Vec::new(),
         allow_ip: Vec::new(),
         deny_ip: Vec::new(),
+        basic_auth: Vec::new(),
     };
     let encoded = auth.encode().to_vec();
     let old = placeholder.as_str().as_bytes();

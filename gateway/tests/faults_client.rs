@@ -417,6 +417,7 @@ async fn raw_agent_socket(gateway: SocketAddr, authenticate: bool) -> TcpStream 
             tcp: Vec::new(),
             allow_ip: Vec::new(),
             deny_ip: Vec::new(),
+            basic_auth: Vec::new(),
         };
         socket.write_all(&ws_frame(2, true, &auth.encode(), false, 0)).await.unwrap();
         // Accepted: the AuthResult frame arrives.
@@ -487,6 +488,7 @@ async fn t10_malformed_handshake_messages() {
                 tcp: Vec::new(),
                 allow_ip: Vec::new(),
                 deny_ip: Vec::new(),
+                basic_auth: Vec::new(),
             };
             auth.encode().to_vec()
         };

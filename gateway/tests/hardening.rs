@@ -146,6 +146,7 @@ async fn a_secret_revoked_during_the_handshake_keeps_no_session() {
             tcp: Vec::new(),
             allow_ip: Vec::new(),
             deny_ip: Vec::new(),
+            basic_auth: Vec::new(),
         };
         send_message(&mut ws, auth.encode()).await.unwrap();
         let result = AuthResult::decode(recv_message(&mut ws).await.unwrap()).unwrap();

@@ -105,6 +105,7 @@ async fn session_task(
         tcp: Vec::new(),
         allow_ip: Vec::new(),
         deny_ip: Vec::new(),
+        basic_auth: Vec::new(),
     };
     send_message(&mut ws, auth.encode()).await?;
     let AuthResult::Accepted(accepted) = AuthResult::decode(recv_message(&mut ws).await?)? else {

@@ -200,7 +200,8 @@ impl Cluster {
     }
 
     /// A stream to `owner` on which it has opened a stream to one of its agent sessions of
-    /// `tunnel`: write and read it as a local agent stream.
+    /// `tunnel`, for `client` (its address and `Authorization` value): write and read it as a
+    /// local agent stream. `true` with it when the owner checked the credential.
     ///
     /// # Errors
     /// The node cannot be reached, or has no room or no session for the tunnel (its entry was
@@ -209,9 +210,9 @@ impl Cluster {
         &self,
         owner: &Owner,
         tunnel: &TunnelId,
-        client: std::net::IpAddr,
+        client: (std::net::IpAddr, Option<&[u8]>),
         session: &ferry_transport::SessionConfig,
-    ) -> Result<(ferry_transport::multiplex::Stream, ferry_transport::StreamSlot), PeerError> {
+    ) -> Result<(ferry_transport::multiplex::Stream, ferry_transport::StreamSlot, bool), PeerError> {
         let opened = self
             .links
             .open(

@@ -2,11 +2,14 @@
 //! authenticated by the cluster secret; each carries a multiplexed session (the same yamux
 //! framing as agent sessions) over which the dialling node sends requests for tunnels held here.
 //!
-//! One stream per request. The dialling node writes the tunnel id (one length byte, then the id)
-//! and the client's address (4 or 16, then its bytes: the owner checks it against the agent's
-//! `--allow-ip` / `--deny-ip`, answering [`ACK_DENIED`]), and waits for one byte: [`ACK_OK`]
-//! once a stream to a local agent session is open, else why not (nothing has reached an agent
-//! then, so it may try another node). After `ACK_OK` the two
+//! One stream per request. The dialling node writes the tunnel id (one length byte, then the id),
+//! the client's address (4 or 16, then its bytes: the owner checks it against the agent's
+//! `--allow-ip` / `--deny-ip`, answering [`ACK_DENIED`]) and the request's `Authorization` value
+//! (two length bytes, big-endian, then the value; none: `0, 0`), which the owner checks when the
+//! agent asks for basic authentication (answering [`ACK_UNAUTHORIZED`]). It then waits for one
+//! byte: [`ACK_OK`] (or [`ACK_OK_AUTHENTICATED`], after which the dialling node takes the
+//! credential out of the request) once a stream to a local agent session is open, else why not
+//! (nothing has reached an agent then, so it may try another node). After that the two
 //! streams are spliced byte for byte: the request head, body, response and any upgraded
 //! connection are the ferry frames the dialling node's proxy writes and reads, as if the agent's
 //! session were its own. A request therefore crosses one hop at most: what arrives here is never
@@ -42,6 +45,10 @@ pub(crate) const ACK_NO_SESSION: u8 = 1;
 pub(crate) const ACK_UNAVAILABLE: u8 = 2;
 /// The tunnel's agent does not let this client reach it (its `--allow-ip` / `--deny-ip`).
 pub(crate) const ACK_DENIED: u8 = 3;
+/// The tunnel's agent asks for basic authentication, and the credential is missing or wrong.
+pub(crate) const ACK_UNAUTHORIZED: u8 = 4;
+/// As [`ACK_OK`], and the credential was the tunnel's: it is not for the upstream.
+pub(crate) const ACK_OK_AUTHENTICATED: u8 = 5;
 /// Longest wait for a peer connection, its WebSocket handshake, or one stream's answer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest chunk moved at once by a splice.
@@ -64,7 +71,7 @@ pub enum PeerError {
         detail: String,
     },
     /// The node answered that it cannot take the request.
-    #[error("node {node} has {}", match *.code { ACK_NO_SESSION => "no session of the tunnel", ACK_DENIED => "an agent that refuses this client", _ => "no room for the request" })]
+    #[error("node {node} has {}", match *.code { ACK_NO_SESSION => "no session of the tunnel", ACK_DENIED => "an agent that refuses this client", ACK_UNAUTHORIZED => "an agent that asks for other credentials", _ => "no room for the request" })]
     Refused {
         /// The node.
         node: String,
@@ -164,8 +171,8 @@ impl Gateway {
             }
             Err(_) => return,
         };
-        let (id, client) = match asked {
-            Ask::Tunnel(id, client) => (id, client),
+        let (id, client, authorization) = match asked {
+            Ask::Tunnel(id, client, authorization) => (id, client, authorization),
             Ask::Sessions(tunnel) => {
                 let list = serde_json::Value::Array(crate::admin::local_sessions(self, tunnel.as_ref()));
                 let mut reply = vec![ACK_OK];
@@ -184,6 +191,20 @@ impl Gateway {
             let _ = answer(&mut stream, ACK_DENIED).await;
             return;
         }
+        let mut ok = ACK_OK;
+        if let Some(auth) = &session.identity.basic_auth {
+            match auth.check(authorization.as_deref()).await {
+                Ok(()) => ok = ACK_OK_AUTHENTICATED,
+                Err(crate::PublicError::AuthRequired) => {
+                    let _ = answer(&mut stream, ACK_UNAUTHORIZED).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = answer(&mut stream, ACK_UNAVAILABLE).await;
+                    return;
+                }
+            }
+        }
         let in_flight = session.begin_request();
         let (mut agent, _slot) =
             match tokio::time::timeout(self.config.stream_open_timeout, session.open_stream()).await {
@@ -193,7 +214,7 @@ impl Gateway {
                     return;
                 }
             };
-        if answer(&mut stream, ACK_OK).await.is_err() {
+        if answer(&mut stream, ok).await.is_err() {
             return;
         }
         self.metrics.cluster_forward(false);
@@ -275,14 +296,15 @@ fn refusal(status: StatusCode) -> ErrorResponse {
 
 /// What a peer stream asks for.
 enum Ask {
-    /// A stream to an agent session of this tunnel, for a client at this address.
-    Tunnel(TunnelId, IpAddr),
+    /// A stream to an agent session of this tunnel, for a client at this address, with the
+    /// request's `Authorization` value.
+    Tunnel(TunnelId, IpAddr, Option<Vec<u8>>),
     /// This node's sessions (of one tunnel, or all).
     Sessions(Option<TunnelId>),
 }
 
-/// `len, tunnel id, len (4 or 16), client address` asks for a tunnel; `0, len, tunnel id`
-/// (`0, 0`: all) for a listing.
+/// `len, tunnel id, len (4 or 16), client address, len (u16), authorization` asks for a tunnel;
+/// `0, len, tunnel id` (`0, 0`: all) for a listing.
 async fn read_ask(stream: &mut multiplex::Stream) -> std::io::Result<Ask> {
     match read_short(stream).await? {
         Some(id) => {
@@ -295,7 +317,13 @@ async fn read_ask(stream: &mut multiplex::Stream) -> std::io::Result<Ask> {
             } else {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a client address"));
             };
-            Ok(Ask::Tunnel(id, client))
+            let len = usize::from(stream.read_u16().await?);
+            if len > crate::basic_auth::MAX_CREDENTIAL_LEN {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "credential too long"));
+            }
+            let mut authorization = vec![0u8; len];
+            stream.read_exact(&mut authorization).await?;
+            Ok(Ask::Tunnel(id, client, (len > 0).then_some(authorization)))
         }
         None => {
             let tunnel = read_short(stream).await?.map(|id| parse_tunnel_id(&id)).transpose()?;
@@ -346,18 +374,19 @@ pub(crate) struct Links {
 
 impl Links {
     /// A stream to `node` at `advertise` on which the other node has opened a stream to one of
-    /// its agent sessions of tunnel `id`, for a request from `client`. A link that fails here is
+    /// its agent sessions of tunnel `id`, for a request from `client` with that `Authorization`
+    /// value, and whether the node checked it (basic authentication). A link that fails here is
     /// forgotten, so the next request dials again instead of waiting on a connection that may be
     /// dead.
     pub(crate) async fn open(
         &self,
         node: &str,
         advertise: Option<&str>,
-        (id, client): (&TunnelId, IpAddr),
+        (id, (client, authorization)): (&TunnelId, (IpAddr, Option<&[u8]>)),
         secret: &Secret,
         config: &ferry_transport::SessionConfig,
         stop: &CancellationToken,
-    ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
+    ) -> Result<(multiplex::Stream, StreamSlot, bool), PeerError> {
         let mut preamble = Vec::with_capacity(80);
         short(id, &mut preamble);
         // The client's address, for the owner to check against the agent's rules.
@@ -371,7 +400,14 @@ impl Links {
                 preamble.extend_from_slice(&v6.octets());
             }
         }
-        self.ask(node, advertise, &preamble, secret, config, stop).await
+        // A value longer than the owner reads is left out: it fails authentication there.
+        let authorization = authorization
+            .filter(|value| value.len() <= crate::basic_auth::MAX_CREDENTIAL_LEN)
+            .unwrap_or_default();
+        preamble.extend_from_slice(&u16::try_from(authorization.len()).unwrap_or(0).to_be_bytes());
+        preamble.extend_from_slice(authorization);
+        let (stream, slot, code) = self.ask(node, advertise, &preamble, secret, config, stop).await?;
+        Ok((stream, slot, code == ACK_OK_AUTHENTICATED))
     }
 
     /// `node`'s own sessions (of `tunnel`, or all) as it lists them in `/connections`.
@@ -389,7 +425,7 @@ impl Links {
             Some(id) => short(id, &mut preamble),
             None => preamble.push(0),
         }
-        let (stream, _slot) = self.ask(node, advertise, &preamble, secret, config, stop).await?;
+        let (stream, _slot, _) = self.ask(node, advertise, &preamble, secret, config, stop).await?;
         let mut text = Vec::new();
         let mut limited = stream.take(MAX_LISTING);
         tokio::time::timeout(PEER_TIMEOUT, limited.read_to_end(&mut text))
@@ -402,9 +438,9 @@ impl Links {
         }
     }
 
-    /// Opens a stream to `node`, writes `preamble` and waits for its one-byte answer. A link that
-    /// fails here is forgotten, so the next request dials again instead of waiting on a
-    /// connection that may be dead.
+    /// Opens a stream to `node`, writes `preamble` and waits for its one-byte answer (one of the
+    /// `ACK_OK` codes, returned, or a refusal). A link that fails here is forgotten, so the next
+    /// request dials again instead of waiting on a connection that may be dead.
     async fn ask(
         &self,
         node: &str,
@@ -413,7 +449,7 @@ impl Links {
         secret: &Secret,
         config: &ferry_transport::SessionConfig,
         stop: &CancellationToken,
-    ) -> Result<(multiplex::Stream, StreamSlot), PeerError> {
+    ) -> Result<(multiplex::Stream, StreamSlot, u8), PeerError> {
         let slot = Arc::clone(
             self.links.lock().unwrap_or_else(|e| e.into_inner()).entry(node.to_owned()).or_default(),
         );
@@ -444,7 +480,7 @@ impl Links {
                 stream.read_u8().await
             };
             match tokio::time::timeout(PEER_TIMEOUT, answer).await {
-                Ok(Ok(ACK_OK)) => Ok((stream, stream_slot)),
+                Ok(Ok(code @ (ACK_OK | ACK_OK_AUTHENTICATED))) => Ok((stream, stream_slot, code)),
                 Ok(Ok(code)) => Err(PeerError::Refused { node: node.to_owned(), code }),
                 Ok(Err(err)) => Err(link_error(node, err)),
                 Err(_) => Err(link_error(node, "no answer in time")),

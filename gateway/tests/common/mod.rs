@@ -265,14 +265,44 @@ pub async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
 
 /// `GET path` from `from`; the status and the body.
 pub async fn get_from(from: &str, gateway: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = get_from_with(from, gateway, path, &[]).await;
+    (status, body)
+}
+
+/// `GET path` from `from` with more header fields (a `Host` among them replaces the default);
+/// the status, the head and the body.
+pub async fn get_from_with(
+    from: &str,
+    gateway: SocketAddr,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut socket = connect_from(from, gateway).await;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n");
+    let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !fields.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request.push_str("Host: gateway\r\n");
+    }
+    for (name, value) in fields {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
     socket.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     socket.read_to_string(&mut response).await.unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// An htpasswd line for `user` (bcrypt at its lowest cost: tests need not be slow).
+pub fn htpasswd(user: &str, password: &str) -> String {
+    format!("{user}:{}", bcrypt::hash(password, 4).unwrap())
+}
+
+/// `Authorization: Basic` for `user` and `password`.
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
 }
 
 /// Reads from `socket` and expects a reset (RST), not data or an orderly end.
@@ -320,6 +350,7 @@ pub async fn raw_handshake(
             tcp: Vec::new(),
             allow_ip: Vec::new(),
             deny_ip: Vec::new(),
+            basic_auth: Vec::new(),
         }
         .encode()
     });
