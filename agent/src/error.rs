@@ -125,6 +125,9 @@ impl ConnectError {
                 }
                 AuthErrorCode::UnknownTunnel => "ask the gateway operator to add a secret for this tunnel id",
                 AuthErrorCode::InvalidTunnelId => "fix --tunnel-id: agent_{uuid}_{purpose}",
+                AuthErrorCode::BasicAuthRequired => {
+                    "the gateway's operator requires a password on this tunnel: add --basic-auth-file"
+                }
                 AuthErrorCode::UnsupportedVersion => {
                     "upgrade the agent or the gateway so they speak the same protocol"
                 }

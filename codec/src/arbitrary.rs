@@ -279,6 +279,7 @@ impl<'a> Arbitrary<'a> for AuthResult {
                     AuthErrorCode::RateLimited,
                     AuthErrorCode::Overloaded,
                     AuthErrorCode::HandshakeTimeout,
+                    AuthErrorCode::BasicAuthRequired,
                 ])?,
                 message: text_from(u, REQUEST_ID_CHARS, 0, 100)?,
             }));

@@ -204,6 +204,8 @@ pub enum AuthErrorCode {
     Overloaded,
     /// The agent answered too late.
     HandshakeTimeout,
+    /// The gateway requires basic auth for the tunnel and the agent declared no users.
+    BasicAuthRequired,
 }
 
 impl AuthErrorCode {
@@ -218,6 +220,7 @@ impl AuthErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Overloaded => "overloaded",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::BasicAuthRequired => "basic_auth_required",
         }
     }
 
@@ -233,6 +236,7 @@ impl AuthErrorCode {
             Self::RateLimited => "too many failed attempts; retry later",
             Self::Overloaded => "the gateway cannot take this session now",
             Self::HandshakeTimeout => "the handshake took too long",
+            Self::BasicAuthRequired => "this gateway serves the tunnel only with basic auth",
         }
     }
 
@@ -457,6 +461,7 @@ impl From<AuthErrorCode> for pb::AuthErrorCode {
             AuthErrorCode::RateLimited => Self::RateLimited,
             AuthErrorCode::Overloaded => Self::Overloaded,
             AuthErrorCode::HandshakeTimeout => Self::HandshakeTimeout,
+            AuthErrorCode::BasicAuthRequired => Self::BasicAuthRequired,
         }
     }
 }
@@ -475,6 +480,7 @@ impl TryFrom<i32> for AuthErrorCode {
             Ok(pb::AuthErrorCode::RateLimited) => Self::RateLimited,
             Ok(pb::AuthErrorCode::Overloaded) => Self::Overloaded,
             Ok(pb::AuthErrorCode::HandshakeTimeout) => Self::HandshakeTimeout,
+            Ok(pb::AuthErrorCode::BasicAuthRequired) => Self::BasicAuthRequired,
             Ok(pb::AuthErrorCode::Unspecified) => return Err(CodecError::MissingField(FIELD)),
             Err(_) => return Err(CodecError::invalid(FIELD, "unknown error code")),
         })

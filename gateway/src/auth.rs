@@ -73,6 +73,8 @@ pub struct TunnelGrant {
     pub tcp_ports: Vec<u16>,
     /// Who may reach the tunnel at most (`allow-ip`, `deny-ip`), whatever its agent declares.
     pub ip_floor: crate::access::IpRules,
+    /// Sessions must declare basic-auth users (`basic-auth-required = true`).
+    pub basic_auth_required: bool,
 }
 
 /// Why an auth file was refused.
@@ -115,6 +117,8 @@ struct TunnelEntry {
     allow_ip: Vec<String>,
     #[serde(default)]
     deny_ip: Vec<String>,
+    #[serde(default)]
+    basic_auth_required: bool,
 }
 
 impl Secrets {
@@ -166,7 +170,13 @@ impl Secrets {
             }
             let ip_floor = crate::access::IpRules::parse(&entry.allow_ip, &entry.deny_ip)
                 .map_err(|err| format!("tunnels.{id}: {err}"))?;
-            tunnels.insert(tunnel, TunnelGrant { secrets, tcp_ports: entry.tcp_ports, ip_floor });
+            let grant = TunnelGrant {
+                secrets,
+                tcp_ports: entry.tcp_ports,
+                ip_floor,
+                basic_auth_required: entry.basic_auth_required,
+            };
+            tunnels.insert(tunnel, grant);
         }
         let mut reserved = HashMap::new();
         for (tunnel, grant) in &tunnels {
@@ -250,6 +260,14 @@ impl Secrets {
         match self {
             Self::PerTunnel(map, _) => map.get(tunnel).map(|grant| &grant.ip_floor),
             _ => None,
+        }
+    }
+
+    /// Whether the auth file requires `tunnel`'s sessions to ask for basic auth.
+    pub fn basic_auth_required(&self, tunnel: &TunnelId) -> bool {
+        match self {
+            Self::PerTunnel(map, _) => map.get(tunnel).is_some_and(|grant| grant.basic_auth_required),
+            _ => false,
         }
     }
 

@@ -215,6 +215,12 @@ async fn handshake(
     let basic_auth = crate::basic_auth::BasicAuth::parse(&auth.basic_auth)
         .map_err(|err| HandshakeFailure::new(AuthErrorCode::Malformed, err))?
         .map(Arc::new);
+    if basic_auth.is_none() && gateway.secrets().basic_auth_required(&auth.tunnel_id) {
+        return Err(HandshakeFailure::new(
+            AuthErrorCode::BasicAuthRequired,
+            format!("tunnel {}: the auth file requires basic auth", auth.tunnel_id),
+        ));
+    }
     let (tcp, claims) = if auth.tcp.is_empty() {
         (Vec::new(), None)
     } else {

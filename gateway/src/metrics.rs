@@ -84,7 +84,7 @@ impl Limit {
 }
 
 /// Every handshake error code, so each has a series from the start.
-const AUTH_CODES: [AuthErrorCode; 8] = [
+const AUTH_CODES: [AuthErrorCode; 9] = [
     AuthErrorCode::UnsupportedVersion,
     AuthErrorCode::Malformed,
     AuthErrorCode::InvalidTunnelId,
@@ -93,6 +93,7 @@ const AUTH_CODES: [AuthErrorCode; 8] = [
     AuthErrorCode::RateLimited,
     AuthErrorCode::Overloaded,
     AuthErrorCode::HandshakeTimeout,
+    AuthErrorCode::BasicAuthRequired,
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

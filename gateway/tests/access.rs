@@ -207,3 +207,55 @@ async fn header_rules_and_the_kept_path_prefix_change_what_the_upstream_sees() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_auth_file_can_require_basic_auth_of_a_tunnel() {
+    bounded(async {
+        let path = std::env::temp_dir().join(format!("ferry-auth-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &path,
+            format!("[tunnels.{TUNNEL}]\nsecrets = [\"s1\"]\nbasic-auth-required = true\n"),
+        )
+        .unwrap();
+        let config = GatewayConfig {
+            auth: ferry_gateway::auth::AuthSource::File(path.clone()),
+            ..GatewayConfig::default()
+        };
+        let mut env = TestEnv::start_without_agent(config).await;
+        let mut agent = env.agent_config();
+        agent.secret = Some(ferry_codec::Secret::from_text("s1").unwrap());
+
+        // Without users: refused at the handshake, with a reason a person can act on.
+        let mut without = agent.clone();
+        without.max_retries = Some(1);
+        match spawn_agent(without).task.await.unwrap() {
+            Err(ferry_agent::AgentError::GaveUp { last, .. }) => {
+                assert!(
+                    matches!(
+                        last,
+                        ferry_agent::ConnectError::Rejected {
+                            code: ferry_codec::AuthErrorCode::BasicAuthRequired,
+                            ..
+                        }
+                    ),
+                    "{last:?}"
+                );
+                assert!(last.needs_attention());
+            }
+            other => panic!("expected the agent to give up, got {other:?}"),
+        }
+
+        // With users: served, behind the password.
+        agent.basic_auth = vec![htpasswd("alice", "pw")];
+        env.agent = Some(spawn_agent(agent));
+        env.wait_for_sessions(1).await;
+        let path_in_tunnel = format!("/t/{TUNNEL}/");
+        assert_eq!(get_from("127.0.0.1", env.gateway_addr, &path_in_tunnel).await.0, 401);
+        let right = basic("alice", "pw");
+        let (status, _, _) =
+            get_from_with("127.0.0.1", env.gateway_addr, &path_in_tunnel, &[("Authorization", &right)]).await;
+        assert_eq!(status, 200);
+        let _ = std::fs::remove_file(&path);
+    })
+    .await;
+}
