@@ -52,14 +52,35 @@ pub struct Upstream {
     pub scheme: Scheme,
     /// `host:port`.
     pub authority: Authority,
+    /// Each connection starts with a PROXY protocol header naming the public client; such
+    /// connections are reused only for requests of the same client connection.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `,proxy-protocol=v1|v2` options after an address (`what` names the flag, for errors).
+fn parse_options(options: &str, what: &str) -> Result<Option<ProxyProtocol>, String> {
+    let mut proxy_protocol = None;
+    for option in options.split(',').filter(|o| !o.is_empty()) {
+        proxy_protocol = Some(match option {
+            "proxy-protocol=v1" => ProxyProtocol::V1,
+            "proxy-protocol=v2" => ProxyProtocol::V2,
+            other => {
+                return Err(format!("{what}: unknown option {other:?} (known: proxy-protocol=v1|v2)"));
+            }
+        });
+    }
+    Ok(proxy_protocol)
 }
 
 impl Upstream {
-    /// Parses `host:port`, `http://host:port` or `https://host[:port]`.
+    /// Parses `host:port`, `http://host:port` or `https://host[:port]`, optionally followed by
+    /// `,proxy-protocol=v1` or `v2`.
     ///
     /// # Errors
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
+        let (text, options) = text.split_once(',').unwrap_or((text, ""));
+        let proxy_protocol = parse_options(options, text)?;
         let with_scheme = if text.contains("://") { text.to_owned() } else { format!("http://{text}") };
         let uri: Uri = with_scheme
             .parse()
@@ -81,13 +102,18 @@ impl Upstream {
         if authority.as_str().contains('@') {
             return Err("the upstream may not contain credentials".into());
         }
-        Ok(Self { scheme, authority })
+        Ok(Self { scheme, authority, proxy_protocol })
     }
 }
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
+        write!(f, "{}://{}", self.scheme, self.authority)?;
+        match self.proxy_protocol {
+            Some(ProxyProtocol::V1) => f.write_str(",proxy-protocol=v1"),
+            Some(ProxyProtocol::V2) => f.write_str(",proxy-protocol=v2"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -159,18 +185,7 @@ impl TcpTarget {
     /// A message saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (text, options) = text.split_once(',').unwrap_or((text, ""));
-        let mut proxy_protocol = None;
-        for option in options.split(',').filter(|o| !o.is_empty()) {
-            proxy_protocol = Some(match option {
-                "proxy-protocol=v1" => ProxyProtocol::V1,
-                "proxy-protocol=v2" => ProxyProtocol::V2,
-                other => {
-                    return Err(format!(
-                        "--tcp {text}: unknown option {other:?} (known: proxy-protocol=v1|v2)"
-                    ));
-                }
-            });
-        }
+        let proxy_protocol = parse_options(options, &format!("--tcp {text}"))?;
         let (public_port, addr) = match text.split_once('=') {
             Some((port, addr)) => {
                 let port = port
@@ -635,5 +650,18 @@ mod tests {
         assert!(load_htpasswd(&file("many", &many)).unwrap_err().contains("at most 16"));
         assert!(load_htpasswd(&dir.join("missing")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_upstream_may_take_proxy_protocol() {
+        let upstream = Upstream::parse("127.0.0.1:8080,proxy-protocol=v2").unwrap();
+        assert_eq!(upstream.proxy_protocol, Some(ProxyProtocol::V2));
+        assert_eq!(upstream.to_string(), "http://127.0.0.1:8080,proxy-protocol=v2");
+        assert_eq!(Upstream::parse(&upstream.to_string()).unwrap(), upstream);
+        assert_eq!(Upstream::parse("https://a.example").unwrap().proxy_protocol, None);
+        let err = Upstream::parse("127.0.0.1:8080,proxy-protocol=v3").unwrap_err();
+        assert!(err.contains("proxy-protocol=v1|v2"), "{err}");
+        let route = Route::parse("/api=127.0.0.1:8000,proxy-protocol=v1").unwrap();
+        assert_eq!(route.upstream.proxy_protocol, Some(ProxyProtocol::V1));
     }
 }

@@ -147,16 +147,24 @@ pub(crate) struct UpstreamPool {
 
 #[derive(Debug)]
 struct IdleList {
-    scheme: Scheme,
-    authority: http::uri::Authority,
+    upstream: Upstream,
+    /// For an upstream that takes PROXY protocol: the public client its connections named.
+    client: Option<SocketAddr>,
     /// Oldest first; checkouts take the newest.
     conns: Vec<Idle>,
 }
 
 impl IdleList {
-    fn is_for(&self, upstream: &Upstream) -> bool {
-        self.scheme == upstream.scheme && self.authority == upstream.authority
+    fn is_for(&self, upstream: &Upstream, client: Option<SocketAddr>) -> bool {
+        self.upstream == *upstream && self.client == client
     }
+}
+
+/// Which idle connections a request may reuse: any of its upstream's, or, for an upstream that
+/// takes PROXY protocol (whose connections each name one client), only those opened for the same
+/// public client connection.
+fn client_key(upstream: &Upstream, client: Option<SocketAddr>) -> Option<SocketAddr> {
+    upstream.proxy_protocol.and(client)
 }
 
 #[derive(Debug)]
@@ -178,6 +186,8 @@ pub(crate) struct OutRequest {
     pub(crate) headers: Vec<ferry_codec::Header>,
     pub(crate) body: UpstreamBody,
     pub(crate) framing: RequestFraming,
+    /// The public client (its connection to the gateway), for a PROXY protocol header.
+    pub(crate) client: Option<SocketAddr>,
 }
 
 /// First read buffer of an exchange: a response head and a small body fit.
@@ -200,28 +210,30 @@ impl UpstreamPool {
         upstream: &'a Upstream,
         request: OutRequest,
     ) -> Result<(ResponseHead, Exchange<'a>), PoolError> {
-        let OutRequest { method, target, headers, body, framing } = request;
+        let OutRequest { method, target, headers, body, framing, client } = request;
+        let client = client_key(upstream, client);
         let head = h1::request_head(&method, &target, &headers, upstream.authority.as_str(), framing);
         drop(headers);
         let retryable = framing == RequestFraming::None && method.is_idempotent();
         // Connecting is rare once the pool is warm: its future is boxed so that it does not
         // make every request's task larger (a task is allocated, and moved, at its full size).
-        let (io, buf, reused) = match self.take_idle(upstream) {
+        let (io, buf, reused) = match self.take_idle(upstream, client) {
             Some((io, buf)) => (io, buf, true),
             None => {
-                let io = Box::pin(self.dialer.connect(upstream)).await.map_err(PoolError::Connect)?;
+                let io = Box::pin(self.dialer.connect(upstream, client)).await.map_err(PoolError::Connect)?;
                 (io, BytesMut::new(), false)
             }
         };
         let chunked = framing == RequestFraming::Chunked;
         let mut exchange = Exchange::new(self, upstream, io, buf, method, Upload::new(head, body, chunked));
+        exchange.client = client;
         let result = std::future::poll_fn(|cx| exchange.poll_head(cx)).await;
         match result {
             Ok(response) => Ok((response, exchange)),
             Err(err) if reused && retryable && exchange.received == 0 => {
                 debug!(%err, "pooled upstream connection closed; retrying on a new one");
                 let Exchange { method, upload, .. } = exchange;
-                let io = Box::pin(self.dialer.connect(upstream)).await.map_err(PoolError::Connect)?;
+                let io = Box::pin(self.dialer.connect(upstream, client)).await.map_err(PoolError::Connect)?;
                 let body = UpstreamBody::new(ferry_transport::FrameBody::empty(), 0);
                 let mut exchange = Exchange::new(
                     self,
@@ -231,6 +243,7 @@ impl UpstreamPool {
                     method,
                     Upload::new(upload.head, body, false),
                 );
+                exchange.client = client;
                 let result = std::future::poll_fn(|cx| exchange.poll_head(cx)).await;
                 Ok((result.map_err(PoolError::Request)?, exchange))
             }
@@ -242,27 +255,29 @@ impl UpstreamPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take_idle(&self, upstream: &Upstream) -> Option<(Io, BytesMut)> {
+    fn take_idle(&self, upstream: &Upstream, client: Option<SocketAddr>) -> Option<(Io, BytesMut)> {
         let mut lists = self.lists();
-        let list = lists.iter_mut().find(|list| list.is_for(upstream))?;
-        while let Some(mut idle) = list.conns.pop() {
+        let index = lists.iter().position(|list| list.is_for(upstream, client))?;
+        let mut found = None;
+        while let Some(mut idle) = lists[index].conns.pop() {
             if idle.since.elapsed() < self.idle_timeout && is_open(&mut idle.io) {
-                return Some((idle.io, idle.buf));
+                found = Some((idle.io, idle.buf));
+                break;
             }
         }
-        None
+        // A client's list goes with its last connection: clients come and go, upstreams stay.
+        if client.is_some() && lists[index].conns.is_empty() {
+            lists.swap_remove(index);
+        }
+        found
     }
 
-    fn put_idle(&self, upstream: &Upstream, io: Io, buf: BytesMut) {
+    fn put_idle(&self, upstream: &Upstream, client: Option<SocketAddr>, io: Io, buf: BytesMut) {
         let mut lists = self.lists();
-        let index = match lists.iter().position(|list| list.is_for(upstream)) {
+        let index = match lists.iter().position(|list| list.is_for(upstream, client)) {
             Some(index) => index,
             None => {
-                lists.push(IdleList {
-                    scheme: upstream.scheme.clone(),
-                    authority: upstream.authority.clone(),
-                    conns: Vec::new(),
-                });
+                lists.push(IdleList { upstream: upstream.clone(), client, conns: Vec::new() });
                 lists.len() - 1
             }
         };
@@ -279,6 +294,7 @@ impl UpstreamPool {
         for list in lists.iter_mut() {
             list.conns.retain_mut(|idle| idle.since.elapsed() < self.idle_timeout && is_open(&mut idle.io));
         }
+        lists.retain(|list| list.client.is_none() || !list.conns.is_empty());
     }
 
     /// Idle connections kept now, over all upstreams.
@@ -299,8 +315,9 @@ fn is_open(io: &mut Io) -> bool {
 
 impl Dialer {
     /// A new connection to `upstream`: every address its host resolves to, in turn, within the
-    /// connect timeout; then TLS for `https` (ALPN `http/1.1`).
-    async fn connect(&self, upstream: &Upstream) -> Result<Io, BoxError> {
+    /// connect timeout; then the PROXY protocol header naming `client`, for an upstream that
+    /// takes one; then TLS for `https` (ALPN `http/1.1`).
+    async fn connect(&self, upstream: &Upstream, client: Option<SocketAddr>) -> Result<Io, BoxError> {
         let host = upstream.authority.host();
         let port =
             upstream.authority.port_u16().unwrap_or(if upstream.scheme == Scheme::HTTPS { 443 } else { 80 });
@@ -323,6 +340,19 @@ impl Dialer {
         .map_err(|_| {
             format!("connect to {} timed out after {:?}", upstream.authority, self.connect_timeout)
         })??;
+        let mut tcp = tcp;
+        if let Some(version) = upstream.proxy_protocol {
+            // The destination is the upstream itself: the gateway address the client reached is
+            // not known here (and an HTTP upstream has no use for it). A connection of the
+            // agent's own (a health probe) says so: `UNKNOWN` (v1), `LOCAL` (v2).
+            let header = match client {
+                Some(client) => crate::tcp::proxy_header(version, client, tcp.peer_addr()?),
+                None => crate::tcp::local_proxy_header(version),
+            };
+            tokio::time::timeout_at(deadline, tokio::io::AsyncWriteExt::write_all(&mut tcp, &header))
+                .await
+                .map_err(|_| format!("writing the PROXY header to {} timed out", upstream.authority))??;
+        }
         if upstream.scheme != Scheme::HTTPS {
             return Ok(Io::Plain(tcp));
         }
@@ -493,6 +523,8 @@ impl Upload {
 pub(crate) struct Exchange<'a> {
     pool: &'a UpstreamPool,
     upstream: &'a Upstream,
+    /// The pool key's client ([`client_key`]).
+    client: Option<SocketAddr>,
     io: Io,
     /// Read but not yet taken: the rest of a head, body bytes.
     buf: BytesMut,
@@ -522,6 +554,7 @@ impl<'a> Exchange<'a> {
         Self {
             pool,
             upstream,
+            client: None,
             io,
             buf,
             received: 0,
@@ -606,7 +639,7 @@ impl<'a> Exchange<'a> {
             // A small buffer stays with the connection (reused in place once the views of it
             // are gone); a large one, grown by a download, is let go.
             let buf = if self.buf.capacity() <= 2 * FIRST_READ { self.buf } else { BytesMut::new() };
-            self.pool.put_idle(self.upstream, self.io, buf);
+            self.pool.put_idle(self.upstream, self.client, self.io, buf);
         }
     }
 
@@ -712,6 +745,7 @@ mod tests {
             headers: Vec::new(),
             body,
             framing,
+            client: None,
         }
     }
 

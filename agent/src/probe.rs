@@ -97,6 +97,7 @@ async fn probe(
         headers: Vec::new(),
         body: Limited::new(ferry_transport::FrameBody::empty(), usize::MAX),
         framing: RequestFraming::None,
+        client: None,
     };
     let (head, mut exchange) = match tokio::time::timeout(timeout, pool.send(upstream, request)).await {
         Ok(Ok(sent)) => sent,

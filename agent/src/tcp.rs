@@ -69,7 +69,7 @@ pub(crate) async fn serve(
 /// The PROXY protocol header for a connection from `client` to `public`. Addresses of two
 /// families (an IPv4 client mapped into an IPv6 listener is shown as IPv4 first) are sent as
 /// unknown, which the protocol allows.
-fn proxy_header(version: ProxyProtocol, client: SocketAddr, public: SocketAddr) -> Vec<u8> {
+pub(crate) fn proxy_header(version: ProxyProtocol, client: SocketAddr, public: SocketAddr) -> Vec<u8> {
     let (client, public) = (canonical(client), canonical(public));
     match version {
         ProxyProtocol::V1 => {
@@ -88,10 +88,20 @@ fn proxy_header(version: ProxyProtocol, client: SocketAddr, public: SocketAddr) 
             use ppp::v2::{Builder, Command, Protocol, Version};
             Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (client, public))
                 .build()
-                .unwrap_or_else(|_| {
-                    // Only an oversized header fails to build; two socket addresses never are.
-                    Builder::new(Version::Two | Command::Local, 0).build().unwrap_or_default()
-                })
+                // Only an oversized header fails to build; two socket addresses never are.
+                .unwrap_or_else(|_| local_proxy_header(ProxyProtocol::V2))
+        }
+    }
+}
+
+/// The PROXY protocol header of a connection the agent makes for itself (a health probe): no
+/// client to name.
+pub(crate) fn local_proxy_header(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        ProxyProtocol::V2 => {
+            use ppp::v2::{Builder, Command, Version};
+            Builder::new(Version::Two | Command::Local, 0).build().unwrap_or_default()
         }
     }
 }

@@ -282,6 +282,7 @@ async fn proxy(
         headers,
         body: Limited::new(body, limit.map_or(usize::MAX, clamp_usize)),
         framing,
+        client: head.client_addr,
     };
 
     let _trial = match upstream.health.admit(std::time::Instant::now()) {

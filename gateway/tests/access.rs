@@ -259,3 +259,84 @@ async fn the_auth_file_can_require_basic_auth_of_a_tunnel() {
     })
     .await;
 }
+
+/// An HTTP/1.1 upstream behind PROXY protocol v1: each connection starts with the header; each
+/// request on it is answered with the client the header named and the request's number on the
+/// connection (`127.0.0.2:40000 #2`).
+async fn http_upstream_behind_proxy_protocol() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut source = None;
+                let mut served = 0;
+                loop {
+                    if source.is_none()
+                        && let Some(end) = buf.windows(2).position(|w| w == b"\r\n")
+                    {
+                        let line = String::from_utf8(buf[..end].to_vec()).unwrap();
+                        let words: Vec<&str> = line.split(' ').collect();
+                        assert_eq!(&words[..2], ["PROXY", "TCP4"], "{line}");
+                        source = Some(format!("{}:{}", words[2], words[4]));
+                        buf.drain(..end + 2);
+                    }
+                    if let Some(source) = &source
+                        && let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+                    {
+                        buf.drain(..end + 4);
+                        served += 1;
+                        let body = format!("{source} #{served}");
+                        let response =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        socket.write_all(response.as_bytes()).await.unwrap();
+                        continue;
+                    }
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http_upstream_behind_proxy_protocol_hears_each_client_on_its_own_connections() {
+    bounded(async {
+        let upstream = http_upstream_behind_proxy_protocol().await;
+        let env = TestEnv::start_with(GatewayConfig::default(), |agent| {
+            let target = format!("127.0.0.1:{},proxy-protocol=v1", upstream.port());
+            agent.upstream = Some(ferry_agent::config::Upstream::parse(&target).unwrap());
+        })
+        .await;
+        // A keep-alive client: both its requests go over one upstream connection, whose header
+        // names it.
+        let mut client = connect_from("127.0.0.2", env.gateway_addr).await;
+        let me = client.local_addr().unwrap();
+        let path = format!("/t/{TUNNEL}/");
+        for n in 1..=2 {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: gateway\r\n\r\n");
+            client.write_all(request.as_bytes()).await.unwrap();
+            let mut response = vec![0u8; 4096];
+            let mut got = 0;
+            let expected = format!("{me} #{n}");
+            while !String::from_utf8_lossy(&response[..got]).ends_with(&expected) {
+                let read = client.read(&mut response[got..]).await.unwrap();
+                assert!(read > 0, "{}", String::from_utf8_lossy(&response[..got]));
+                got += read;
+            }
+        }
+        // Another client never gets that connection, though it sits idle in the agent's pool.
+        let (status, body) = get_from("127.0.0.3", env.gateway_addr, &path).await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("127.0.0.3:") && body.ends_with(" #1"), "{body}");
+    })
+    .await;
+}
