@@ -11,7 +11,6 @@ use ferry_agent::filter::Filters;
 use ferry_codec::TunnelId;
 use http::Method;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Agent of a ferry tunnel: dials out to a gateway over one WebSocket and serves the public
 /// requests it forwards from a local upstream service. No inbound port is needed.
@@ -182,6 +181,10 @@ struct Args {
     #[arg(long, default_value = "1", value_name = "N|auto")]
     threads: ferry_transport::Threads,
 
+    /// Log lines as `text` (for people) or `json` (one object per line, for log collectors).
+    #[arg(long, default_value = "text", value_parser = ferry_transport::cli::parse_log_format, value_name = "text|json")]
+    log_format: ferry_transport::cli::LogFormat,
+
     /// How long a shutdown (SIGINT/SIGTERM) lets requests in flight finish.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
@@ -233,6 +236,7 @@ struct ConfigFile {
     upstream_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     threads: Option<toml::Value>,
+    log_format: Option<String>,
     drain_timeout: Option<String>,
     metrics: Option<String>,
 }
@@ -375,16 +379,7 @@ fn hash_password(user: &str) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(ferry_transport::cli::log_directives(
-                std::env::var("RUST_LOG").ok().as_deref(),
-            ))
-            .unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    ferry_transport::cli::init_logging(args.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(
         ferry_transport::cli::cancel_on_signal(shutdown.clone(), "draining")

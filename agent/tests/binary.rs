@@ -245,3 +245,47 @@ async fn metrics_show_upstream_times_answers_and_sessions() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_object_per_line() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let up = upstream(Arc::new(Semaphore::new(0)), Arc::new(Notify::new())).await;
+        let (gateway, addr, _stop) = gateway(GatewayConfig::default()).await;
+        let id: TunnelId = TUNNEL.parse().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
+        command
+            .args(["--tunnel-id", TUNNEL, "--upstream", &up.to_string(), "--log-format", "json"])
+            .args(["--gateway", &format!("ws://{addr}/ws")])
+            .env_remove("FERRY_SECRET")
+            .env_remove("GATEWAY_URL")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = command.spawn().unwrap();
+        gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        signal(&child, "TERM");
+        let output = child.wait_with_output().await.unwrap();
+        let log = String::from_utf8(output.stderr).unwrap();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line:?}")))
+            .collect();
+        let public_url = lines
+            .iter()
+            .find(|line| line["fields"]["message"] == "public URL")
+            .unwrap_or_else(|| panic!("no public URL line: {log}"));
+        assert_eq!(public_url["level"], "INFO");
+        assert!(public_url["fields"]["url"].as_str().unwrap().contains(TUNNEL), "{public_url}");
+        assert!(public_url["timestamp"].is_string());
+
+        let bad = std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["--tunnel-id", TUNNEL, "--log-format", "xml"])
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("text or json"));
+    })
+    .await
+    .unwrap();
+}

@@ -16,7 +16,6 @@ use ferry_gateway::tls::TlsFiles;
 use ferry_gateway::{Gateway, GatewayConfig};
 use ferry_transport::cli::{load_secret, parse_size};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Public gateway of a ferry tunnel: serves HTTP on one port and forwards requests to the agents
 /// that dial in to `/ws` on the same port.
@@ -52,6 +51,10 @@ struct Args {
     /// other busy processes.
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     threads: ferry_transport::Threads,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for log collectors).
+    #[arg(long, default_value = "text", value_parser = ferry_transport::cli::parse_log_format, value_name = "text|json")]
+    log_format: ferry_transport::cli::LogFormat,
 
     /// How long a shutdown (SIGINT/SIGTERM) waits for requests in flight.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -228,6 +231,7 @@ struct ConfigFile {
     max_streams: Option<u64>,
     response_timeout: Option<String>,
     threads: Option<toml::Value>,
+    log_format: Option<String>,
     drain_timeout: Option<String>,
     secret_file: Option<PathBuf>,
     auth_file: Option<PathBuf>,
@@ -453,16 +457,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(ferry_transport::cli::log_directives(
-                std::env::var("RUST_LOG").ok().as_deref(),
-            ))
-            .unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    ferry_transport::cli::init_logging(args.log_format);
     let mut args = args;
     let listen = args.listen;
     // Bound before the configuration is built, so that `--peer-listen 127.0.0.1:0` advertises

@@ -86,6 +86,42 @@ pub fn log_directives(rust_log: Option<&str>) -> String {
     directives
 }
 
+/// How a binary writes its log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `spans`), for log
+    /// collectors.
+    Json,
+}
+
+/// Parses `--log-format text|json`.
+///
+/// # Errors
+/// Any other value.
+pub fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("{text:?}: the log format is text or json")),
+    }
+}
+
+/// Installs the process's logger: to stderr, filtered by `RUST_LOG` through [`log_directives`],
+/// in `format`.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(log_directives(std::env::var("RUST_LOG").ok().as_deref()))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => builder.json().with_current_span(false).with_span_list(true).init(),
+    }
+}
+
 /// Cancels `token` on SIGINT or SIGTERM, logging `what` happens next.
 ///
 /// The handlers are installed before this returns (not when the future is first polled), so a
