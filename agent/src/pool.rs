@@ -225,8 +225,8 @@ impl UpstreamPool {
             }
         };
         let chunked = framing == RequestFraming::Chunked;
-        let mut exchange = Exchange::new(self, upstream, io, buf, method, Upload::new(head, body, chunked));
-        exchange.client = client;
+        let upload = Upload::new(head, body, chunked);
+        let mut exchange = Exchange::new(self, (upstream, client), io, buf, method, upload);
         let result = std::future::poll_fn(|cx| exchange.poll_head(cx)).await;
         match result {
             Ok(response) => Ok((response, exchange)),
@@ -237,13 +237,12 @@ impl UpstreamPool {
                 let body = UpstreamBody::new(ferry_transport::FrameBody::empty(), 0);
                 let mut exchange = Exchange::new(
                     self,
-                    upstream,
+                    (upstream, client),
                     io,
                     BytesMut::new(),
                     method,
                     Upload::new(upload.head, body, false),
                 );
-                exchange.client = client;
                 let result = std::future::poll_fn(|cx| exchange.poll_head(cx)).await;
                 Ok((result.map_err(PoolError::Request)?, exchange))
             }
@@ -274,6 +273,14 @@ impl UpstreamPool {
 
     fn put_idle(&self, upstream: &Upstream, client: Option<SocketAddr>, io: Io, buf: BytesMut) {
         let mut lists = self.lists();
+        // Connections kept for single clients count together against the limit: one per client
+        // would otherwise hold an upstream connection open for every client seen lately.
+        if client.is_some()
+            && lists.iter().filter(|list| list.client.is_some()).map(|list| list.conns.len()).sum::<usize>()
+                >= self.max_idle
+        {
+            return;
+        }
         let index = match lists.iter().position(|list| list.is_for(upstream, client)) {
             Some(index) => index,
             None => {
@@ -545,7 +552,7 @@ pub(crate) struct Exchange<'a> {
 impl<'a> Exchange<'a> {
     fn new(
         pool: &'a UpstreamPool,
-        upstream: &'a Upstream,
+        (upstream, client): (&'a Upstream, Option<SocketAddr>),
         io: Io,
         buf: BytesMut,
         method: Method,
@@ -554,7 +561,7 @@ impl<'a> Exchange<'a> {
         Self {
             pool,
             upstream,
-            client: None,
+            client,
             io,
             buf,
             received: 0,
@@ -824,6 +831,32 @@ mod tests {
 
     async fn body(exchange: &mut Exchange<'_>) -> String {
         String::from_utf8(exchange.collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn proxy_protocol_connections_are_kept_per_client_and_bounded_together() {
+        within(async {
+            let pool = pool();
+            let (mut upstream, accepted) = upstream(100).await;
+            upstream.proxy_protocol = Some(crate::config::ProxyProtocol::V1);
+            let from = |port: u16| OutRequest { client: Some(([127, 0, 0, 2], port).into()), ..get("/") };
+            // Each new client gets a connection of its own, whose first line names it.
+            let clients = pool.max_idle + 3;
+            for port in 1..=clients as u16 {
+                let (_, mut exchange) = pool.send(&upstream, from(port)).await.unwrap();
+                let text = body(&mut exchange).await;
+                assert!(text.starts_with(&format!("PROXY TCP4 127.0.0.2 127.0.0.1 {port} ")), "{text}");
+                exchange.release();
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), clients);
+            // Only as many are kept as one upstream may keep idle, over all clients.
+            assert_eq!(pool.idle_count(), pool.max_idle);
+            // A kept client's next request reuses its connection.
+            let (_, exchange) = pool.send(&upstream, from(1)).await.unwrap();
+            drop(exchange);
+            assert_eq!(accepted.load(Ordering::SeqCst), clients);
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "current_thread")]

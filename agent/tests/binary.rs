@@ -64,16 +64,24 @@ async fn gateway(config: GatewayConfig) -> (Arc<Gateway>, SocketAddr, Cancellati
     (gateway, addr, stop)
 }
 
-fn agent(gateway: SocketAddr, upstream: SocketAddr, secret: Option<&str>) -> Child {
+/// The agent binary for `TUNNEL`, serving `upstream` through `gateway`, with `more` flags; its
+/// stderr piped, the environment's secret and gateway left out.
+fn agent_command(gateway: SocketAddr, upstream: SocketAddr, more: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
     command
         .args(["--tunnel-id", TUNNEL, "--upstream", &upstream.to_string()])
-        .args(["--gateway", &format!("ws://{gateway}/ws"), "--drain-timeout", "10s"])
+        .args(["--gateway", &format!("ws://{gateway}/ws")])
+        .args(more)
         .env_remove("FERRY_SECRET")
         .env_remove("GATEWAY_URL")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    command
+}
+
+fn agent(gateway: SocketAddr, upstream: SocketAddr, secret: Option<&str>) -> Child {
+    let mut command = agent_command(gateway, upstream, &["--drain-timeout", "10s"]);
     if let Some(secret) = secret {
         command.env("FERRY_SECRET", secret);
     }
@@ -182,15 +190,7 @@ async fn metrics_show_upstream_times_answers_and_sessions() {
         let up = upstream(Arc::new(Semaphore::new(0)), Arc::new(Notify::new())).await;
         let (gateway, addr, _stop) = gateway(GatewayConfig::default()).await;
         let id: TunnelId = TUNNEL.parse().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
-        command
-            .args(["--tunnel-id", TUNNEL, "--upstream", &up.to_string(), "--allow-method", "GET"])
-            .args(["--gateway", &format!("ws://{addr}/ws"), "--metrics", "127.0.0.1:0"])
-            .env_remove("FERRY_SECRET")
-            .env_remove("GATEWAY_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = agent_command(addr, up, &["--allow-method", "GET", "--metrics", "127.0.0.1:0"]);
         let mut child = command.spawn().unwrap();
         // The log says where the metrics are.
         let mut stderr = child.stderr.take().unwrap();
@@ -252,17 +252,8 @@ async fn log_format_json_writes_one_object_per_line() {
         let up = upstream(Arc::new(Semaphore::new(0)), Arc::new(Notify::new())).await;
         let (gateway, addr, _stop) = gateway(GatewayConfig::default()).await;
         let id: TunnelId = TUNNEL.parse().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_agent"));
-        command
-            .args(["--tunnel-id", TUNNEL, "--upstream", &up.to_string(), "--log-format", "json"])
-            .args(["--gateway", &format!("ws://{addr}/ws")])
-            .env_remove("FERRY_SECRET")
-            .env_remove("GATEWAY_URL")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = command.spawn().unwrap();
+        let mut command = agent_command(addr, up, &["--log-format", "json"]);
+        let child = command.env("RUST_LOG", "info").spawn().unwrap();
         gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
         signal(&child, "TERM");
         let output = child.wait_with_output().await.unwrap();
