@@ -208,10 +208,24 @@ struct Args {
     #[arg(long, value_parser = parse_listen, value_name = "ADDR", requires = "cluster")]
     peer_listen: Option<SocketAddr>,
 
-    /// How the other nodes reach the peer listener (`http://10.0.0.2:3001`); default: the
-    /// --peer-listen address when it names one host.
+    /// How the other nodes reach the peer listener (`http://10.0.0.2:3001`, `https://` with
+    /// --peer-tls-cert); default: the --peer-listen address when it names one host.
     #[arg(long, value_name = "URL", requires = "peer_listen")]
     peer_advertise: Option<String>,
+
+    /// PEM certificate chain for the peer listener: links from other nodes are then TLS. The
+    /// certificate names the host or address in --peer-advertise. Reloaded on SIGHUP.
+    #[arg(long, value_name = "PATH", requires_all = ["peer_listen", "peer_tls_key"])]
+    peer_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --peer-tls-cert. Reloaded on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "peer_tls_cert")]
+    peer_tls_key: Option<PathBuf>,
+
+    /// PEM file of the CA certificates that sign the nodes' peer certificates; without it,
+    /// `https://` peers are checked against the system's roots.
+    #[arg(long, value_name = "PATH", requires = "cluster")]
+    peer_ca: Option<PathBuf>,
 
     /// How long a node that stopped refreshing (killed, cut off from Redis) still counts as
     /// alive; it refreshes every third of this.
@@ -266,6 +280,9 @@ struct ConfigFile {
     cluster_secret_file: Option<PathBuf>,
     peer_listen: Option<String>,
     peer_advertise: Option<String>,
+    peer_tls_cert: Option<PathBuf>,
+    peer_tls_key: Option<PathBuf>,
+    peer_ca: Option<PathBuf>,
     cluster_ttl: Option<String>,
 }
 
@@ -393,9 +410,15 @@ impl Args {
                 if let Some(id) = &self.node_id {
                     cluster.node_id = id.clone();
                 }
+                cluster.peer_tls = match (&self.peer_tls_cert, &self.peer_tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone() }),
+                    _ => None,
+                };
+                cluster.peer_ca = self.peer_ca.clone();
+                let scheme = if cluster.peer_tls.is_some() { "https" } else { "http" };
                 cluster.advertise = match (&self.peer_advertise, self.peer_listen) {
                     (Some(url), _) => Some(url.clone()),
-                    (None, Some(addr)) if !addr.ip().is_unspecified() => Some(format!("http://{addr}")),
+                    (None, Some(addr)) if !addr.ip().is_unspecified() => Some(format!("{scheme}://{addr}")),
                     (None, Some(addr)) => anyhow::bail!(
                         "--peer-listen {addr} listens on every interface: say with --peer-advertise how other nodes reach it"
                     ),
@@ -475,7 +498,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let threads = args.threads.get();
     let config = args.into_config()?;
     let auth_file = matches!(config.auth, AuthSource::File(_));
-    let tls = config.tls.is_some();
+    let tls = config.tls.is_some() || config.cluster.as_ref().is_some_and(|c| c.peer_tls.is_some());
     let mut listeners =
         ferry_gateway::bind(listen, threads).with_context(|| format!("cannot listen on {listen}"))?;
     let listener = listeners.remove(0);

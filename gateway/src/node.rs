@@ -151,9 +151,9 @@ impl Gateway {
         Ok(())
     }
 
-    /// Reads the TLS certificate and key again (on SIGHUP): new connections get the new
-    /// certificate, open ones keep theirs. On error the old certificate stays in force. Without
-    /// TLS this does nothing.
+    /// Reads the TLS certificates and keys (the public port's, the peer listener's) again (on
+    /// SIGHUP): new connections get the new certificate, open ones keep theirs. On error the old
+    /// certificate stays in force. Without TLS this does nothing.
     ///
     /// # Errors
     /// A file cannot be read, or the pair is invalid.
@@ -161,6 +161,10 @@ impl Gateway {
         if let Some(tls) = &self.tls {
             tls.reload()?;
             info!("TLS certificate reloaded");
+        }
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.peer_tls().is_some()) {
+            cluster.reload_peer_tls()?;
+            info!("peer listener's TLS certificate reloaded");
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
-//! TLS on the public port: HTTPS and `wss://` with a certificate chain and key from PEM files,
-//! ALPN `h2` and `http/1.1`, reloaded on SIGHUP without dropping connections.
+//! TLS on the public port (HTTPS and `wss://`, ALPN `h2` and `http/1.1`) and on a cluster's peer
+//! listener, with a certificate chain and key from PEM files, reloaded on SIGHUP without dropping
+//! connections.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -43,14 +44,29 @@ pub enum TlsError {
 #[derive(Debug)]
 pub(crate) struct Tls {
     files: TlsFiles,
+    alpn: &'static [&'static [u8]],
     config: RwLock<Arc<ServerConfig>>,
 }
 
+/// What the public port offers: HTTP/2 first.
+const PUBLIC_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// What a peer listener offers: its one endpoint is a WebSocket upgrade.
+const PEER_ALPN: &[&[u8]] = &[b"http/1.1"];
+
 impl Tls {
-    /// Loads the files.
+    /// Loads the files for the public port.
     pub(crate) fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        let config = RwLock::new(server_config(&files)?);
-        Ok(Self { files, config })
+        Self::load_with(files, PUBLIC_ALPN)
+    }
+
+    /// Loads the files for a peer listener.
+    pub(crate) fn load_for_peers(files: TlsFiles) -> Result<Self, TlsError> {
+        Self::load_with(files, PEER_ALPN)
+    }
+
+    fn load_with(files: TlsFiles, alpn: &'static [&'static [u8]]) -> Result<Self, TlsError> {
+        let config = RwLock::new(server_config(&files, alpn)?);
+        Ok(Self { files, alpn, config })
     }
 
     /// The acceptor for a new connection.
@@ -60,7 +76,7 @@ impl Tls {
 
     /// Reads the files again; on error the old certificate stays in force.
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
-        let fresh = server_config(&self.files)?;
+        let fresh = server_config(&self.files, self.alpn)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
     }
@@ -70,7 +86,7 @@ fn read_error(path: &Path, err: impl std::fmt::Display) -> TlsError {
     TlsError::Read { path: path.to_owned(), detail: err.to_string() }
 }
 
-fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+fn server_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|err| read_error(&files.cert, err))?
         .collect::<Result<Vec<_>, _>>()
@@ -83,6 +99,6 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::Invalid)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(Arc::new(config))
 }

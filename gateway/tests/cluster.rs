@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::pki::Pki;
 use common::redis::Redis;
 use common::*;
 use ferry_codec::Secret;
@@ -185,6 +186,10 @@ impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn path(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
 }
 
 fn ws_url(addr: impl std::fmt::Display) -> ferry_agent::config::GatewayUrl {
@@ -515,6 +520,61 @@ async fn a_node_with_the_wrong_cluster_secret_is_refused() {
 }
 
 #[tokio::test]
+async fn peer_links_over_tls_carry_requests_and_a_node_that_does_not_trust_the_certificate_is_refused() {
+    bounded(async {
+        let Some(redis) = Redis::start().await else { return };
+        let (cluster_ca, other_ca) = (Pki::new("peers"), Pki::new("peers-other"));
+        // Node A's peer listener speaks TLS with a certificate of the cluster's CA for 127.0.0.1.
+        let (mut a_config, peers) = with_peer_listener(node_config(&redis, "node-a")).await;
+        let a_cluster = a_config.cluster.as_mut().unwrap();
+        a_cluster.advertise = a_cluster.advertise.as_ref().map(|url| url.replace("http://", "https://"));
+        a_cluster.peer_tls = Some(cluster_ca.files());
+        let a_peer = a_cluster.advertise.clone().unwrap();
+        let env = TestEnv::start_with(a_config, |_| {}).await;
+        serve_peers(&env.gateway, peers);
+
+        // B trusts the cluster's CA: the request crosses the hop over TLS.
+        let mut b_config = node_config(&redis, "node-b");
+        b_config.cluster.as_mut().unwrap().peer_ca = Some(cluster_ca.ca());
+        let (b, b_addr) = start_node(b_config).await;
+        until_reachable(&b.gateway).await;
+        let (_, direct) = get(&env.url("/")).await;
+        let (response, body) = get(&via(b_addr, "/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body, direct);
+
+        // C trusts another CA: its link fails the TLS handshake, and nothing reaches the agent.
+        let mut c_config = node_config(&redis, "node-c");
+        c_config.cluster.as_mut().unwrap().peer_ca = Some(other_ca.ca());
+        c_config.pending_timeout = Duration::from_millis(300);
+        let (c, c_addr) = start_node(c_config).await;
+        until_reachable(&c.gateway).await;
+        let (response, body) = get(&via(c_addr, "/")).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json(&body)["error"]["code"], "tunnel_offline", "{}", String::from_utf8_lossy(&body));
+        let a_metrics = env.gateway.metrics.render(&env.gateway.registry);
+        assert!(a_metrics.contains("ferry_cluster_forwards_total{direction=\"in\"} 1"), "{a_metrics}");
+
+        // A plain WebSocket handshake at the TLS peer listener gets no upgrade.
+        assert!(a_peer.starts_with("https://127.0.0.1:"), "{a_peer}");
+        let mut plain_client = TcpStream::connect(a_peer.trim_start_matches("https://")).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut plain_client,
+            b"GET /ferry/peer HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut reply = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut plain_client, &mut reply).await;
+        assert!(!reply.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&reply));
+        for node in [b, c] {
+            node.shutdown.cancel();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn events_and_upgrades_cross_the_hop_as_they_happen() {
     bounded(async {
         use futures_util::{SinkExt, StreamExt};
@@ -811,9 +871,15 @@ async fn session_nodes(addr: SocketAddr) -> Vec<String> {
 async fn three_nodes_behind_haproxy_serve_the_tunnel_from_any_node_through_a_sigkill() {
     bounded(async {
         let Some(redis) = Redis::start().await else { return };
+        // The peer links are TLS, from the flags: each node advertises https:// on its own.
+        let pki = Pki::new("haproxy-peers");
+        let (cert, key, ca) = (pki.files().cert, pki.files().key, pki.ca());
+        let tls = ["--peer-tls-cert", path(&cert), "--peer-tls-key", path(&key), "--peer-ca", path(&ca)];
         let mut nodes = Vec::new();
         for id in ["node-a", "node-b", "node-c"] {
-            nodes.push(NodeProcess::start(&redis, id, &["--cluster-ttl", "600ms"]).await);
+            nodes.push(
+                NodeProcess::start(&redis, id, &[&["--cluster-ttl", "600ms"][..], &tls].concat()).await,
+            );
         }
         let addrs = [nodes[0].addr(), nodes[1].addr(), nodes[2].addr()];
         let Some(haproxy) = Haproxy::start(addrs).await else { return };

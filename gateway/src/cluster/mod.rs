@@ -20,6 +20,7 @@ pub(crate) mod peer;
 mod view;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ pub use view::{Holding, Owner, Owners, RemoteNode};
 use crate::config::Rate;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::tls::{Tls, TlsError, TlsFiles};
 
 /// How often a node re-announces itself and re-reads the others.
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -69,6 +71,12 @@ pub struct ClusterConfig {
     pub ttl: Duration,
     /// See [`STALE_GRACE`].
     pub stale_grace: Duration,
+    /// The peer listener's certificate chain and key: with them it speaks TLS, and this node
+    /// advertises an `https://` address.
+    pub peer_tls: Option<TlsFiles>,
+    /// PEM file of the CA certificates that sign the other nodes' peer certificates (a private
+    /// cluster CA); without it, `https://` peers are checked against the system's roots.
+    pub peer_ca: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -88,6 +96,8 @@ impl ClusterConfig {
             refresh: REFRESH,
             ttl: TTL,
             stale_grace: STALE_GRACE,
+            peer_tls: None,
+            peer_ca: None,
         })
     }
 
@@ -109,12 +119,22 @@ impl ClusterConfig {
         if self.stale_grace < self.ttl {
             return Err("the grace for a stale view must be at least the TTL".into());
         }
-        if let Some(url) = &self.advertise
-            && !url.strip_prefix("http://").is_some_and(|rest| rest.contains(':'))
-        {
-            return Err(format!(
-                "--peer-advertise {url:?} is not http://HOST:PORT (peer links are plain HTTP for now)"
-            ));
+        if let Some(url) = &self.advertise {
+            let wanted = if self.peer_tls.is_some() { "https" } else { "http" };
+            match peer::split_advertise(url) {
+                Some((scheme, _)) if scheme.is_tls() == self.peer_tls.is_some() => {}
+                Some(_) => {
+                    return Err(format!(
+                        "--peer-advertise {url:?}: the peer listener {}, so advertise {wanted}://HOST:PORT",
+                        if self.peer_tls.is_some() {
+                            "speaks TLS (--peer-tls-cert)"
+                        } else {
+                            "has no TLS certificate (--peer-tls-cert)"
+                        }
+                    ));
+                }
+                None => return Err(format!("--peer-advertise {url:?} is not {wanted}://HOST:PORT")),
+            }
         }
         Ok(())
     }
@@ -157,6 +177,8 @@ pub struct Cluster {
     published: Mutex<HashMap<TunnelId, Holding>>,
     /// Links to the other nodes' peer listeners.
     links: peer::Links,
+    /// The peer listener's TLS, with [`ClusterConfig::peer_tls`].
+    peer_tls: Option<Tls>,
     /// The Redis connection, once [`Cluster::run`] has made it (for the requests' rate checks).
     conn: std::sync::OnceLock<ConnectionManager>,
     /// Fires when the node leaves; the background tasks end.
@@ -175,11 +197,19 @@ impl Cluster {
     pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
         config.validate()?;
         let client = redis::Client::open(config.redis.clone()).map_err(|err| format!("Redis: {err}"))?;
+        let peer_tls = config
+            .peer_tls
+            .clone()
+            .map(Tls::load_for_peers)
+            .transpose()
+            .map_err(|err| format!("--peer-tls-cert: {err}"))?;
+        let links = peer::Links::new(config.peer_ca.as_deref())?;
         Ok(Self {
             config,
             client,
             view: RwLock::default(),
-            links: peer::Links::default(),
+            links,
+            peer_tls,
             conn: std::sync::OnceLock::new(),
             published: Mutex::default(),
             leave: CancellationToken::new(),
@@ -197,6 +227,17 @@ impl Cluster {
     /// What nodes present to each other.
     pub(crate) fn secret(&self) -> &Secret {
         &self.config.secret
+    }
+
+    /// The peer listener's TLS, when it speaks TLS.
+    pub(crate) fn peer_tls(&self) -> Option<&Tls> {
+        self.peer_tls.as_ref()
+    }
+
+    /// Reads the peer listener's certificate and key again (on SIGHUP); on error the old ones
+    /// stay in force. Without peer TLS this does nothing.
+    pub(crate) fn reload_peer_tls(&self) -> Result<(), TlsError> {
+        self.peer_tls.as_ref().map_or(Ok(()), Tls::reload)
     }
 
     /// A stream to `owner` on which it has opened a stream to one of its agent sessions of
@@ -671,6 +712,22 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+        for url in ["http://[::1]:3001/", "http://node-b.internal:3001"] {
+            assert!(
+                ClusterConfig { advertise: Some(url.into()), ..good.clone() }.validate().is_ok(),
+                "{url}"
+            );
+        }
+        let tls = TlsFiles { cert: "c.pem".into(), key: "k.pem".into() };
+        assert!(
+            ClusterConfig {
+                advertise: Some("https://node-b:3001".into()),
+                peer_tls: Some(tls),
+                ..good.clone()
+            }
+            .validate()
+            .is_ok()
+        );
         assert!(good.validate().is_ok());
         assert!(good.node_id.starts_with("n-") && good.node_id.len() == 14, "{}", good.node_id);
         for (bad, what) in [
@@ -681,9 +738,17 @@ mod tests {
             (ClusterConfig { stale_grace: Duration::from_secs(1), ..good.clone() }, "grace"),
             (ClusterConfig { advertise: Some("node-b:4000".into()), ..good.clone() }, "peer-advertise"),
             (ClusterConfig { advertise: Some("http://node-b".into()), ..good.clone() }, "peer-advertise"),
+            (ClusterConfig { advertise: Some("https://node-b:4000".into()), ..good.clone() }, "no TLS"),
+            (ClusterConfig { advertise: Some("http://a@node-b:4000".into()), ..good.clone() }, "HOST:PORT"),
+            (ClusterConfig { advertise: Some("http://node-b:0".into()), ..good.clone() }, "HOST:PORT"),
+            (ClusterConfig { advertise: Some("http://::1:4000".into()), ..good.clone() }, "HOST:PORT"),
             (
-                ClusterConfig { advertise: Some("https://node-b:4000".into()), ..good.clone() },
-                "peer-advertise",
+                ClusterConfig {
+                    advertise: Some("http://node-b:4000".into()),
+                    peer_tls: Some(TlsFiles { cert: "c.pem".into(), key: "k.pem".into() }),
+                    ..good.clone()
+                },
+                "speaks TLS",
             ),
         ] {
             let err = bad.validate().unwrap_err();

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +26,12 @@ use ferry_transport::ws::WsIo;
 use ferry_transport::{IoCounters, StreamSlot, multiplex, mux};
 use http::{HeaderValue, StatusCode, header};
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
@@ -109,16 +114,27 @@ impl Gateway {
                     continue;
                 }
             };
+            let _ = tcp.set_nodelay(true);
             let gateway = Arc::clone(self);
-            let secret = cluster.secret().clone();
-            tokio::spawn(
-                async move { gateway.serve_peer(tcp, &secret).await }.instrument(info_span!("peer", %addr)),
-            );
+            let cluster = Arc::clone(&cluster);
+            let link = async move {
+                let Some(tls) = cluster.peer_tls() else {
+                    return gateway.serve_peer(tcp, cluster.secret()).await;
+                };
+                match tokio::time::timeout(PEER_TIMEOUT, tls.acceptor().accept(tcp)).await {
+                    Ok(Ok(tls)) => gateway.serve_peer(tls, cluster.secret()).await,
+                    Ok(Err(err)) => warn!(%err, "a peer connection failed its TLS handshake"),
+                    Err(_) => debug!("a peer connection did not finish its TLS handshake in time"),
+                }
+            };
+            tokio::spawn(link.instrument(info_span!("peer", %addr)));
         }
     }
 
-    async fn serve_peer(self: Arc<Self>, tcp: TcpStream, secret: &Secret) {
-        let _ = tcp.set_nodelay(true);
+    async fn serve_peer<S>(self: Arc<Self>, io: S, secret: &Secret)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         // The callback's types are tungstenite's.
         #[allow(clippy::result_large_err)]
         let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
@@ -136,7 +152,7 @@ impl Gateway {
             Ok(response)
         };
         let ws =
-            match tokio::time::timeout(PEER_TIMEOUT, tokio_tungstenite::accept_hdr_async(tcp, check)).await {
+            match tokio::time::timeout(PEER_TIMEOUT, tokio_tungstenite::accept_hdr_async(io, check)).await {
                 Ok(Ok(ws)) => ws,
                 Ok(Err(err)) => {
                     warn!(%err, "a peer connection was refused (wrong path or cluster secret?)");
@@ -367,12 +383,37 @@ async fn answer(stream: &mut multiplex::Stream, code: u8) -> std::io::Result<()>
 type LinkSlot = Arc<tokio::sync::Mutex<Option<mux::StreamOpener>>>;
 
 /// This node's links to the others, dialled when first needed and kept while they work.
-#[derive(Debug, Default)]
 pub(crate) struct Links {
     links: std::sync::Mutex<HashMap<String, LinkSlot>>,
+    /// How `https://` peers are checked: made at start from `--peer-ca`, or from the system's
+    /// roots when the first such peer is dialled.
+    connector: std::sync::OnceLock<Result<TlsConnector, String>>,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes = self.links.lock().map(|links| links.len()).unwrap_or_default();
+        f.debug_struct("Links").field("nodes", &nodes).finish_non_exhaustive()
+    }
 }
 
 impl Links {
+    /// No links yet; `https://` peers will be checked against the CA certificates in `peer_ca`
+    /// (or the system's roots without it).
+    ///
+    /// # Errors
+    /// `peer_ca` cannot be read or holds no certificate.
+    pub(crate) fn new(peer_ca: Option<&Path>) -> Result<Self, String> {
+        let connector = std::sync::OnceLock::new();
+        if let Some(path) = peer_ca {
+            let _ = connector.set(Ok(peer_connector(Some(path))?));
+        }
+        Ok(Self { links: std::sync::Mutex::default(), connector })
+    }
+
+    fn connector(&self) -> Result<&TlsConnector, &str> {
+        self.connector.get_or_init(|| peer_connector(None)).as_ref().map_err(String::as_str)
+    }
     /// A stream to `node` at `advertise` on which the other node has opened a stream to one of
     /// its agent sessions of tunnel `id`, for a request from `client` with that `Authorization`
     /// value, and whether the node checked it (basic authentication). A link that fails here is
@@ -462,7 +503,7 @@ impl Links {
                         let advertise = advertise.ok_or_else(|| PeerError::NoAddress(node.to_owned()))?;
                         let opener = tokio::time::timeout(
                             PEER_TIMEOUT,
-                            dial(advertise, secret, config, stop.child_token()),
+                            self.dial(advertise, secret, config, stop.child_token()),
                         )
                         .await
                         .map_err(|_| link_error(node, "connecting timed out"))?
@@ -494,28 +535,61 @@ impl Links {
     }
 }
 
-/// Connects to a peer listener and starts the session over it.
-async fn dial(
-    advertise: &str,
+impl Links {
+    /// Connects to a peer listener (over TLS for an `https://` address) and starts the session
+    /// over it.
+    async fn dial(
+        &self,
+        advertise: &str,
+        secret: &Secret,
+        config: &ferry_transport::SessionConfig,
+        stop: CancellationToken,
+    ) -> Result<mux::StreamOpener, String> {
+        let (scheme, authority) =
+            split_advertise(advertise).ok_or_else(|| format!("{advertise:?} is not http(s)://HOST:PORT"))?;
+        let tcp = TcpStream::connect(authority)
+            .await
+            .map_err(|err| format!("cannot connect to {authority}: {err}"))?;
+        let _ = tcp.set_nodelay(true);
+        match scheme {
+            Scheme::Plain => upgrade(tcp, "ws", authority, secret, config, stop).await,
+            Scheme::Tls => {
+                let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = ServerName::try_from(host.to_owned())
+                    .map_err(|_| format!("{host:?} is not a host name or address"))?;
+                let tls = self
+                    .connector()?
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|err| format!("TLS with {authority}: {err}"))?;
+                upgrade(tls, "wss", authority, secret, config, stop).await
+            }
+        }
+    }
+}
+
+/// The WebSocket handshake with the cluster secret on a connection to a peer listener, then the
+/// session over it.
+async fn upgrade<S>(
+    io: S,
+    scheme: &str,
+    authority: &str,
     secret: &Secret,
     config: &ferry_transport::SessionConfig,
     stop: CancellationToken,
-) -> Result<mux::StreamOpener, String> {
-    let authority = advertise
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{advertise:?}: only http:// peer addresses are supported"))?
-        .trim_end_matches('/');
-    let tcp =
-        TcpStream::connect(authority).await.map_err(|err| format!("cannot connect to {authority}: {err}"))?;
-    let _ = tcp.set_nodelay(true);
+) -> Result<mux::StreamOpener, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut request =
-        format!("ws://{authority}{PEER_PATH}").into_client_request().map_err(|err| err.to_string())?;
+        format!("{scheme}://{authority}{PEER_PATH}").into_client_request().map_err(|err| err.to_string())?;
     let mut bearer = b"Bearer ".to_vec();
     bearer.extend_from_slice(secret.expose());
     let bearer =
         HeaderValue::from_bytes(&bearer).map_err(|_| "the cluster secret is not a valid header value")?;
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
-    let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.map_err(|err| err.to_string())?;
+    let (ws, _) = tokio_tungstenite::client_async(request, io).await.map_err(|err| err.to_string())?;
     let io = WsIo::new(ws, WsRole::Client, Arc::new(IoCounters::default()));
     let (driver, opener) = mux::session(io, multiplex::Mode::Client, config);
     // The other node never opens streams on this link: any it does are dropped (reset).
@@ -525,4 +599,64 @@ async fn dial(
         }
     });
     Ok(opener)
+}
+
+/// How a peer listener is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    /// `http://`: a plain WebSocket.
+    Plain,
+    /// `https://`: a WebSocket over TLS.
+    Tls,
+}
+
+impl Scheme {
+    pub(crate) fn is_tls(self) -> bool {
+        self == Self::Tls
+    }
+}
+
+/// An advertised peer address, `http://HOST:PORT` or `https://HOST:PORT` (a trailing `/` allowed),
+/// as its scheme and `HOST:PORT`.
+pub(crate) fn split_advertise(url: &str) -> Option<(Scheme, &str)> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Plain, rest)
+    } else {
+        (Scheme::Tls, url.strip_prefix("https://")?)
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = authority.rsplit_once(':')?;
+    let valid_host = !host.is_empty()
+        && !host.contains(['/', '@', '?', '#', ' '])
+        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')));
+    (valid_host && port.parse::<u16>().is_ok_and(|port| port > 0)).then_some((scheme, authority))
+}
+
+/// The TLS client for `https://` peers: the CA certificates in `peer_ca` only, or the system's
+/// roots without it. ALPN says `http/1.1`, as the peer listener does.
+fn peer_connector(peer_ca: Option<&Path>) -> Result<TlsConnector, String> {
+    let mut roots = RootCertStore::empty();
+    match peer_ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|err| format!("--peer-ca {}: {err}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| format!("--peer-ca {}: {err}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("--peer-ca {} holds no PEM certificate", path.display()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|err| format!("--peer-ca {}: {err}", path.display()))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if roots.is_empty() {
+                return Err("no CA certificates to check https:// peers with: pass --peer-ca".into());
+            }
+        }
+    }
+    let mut config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }

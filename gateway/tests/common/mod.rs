@@ -34,6 +34,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
+pub mod pki;
 pub mod redis;
 
 /// Bound on every test.
