@@ -191,13 +191,23 @@ async fn serve_until_shutdown(
 /// Which gateway node each connection is on (by node id, or by URL for a gateway on its own), so
 /// two connections never share one: the gateway would take the second for a reconnect of the
 /// first, and a node's death would cost both.
-#[derive(Debug, Default)]
-struct Nodes(std::sync::Mutex<std::collections::HashMap<usize, String>>);
+#[derive(Debug)]
+struct Nodes {
+    held: std::sync::Mutex<std::collections::HashMap<usize, String>>,
+    /// Counts the places given up, so a connection waiting for one wakes when one is.
+    released: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Self { held: std::sync::Mutex::default(), released: tokio::sync::watch::Sender::new(0) }
+    }
+}
 
 impl Nodes {
     /// Records that `slot` is on `node`; `Err(other slot)` when another connection is already there.
     fn claim(&self, slot: usize, node: &str) -> Result<NodeClaim<'_>, usize> {
-        let mut nodes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nodes = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((&other, _)) = nodes.iter().find(|(other, n)| **other != slot && n.as_str() == node) {
             return Err(other);
         }
@@ -214,7 +224,8 @@ struct NodeClaim<'a> {
 
 impl Drop for NodeClaim<'_> {
     fn drop(&mut self) {
-        self.nodes.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.slot);
+        self.nodes.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.slot);
+        self.nodes.released.send_modify(|count| *count += 1);
     }
 }
 
@@ -235,8 +246,14 @@ async fn serve_connection(
     let mut next = slot % gateways.len();
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     let mut failures = 0u32;
+    // Gateway URLs found to be a gateway on its own (no node id) that another connection uses:
+    // landing there again is certain while that connection holds it.
+    let mut taken = std::collections::HashSet::new();
+    let mut released = nodes.released.subscribe();
     loop {
         let gateway = gateways[next];
+        // Seen before dialling: a place given up from here on wakes a wait below.
+        released.borrow_and_update();
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             attempt = connect::connect(config, gateway, gateway_tls) => attempt,
@@ -250,13 +267,32 @@ async fn serve_connection(
                     Err(other) => {
                         // Closed before any stream: the gateway sees a session that ended at once.
                         drop(ws);
+                        next = (next + 1) % gateways.len();
+                        if accepted.node_id.is_none() {
+                            taken.insert(gateway.uri.to_string());
+                        }
+                        if gateways.iter().all(|g| taken.contains(&g.uri.to_string())) {
+                            // Every URL is a gateway on its own that another connection holds:
+                            // wait for one to be given up instead of dialling in vain.
+                            info!(
+                                connection = slot,
+                                "every gateway is a single node another connection of this agent uses; \
+                                 this connection waits until one is free (run the gateways with --cluster, \
+                                 or give another --gateway)"
+                            );
+                            tokio::select! {
+                                () = shutdown.cancelled() => return Ok(()),
+                                _ = released.changed() => {}
+                            }
+                            taken.clear();
+                            continue;
+                        }
                         info!(
                             connection = slot,
                             node,
                             other_connection = other,
                             "landed on a gateway node another connection uses; trying again"
                         );
-                        next = (next + 1) % gateways.len();
                         let delay = backoff.next_delay();
                         tokio::select! {
                             () = shutdown.cancelled() => return Ok(()),
@@ -265,6 +301,7 @@ async fn serve_connection(
                         continue;
                     }
                 };
+                taken.clear();
                 upstream.metrics.session_started();
                 info!(session_id = %accepted.session_id, connection = slot, node = accepted.node_id.as_deref().unwrap_or("-"), "tunnel is up");
                 if slot == 0 {

@@ -432,3 +432,41 @@ async fn requests_waiting_for_an_agent_are_capped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn extra_connections_to_a_lone_gateway_wait_for_it_instead_of_redialling() {
+    bounded(async {
+        let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
+        // Through a proxy that counts the agent's connections.
+        let proxy = PartitionProxy::start(env.gateway_addr).await;
+        let dialled = || proxy.connections.load(std::sync::atomic::Ordering::SeqCst);
+        let mut config = env.agent_config();
+        config.gateway = ferry_agent::config::GatewayUrl::parse(&format!("ws://{}/ws", proxy.addr)).unwrap();
+        config.connections = 3;
+        config.reconnect_initial = Duration::from_millis(10);
+        config.reconnect_max = Duration::from_millis(10);
+        let agent = spawn_agent(config);
+        env.wait_for_sessions(1).await;
+        // The two extra connections land once each, find the gateway (not a cluster node) in use
+        // by the first, and wait. Redialling every 10 ms would dial ~60 times in this time.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(dialled() <= 3, "dialled {} times", dialled());
+        assert_eq!(env.gateway.registry.all().len(), 1);
+
+        // The session is closed at the gateway: a connection takes the gateway again, and the
+        // others wait again.
+        let first = env.gateway.registry.all()[0].identity.id;
+        let close = Request::delete(env.gateway_url(&format!("/connections/{}", env.tunnel_id)));
+        let (response, _) = fetch(&client(), close.body(empty()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        env.gateway.registry.wait_until(|r| r.all().len() == 1 && r.all()[0].identity.id != first).await;
+        let (response, _) = get(&env.url("/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let before = dialled();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(dialled() <= before + 2, "dialled {} times after {before}", dialled());
+        assert_eq!(env.gateway.registry.all().len(), 1);
+        agent.stop().await.unwrap();
+    })
+    .await;
+}

@@ -364,6 +364,8 @@ pub async fn raw_handshake(
 /// network partition, with no FIN and no RST.
 pub struct PartitionProxy {
     pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicU64>,
     paused: watch::Sender<bool>,
 }
 
@@ -373,8 +375,11 @@ impl PartitionProxy {
         let addr = listener.local_addr().unwrap();
         let (paused, _) = watch::channel(false);
         let watch = paused.clone();
+        let connections: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let counted = Arc::clone(&connections);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Ok(server) = TcpStream::connect(target).await else { continue };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
@@ -382,7 +387,7 @@ impl PartitionProxy {
                 tokio::spawn(forward(server_read, client_write, watch.subscribe()));
             }
         });
-        Self { addr, paused }
+        Self { addr, connections, paused }
     }
 
     /// Stops forwarding (bytes wait in the proxy); nothing is closed.
