@@ -297,6 +297,8 @@ pub struct AgentConfig {
     /// Put `/t/{tunnel_id}` back in front of a path-routed target, for an application served
     /// under that base path.
     pub keep_path_prefix: bool,
+    /// What the request inspector keeps, when it runs (see [`crate::Listeners::inspect`]).
+    pub inspect: crate::inspect::InspectConfig,
     /// What the agent refuses before the upstream sees it.
     pub filters: Filters,
     /// Extra CA certificates (PEM) to trust for an `https` upstream, besides the system roots.
@@ -383,6 +385,15 @@ impl AgentConfig {
     /// A message saying what to change.
     pub fn validate(&self) -> Result<(), String> {
         self.session.validate()?;
+        if self.inspect.max_requests == 0 || self.inspect.max_requests > crate::inspect::MAX_REQUESTS {
+            return Err(format!("the inspector keeps 1 to {} requests", crate::inspect::MAX_REQUESTS));
+        }
+        if self.inspect.body_limit > crate::inspect::MAX_BODY_LIMIT {
+            return Err(format!(
+                "the inspector keeps at most {} MiB of each body",
+                crate::inspect::MAX_BODY_LIMIT >> 20
+            ));
+        }
         for gateway in self.gateways() {
             if !gateway.tls && !gateway.is_loopback() && !self.insecure_plaintext {
                 return Err(format!(
@@ -457,6 +468,7 @@ impl AgentConfig {
             basic_auth: Vec::new(),
             headers: crate::rewrite::HeaderRules::default(),
             keep_path_prefix: false,
+            inspect: crate::inspect::InspectConfig::default(),
             filters: Filters::default(),
             upstream_ca: None,
             gateway,

@@ -20,6 +20,7 @@
 //! - `health` — the circuit breaker and the health report (a state machine: no I/O, no clock).
 //! - `probe` — what feeds it besides requests: reconnect attempts while open, the health probe.
 //! - `metrics` — `GET /metrics` on `--metrics ADDR`: upstream times and answers, sessions.
+//! - [`inspect`] — the request inspector on `--inspect ADDR`: the last requests, a page, replay.
 //! - [`tls`] — trust for `wss://` (CAs, the gateway's own certificate, key pins) and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ mod connect;
 pub mod error;
 pub mod filter;
 mod health;
+pub mod inspect;
 mod metrics;
 mod pool;
 mod probe;
@@ -62,7 +64,7 @@ const ATTENTION_RETRY: Duration = Duration::from_secs(30);
 /// # Errors
 /// Invalid configuration, or `max_retries` failed attempts in a row.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    serve(config, None, shutdown).await
+    run_with(config, Listeners::default(), shutdown).await
 }
 
 /// As [`run`], and serves `GET /metrics` on `metrics` (see `agent --metrics`).
@@ -74,12 +76,26 @@ pub async fn run_with_metrics(
     metrics: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    serve(config, Some(metrics), shutdown).await
+    run_with(config, Listeners { metrics: Some(metrics), ..Listeners::default() }, shutdown).await
 }
 
-async fn serve(
+/// Where the agent's own web endpoints listen; each is off without its listener.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// `GET /metrics` (see `agent --metrics`).
+    pub metrics: Option<tokio::net::TcpListener>,
+    /// The request inspector (see `agent --inspect`): a page and a JSON API of the last
+    /// requests, kept as [`AgentConfig::inspect`] says.
+    pub inspect: Option<tokio::net::TcpListener>,
+}
+
+/// As [`run`], with the web endpoints that have a listener in `listeners`.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
     config: AgentConfig,
-    metrics: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     config.validate().map_err(AgentError::Config)?;
@@ -98,13 +114,25 @@ async fn serve(
         in_flight: Default::default(),
         health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
         metrics: metrics::AgentMetrics::new(config.tunnel_id.as_str()),
+        inspector: listeners
+            .inspect
+            .is_some()
+            .then(|| Arc::new(inspect::Inspector::new(config.inspect.clone()))),
     });
     // Background tasks beside the sessions (metrics server, breaker and probe loops): one token,
     // a child of `shutdown`, stops them; one tracker waits for them at the end.
     let background = TaskTracker::new();
     let stop_background = shutdown.child_token();
     let _stop_background = stop_background.clone().drop_guard();
-    if let Some(listener) = metrics {
+    if let (Some(listener), Some(inspector)) = (listeners.inspect, upstream.inspector.clone()) {
+        background.spawn(inspect::server::serve(
+            listener,
+            inspector,
+            Arc::clone(&upstream),
+            stop_background.clone(),
+        ));
+    }
+    if let Some(listener) = listeners.metrics {
         let forwarder = Arc::clone(&upstream);
         let render: metrics::Render = Arc::new(move || {
             let health = forwarder.health.subscribe().borrow().0;
@@ -305,6 +333,9 @@ async fn serve_connection(
                 upstream.metrics.session_started();
                 info!(session_id = %accepted.session_id, connection = slot, node = accepted.node_id.as_deref().unwrap_or("-"), "tunnel is up");
                 if slot == 0 {
+                    if let Some(inspector) = &upstream.inspector {
+                        inspector.set_public_url(accepted.public_urls.first().cloned());
+                    }
                     for url in &accepted.public_urls {
                         info!(%url, "public URL");
                     }

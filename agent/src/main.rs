@@ -192,6 +192,82 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090); off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+
+    /// The request inspector's address, or `off` [default: 127.0.0.1:4040, or the next free
+    /// port up to 4049 when another agent has it].
+    #[arg(long, value_parser = parse_inspect, value_name = "ADDR|off")]
+    inspect: Option<Inspect>,
+
+    /// Let the inspector listen on an address other than loopback. Clients from elsewhere must
+    /// give the token from --inspect-token-file or FERRY_INSPECT_TOKEN.
+    #[arg(long)]
+    inspect_allow_remote: bool,
+
+    /// File holding the token remote inspector clients present (or set FERRY_INSPECT_TOKEN).
+    #[arg(long, value_name = "PATH")]
+    inspect_token_file: Option<std::path::PathBuf>,
+
+    /// Requests the inspector keeps (the oldest go first).
+    #[arg(long, default_value_t = ferry_agent::inspect::DEFAULT_MAX_REQUESTS, value_name = "N")]
+    inspect_requests: usize,
+
+    /// Bytes of each request and response body the inspector keeps; the rest is counted, not kept.
+    #[arg(long, default_value = "64KiB", value_parser = ferry_transport::cli::parse_size, value_name = "SIZE")]
+    inspect_body_limit: u64,
+}
+
+/// `--inspect`: off, or where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inspect {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn parse_inspect(text: &str) -> Result<Inspect, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(Inspect::Off);
+    }
+    let text = text.trim();
+    let text = if text.starts_with(':') { format!("127.0.0.1{text}") } else { text.to_owned() };
+    text.parse().map(Inspect::At).map_err(|_| {
+        format!("{text:?} is not HOST:PORT (an IP address and a port, e.g. 127.0.0.1:4040) or off")
+    })
+}
+
+/// Where the inspector listens when --inspect is not given; when it is busy (another agent on
+/// this host), the next ports up to `+ INSPECT_FALLBACKS`.
+const INSPECT_DEFAULT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4040);
+const INSPECT_FALLBACKS: u16 = 9;
+
+/// Binds the inspector's listener: the address asked for (an error if it cannot be had), or the
+/// default and the ports after it (a warning and no inspector if none is free).
+async fn inspect_listener(inspect: Option<Inspect>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match inspect {
+        Some(Inspect::Off) => Ok(None),
+        Some(Inspect::At(addr)) => tokio::net::TcpListener::bind(addr).await.map(Some).with_context(|| {
+            format!("cannot listen on --inspect {addr} (another agent there? --inspect off turns it off)")
+        }),
+        None => {
+            for port in INSPECT_DEFAULT.port()..=INSPECT_DEFAULT.port() + INSPECT_FALLBACKS {
+                let addr = std::net::SocketAddr::new(INSPECT_DEFAULT.ip(), port);
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(listener) => return Ok(Some(listener)),
+                    Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => continue,
+                    Err(err) => {
+                        tracing::warn!(%err, %addr, "the inspector cannot listen; going on without it");
+                        return Ok(None);
+                    }
+                }
+            }
+            tracing::warn!(
+                "the inspector's ports {}..={} are all in use; going on without it (--inspect ADDR picks another)",
+                INSPECT_DEFAULT.port(),
+                INSPECT_DEFAULT.port() + INSPECT_FALLBACKS
+            );
+            Ok(None)
+        }
+    }
 }
 
 fn parse_method(text: &str) -> Result<Method, String> {
@@ -239,6 +315,11 @@ struct ConfigFile {
     log_format: Option<String>,
     drain_timeout: Option<String>,
     metrics: Option<String>,
+    inspect: Option<String>,
+    inspect_allow_remote: Option<bool>,
+    inspect_token_file: Option<std::path::PathBuf>,
+    inspect_requests: Option<u64>,
+    inspect_body_limit: Option<toml::Value>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -335,6 +416,28 @@ impl Args {
         anyhow::ensure!(!self.upstream_idle_timeout.is_zero(), "--upstream-idle-timeout must be positive");
         config.upstream_idle_timeout = self.upstream_idle_timeout;
         config.drain_timeout = self.drain_timeout;
+        config.inspect.max_requests = self.inspect_requests;
+        config.inspect.body_limit = usize::try_from(self.inspect_body_limit).unwrap_or(usize::MAX);
+        config.inspect.token = ferry_transport::cli::load_secret(
+            self.inspect_token_file.as_deref(),
+            "--inspect-token-file",
+            "FERRY_INSPECT_TOKEN",
+        )
+        .context("the inspector token")?;
+        match self.inspect {
+            Some(Inspect::At(addr)) if !addr.ip().is_loopback() => {
+                anyhow::ensure!(
+                    self.inspect_allow_remote,
+                    "--inspect {addr} is not a loopback address: anyone who reaches it sees every request \
+                     through the tunnel; pass --inspect-allow-remote (with a token) if that is what you want"
+                );
+                anyhow::ensure!(
+                    config.inspect.token.is_some(),
+                    "--inspect-allow-remote needs a token for remote clients: --inspect-token-file or FERRY_INSPECT_TOKEN"
+                );
+            }
+            _ => {}
+        }
         Ok(config)
     }
 }
@@ -393,12 +496,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let inspect = args.inspect;
     let config = args.into_config()?;
-    match metrics {
-        Some(listener) => ferry_agent::run_with_metrics(config, listener, shutdown).await,
-        None => ferry_agent::run(config, shutdown).await,
-    }
-    .context("agent stopped")?;
+    let inspect = inspect_listener(inspect).await?;
+    let listeners = ferry_agent::Listeners { metrics, inspect };
+    ferry_agent::run_with(config, listeners, shutdown).await.context("agent stopped")?;
     Ok(())
 }
 

@@ -234,7 +234,7 @@ impl UpstreamPool {
                 debug!(%err, "pooled upstream connection closed; retrying on a new one");
                 let Exchange { method, upload, .. } = exchange;
                 let io = Box::pin(self.dialer.connect(upstream, client)).await.map_err(PoolError::Connect)?;
-                let body = UpstreamBody::new(ferry_transport::FrameBody::empty(), 0);
+                let body = crate::upstream::empty_body();
                 let mut exchange = Exchange::new(
                     self,
                     (upstream, client),
@@ -727,7 +727,7 @@ pub(crate) fn dialer(tls: Arc<rustls::ClientConfig>, connect_timeout: Duration, 
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::{BodyExt, Limited};
+    use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -757,7 +757,7 @@ mod tests {
     }
 
     fn get(path: &str) -> OutRequest {
-        let body = Limited::new(ferry_transport::FrameBody::empty(), usize::MAX);
+        let body = crate::upstream::empty_body();
         request(Method::GET, path, body, RequestFraming::None)
     }
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -95,7 +95,7 @@ async fn probe(
         method: http::Method::GET,
         target: Bytes::copy_from_slice(target.as_str().as_bytes()),
         headers: Vec::new(),
-        body: Limited::new(ferry_transport::FrameBody::empty(), usize::MAX),
+        body: crate::upstream::empty_body(),
         framing: RequestFraming::None,
         client: None,
     };

@@ -19,12 +19,58 @@ use crate::error::AgentError;
 use crate::error_chain;
 use crate::filter::{Refusal, target_path};
 use crate::health::{Admission, Health};
+use crate::inspect::{Inspector, Record, RequestRecord, Side, Tee};
 use crate::metrics::AgentMetrics;
 use crate::pool::{OutRequest, UpstreamPool};
 use ferry_transport::h1::RequestFraming;
 
-/// A request body on its way upstream, cut at the agent's body limit.
-pub(crate) type UpstreamBody = Limited<FrameBody>;
+/// A request body on its way upstream: through the inspector's tee, cut at the agent's body limit.
+pub(crate) type UpstreamBody = Limited<Tee<RequestSource>>;
+
+/// A request body with nothing in it.
+pub(crate) fn empty_body() -> UpstreamBody {
+    Limited::new(Tee::new(RequestSource::Whole(None), None), usize::MAX)
+}
+
+/// Where a request body comes from: the tunnel, or (a replay) memory.
+#[derive(Debug)]
+pub(crate) enum RequestSource {
+    /// Streamed from the request's stream.
+    Stream(FrameBody),
+    /// Whole; `None` once sent.
+    Whole(Option<bytes::Bytes>),
+}
+
+impl http_body::Body for RequestSource {
+    type Data = bytes::Bytes;
+    type Error = ferry_transport::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::Stream(body) => std::pin::Pin::new(body).poll_frame(cx),
+            Self::Whole(data) => std::task::Poll::Ready(
+                data.take().filter(|d| !d.is_empty()).map(|d| Ok(http_body::Frame::data(d))),
+            ),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Stream(body) => body.is_end_stream(),
+            Self::Whole(data) => data.as_ref().is_none_or(bytes::Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Stream(body) => body.size_hint(),
+            Self::Whole(data) => http_body::SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
 
 /// Builds the upstream connection pool: `TCP_NODELAY`, connect timeout, idle timeout, and for an
 /// `https` upstream TLS trusting the system roots plus `extra_ca` (PEM).
@@ -66,6 +112,8 @@ pub(crate) struct Forwarder {
     pub(crate) health: Health,
     /// What `--metrics` shows.
     pub(crate) metrics: AgentMetrics,
+    /// The request inspector, when it is on.
+    pub(crate) inspector: Option<Arc<Inspector>>,
 }
 
 /// Streams in flight above which a new stream is acknowledged at once rather than with its
@@ -116,6 +164,7 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
         Err(None) => return,
     };
     tracing::Span::current().record("request_id", head.request_id.as_str());
+    let record = upstream.inspector.as_ref().map(|inspector| inspector.begin(RequestRecord::of(&head), None));
     let filters = &upstream.config.filters;
     let refusal = match filters.max_concurrent {
         Some(max) if in_flight > max => Err(Box::new(Refusal::at_capacity())),
@@ -124,6 +173,9 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     if let Err(refusal) = refusal {
         debug!(code = refusal.code, "request refused by the agent's filters");
         upstream.metrics.own_answer(refusal.code);
+        if let Some(record) = &record {
+            record.fail(Some(refusal.status.as_u16()), refusal.code, &refusal.message);
+        }
         Box::pin(refusal.send(&mut writer, &head.request_id)).await;
         return;
     }
@@ -134,20 +186,34 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     // spawned and when it completes, and one over 1 KiB missed malloc's per-thread cache:
     // unboxed this task was 4.4 KB, memcpy and malloc's slow path were 8 % and 5 % of the
     // agent's CPU per small request.
-    match Box::pin(proxy(&upstream, head, reader, &mut writer)).await {
+    match Box::pin(proxy(&upstream, head, reader, &mut writer, record.as_ref())).await {
         Ok(None) => {}
         Ok(Some((upstream_io, reader))) => match Box::pin(pipe(reader, writer, upstream_io)).await {
             Ok((to_upstream, from_upstream)) => {
-                debug!(to_upstream, from_upstream, "upgraded stream closed")
+                debug!(to_upstream, from_upstream, "upgraded stream closed");
+                if let Some(record) = &record {
+                    record.upgraded(to_upstream, from_upstream);
+                }
             }
-            Err(err) => debug!(%err, "upgraded stream failed"),
+            Err(err) => {
+                debug!(%err, "upgraded stream failed");
+                if let Some(record) = &record {
+                    record.fail(None, "upgraded_stream_failed", &err.to_string());
+                }
+            }
         },
         Err(Failure::Abort(code, message)) => {
             upstream.metrics.own_answer(code.as_str());
+            if let Some(record) = &record {
+                record.fail(None, code.as_str(), &message);
+            }
             Box::pin(abort(&mut writer, code, &message)).await;
         }
         Err(Failure::Refuse(refusal)) => {
             upstream.metrics.own_answer(refusal.code);
+            if let Some(record) = &record {
+                record.fail(Some(refusal.status.as_u16()), refusal.code, &refusal.message);
+            }
             Box::pin(refusal.send(&mut writer, &request_id)).await;
         }
     }
@@ -220,6 +286,7 @@ async fn proxy(
     head: RequestHead,
     mut reader: FrameReader,
     writer: &mut FrameWriter,
+    record: Option<&Record>,
 ) -> Result<Option<Upgraded>, Failure> {
     // The fields go to the upstream as they came through the tunnel, in order, without a
     // `HeaderMap` in between (building and hashing one, and another for the response, was 5 % of
@@ -257,10 +324,14 @@ async fn proxy(
         let framing = head.body_len.map_or(RequestFraming::Chunked, RequestFraming::Length);
         (FrameBody::new(reader, head.body_len), None, framing)
     };
+    let body = Tee::new(RequestSource::Stream(body), record.map(|record| (record.clone(), Side::Request)));
 
     let Some(target) = config.upstream_for(target_path(&head.target)) else {
         return Err(Failure::Refuse(Box::new(Refusal::no_upstream())));
     };
+    if let Some(record) = record {
+        record.upstream(target);
+    }
     // The target's bytes as they came off the wire, without a copy, checked as a request line
     // allows (no spaces or control bytes).
     let path = PathAndQuery::from_maybe_shared(head.target.clone())
@@ -349,6 +420,9 @@ async fn proxy(
     // The fields are views of the upstream's head (which shares the exchange's read buffer) and go
     // on the wire as they are; the head is encoded into the stream's frame buffer and dropped
     // before any of the body is read.
+    if let Some(record) = record {
+        record.response(status.as_u16(), &headers);
+    }
     let head = ResponseHead { status: status.as_u16(), version: version_to_wire(response.version), headers };
 
     if switching {
@@ -369,17 +443,149 @@ async fn proxy(
         return Err(Failure::Abort(AbortCode::Internal, "response head over the frame limit".into()));
     }
     // An upstream that goes quiet mid-body is given up on: the client sees the response cut.
-    let mut body = ferry_transport::body::IdleTimeout::new(exchange, config.upstream_idle_timeout);
+    let tap = record.map(|record| (record.clone(), Side::Response));
+    let mut body =
+        ferry_transport::body::IdleTimeout::new(Tee::new(exchange, tap), config.upstream_idle_timeout);
     match send_body(&mut body, writer, AbortCode::UpstreamReset).await {
         Ok(_) => {
             let _ = writer.finish().await;
             // The whole body was read: the connection can take the next request.
-            body.into_inner().release();
+            body.into_inner().into_inner().release();
+            if let Some(record) = record {
+                record.complete();
+            }
         }
         Err(SendBodyError::Body(err)) => {
-            debug!(err = %error_chain(&*err), "upstream body failed mid-way")
+            debug!(err = %error_chain(&*err), "upstream body failed mid-way");
+            if let Some(record) = record {
+                record.fail(None, "upstream_reset", "the upstream's body failed mid-way");
+            }
         }
-        Err(SendBodyError::Stream(err)) => debug!(%err, "gateway stopped reading the response"),
+        Err(SendBodyError::Stream(err)) => {
+            debug!(%err, "gateway stopped reading the response");
+            if let Some(record) = record {
+                record.fail(None, "client_gone", "the gateway stopped reading the response");
+            }
+        }
     }
     Ok(None)
+}
+
+/// A request to send again (see [`replay`]).
+#[derive(Debug)]
+pub(crate) struct Replay {
+    pub(crate) method: String,
+    /// Origin form, as the gateway would send it (without `/t/{tunnel}`).
+    pub(crate) target: bytes::Bytes,
+    pub(crate) path_routed: bool,
+    pub(crate) headers: Vec<(bytes::Bytes, bytes::Bytes)>,
+    pub(crate) body: bytes::Bytes,
+}
+
+/// Sends `request` to the upstream as a request from the tunnel would go (the same route, header
+/// rules and prefix), recorded as a new exchange that replays record `of`. Returns the new
+/// record's id once its response is over (or failed: the record says how).
+///
+/// # Errors
+/// The request cannot be sent as given (a bad method, target or field): nothing was sent.
+pub(crate) async fn replay(
+    upstream: &Forwarder,
+    inspector: &Arc<Inspector>,
+    of: u64,
+    request: Replay,
+) -> Result<u64, String> {
+    let config = &upstream.config;
+    let method = http::Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| format!("{:?} is not a method", request.method))?;
+    if !request.target.starts_with(b"/") || PathAndQuery::from_maybe_shared(request.target.clone()).is_err() {
+        return Err(format!("{:?} is not a path (/...)", String::from_utf8_lossy(&request.target)));
+    }
+    let mut headers = Vec::with_capacity(request.headers.len());
+    for (name, value) in &request.headers {
+        headers.push(
+            ferry_codec::Header::new(name.clone(), value.clone())
+                .map_err(|err| format!("header {:?}: {err}", String::from_utf8_lossy(name)))?,
+        );
+    }
+    let record = inspector.begin(
+        RequestRecord {
+            method: request.method.clone(),
+            target: request.target.clone(),
+            path_routed: request.path_routed,
+            client: None,
+            headers: request.headers,
+        },
+        Some(of),
+    );
+    strip_hop_by_hop_fields(&mut headers, false);
+    config.headers.request.apply(&mut headers);
+    let Some(target) = config.upstream_for(target_path(&request.target)) else {
+        record.fail(Some(404), "no_upstream", "no upstream serves this path");
+        return Ok(record.id());
+    };
+    record.upstream(target);
+    let framing = if !request.body.is_empty()
+        || matches!(method, http::Method::POST | http::Method::PUT | http::Method::PATCH)
+    {
+        RequestFraming::Length(request.body.len() as u64)
+    } else {
+        RequestFraming::None
+    };
+    let request_target = if config.keep_path_prefix && request.path_routed {
+        crate::rewrite::with_path_prefix(&config.tunnel_id, &request.target)
+    } else {
+        request.target
+    };
+    let body = Tee::new(RequestSource::Whole(Some(request.body)), Some((record.clone(), Side::Request)));
+    let out = OutRequest {
+        method,
+        target: request_target,
+        headers,
+        body: Limited::new(body, usize::MAX),
+        framing,
+        client: None,
+    };
+    let (response, exchange) =
+        match tokio::time::timeout(config.upstream_timeout, upstream.pool.send(target, out)).await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(err)) => {
+                let code =
+                    if err.is_connect() { AbortCode::UpstreamUnreachable } else { AbortCode::UpstreamReset };
+                record.fail(None, code.as_str(), &error_chain(&err));
+                return Ok(record.id());
+            }
+            Err(_) => {
+                record.fail(None, AbortCode::UpstreamTimeout.as_str(), "the upstream did not answer in time");
+                return Ok(record.id());
+            }
+        };
+    let mut fields = response.headers;
+    strip_hop_by_hop_fields(&mut fields, false);
+    config.headers.response.apply(&mut fields);
+    record.response(response.status.as_u16(), &fields);
+    drop(fields);
+    if response.status == StatusCode::SWITCHING_PROTOCOLS {
+        record.fail(
+            None,
+            "upgrade_not_replayed",
+            "the upstream switched protocols; a replay does not follow",
+        );
+        return Ok(record.id());
+    }
+    let body = Tee::new(exchange, Some((record.clone(), Side::Response)));
+    let mut body = ferry_transport::body::IdleTimeout::new(body, config.upstream_idle_timeout);
+    loop {
+        match std::future::poll_fn(|cx| http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)).await
+        {
+            Some(Ok(_)) => {}
+            Some(Err(err)) => {
+                record.fail(None, AbortCode::UpstreamReset.as_str(), &error_chain(&*err));
+                return Ok(record.id());
+            }
+            None => break,
+        }
+    }
+    body.into_inner().into_inner().release();
+    record.complete();
+    Ok(record.id())
 }
