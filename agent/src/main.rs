@@ -242,15 +242,18 @@ const INSPECT_FALLBACKS: u16 = 9;
 
 /// Binds the inspector's listener: the address asked for (an error if it cannot be had), or the
 /// default and the ports after it (a warning and no inspector if none is free).
-async fn inspect_listener(inspect: Option<Inspect>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+async fn inspect_listener(
+    inspect: Option<Inspect>,
+    default: std::net::SocketAddr,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
     match inspect {
         Some(Inspect::Off) => Ok(None),
         Some(Inspect::At(addr)) => tokio::net::TcpListener::bind(addr).await.map(Some).with_context(|| {
             format!("cannot listen on --inspect {addr} (another agent there? --inspect off turns it off)")
         }),
         None => {
-            for port in INSPECT_DEFAULT.port()..=INSPECT_DEFAULT.port() + INSPECT_FALLBACKS {
-                let addr = std::net::SocketAddr::new(INSPECT_DEFAULT.ip(), port);
+            for port in default.port()..=default.port().saturating_add(INSPECT_FALLBACKS) {
+                let addr = std::net::SocketAddr::new(default.ip(), port);
                 match tokio::net::TcpListener::bind(addr).await {
                     Ok(listener) => return Ok(Some(listener)),
                     Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => continue,
@@ -262,8 +265,8 @@ async fn inspect_listener(inspect: Option<Inspect>) -> anyhow::Result<Option<tok
             }
             tracing::warn!(
                 "the inspector's ports {}..={} are all in use; going on without it (--inspect ADDR picks another)",
-                INSPECT_DEFAULT.port(),
-                INSPECT_DEFAULT.port() + INSPECT_FALLBACKS
+                default.port(),
+                default.port().saturating_add(INSPECT_FALLBACKS)
             );
             Ok(None)
         }
@@ -498,7 +501,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let inspect = args.inspect;
     let config = args.into_config()?;
-    let inspect = inspect_listener(inspect).await?;
+    let inspect = inspect_listener(inspect, INSPECT_DEFAULT).await?;
     let listeners = ferry_agent::Listeners { metrics, inspect };
     ferry_agent::run_with(config, listeners, shutdown).await.context("agent stopped")?;
     Ok(())
@@ -509,6 +512,26 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[tokio::test]
+    async fn the_default_inspector_port_moves_on_when_taken_and_an_asked_for_one_does_not() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = taken.local_addr().unwrap();
+        let next = inspect_listener(None, at).await.unwrap().expect("a port after the taken one");
+        let got = next.local_addr().unwrap().port();
+        assert!(got > at.port() && got <= at.port() + INSPECT_FALLBACKS, "{got} after {}", at.port());
+        let err = inspect_listener(Some(Inspect::At(at)), at).await.unwrap_err();
+        assert!(format!("{err:#}").contains("cannot listen on --inspect"), "{err:#}");
+        assert!(inspect_listener(Some(Inspect::Off), at).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn inspect_addresses_parse() {
+        assert_eq!(parse_inspect("off"), Ok(Inspect::Off));
+        assert_eq!(parse_inspect(":4041"), Ok(Inspect::At("127.0.0.1:4041".parse().unwrap())));
+        assert_eq!(parse_inspect("[::1]:4040"), Ok(Inspect::At("[::1]:4040".parse().unwrap())));
+        assert!(parse_inspect("localhost").is_err());
+    }
 
     #[test]
     fn flags_are_consistent() {

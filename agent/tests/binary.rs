@@ -1,6 +1,6 @@
 //! The real `agent` binary, as an operator runs it: the secret from `FERRY_SECRET`, SIGTERM and
-//! SIGINT drain and exit 0, a secret source that is configured but empty stops it at start, and
-//! `--metrics` serves what the agent sees.
+//! SIGINT drain and exit 0, a secret source that is configured but empty stops it at start,
+//! `--metrics` serves what the agent sees, and the inspector shows requests and stays on loopback.
 //! The gateway runs in this process; the upstream is a small hyper server.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -194,24 +194,8 @@ async fn metrics_show_upstream_times_answers_and_sessions() {
         let mut child = command.spawn().unwrap();
         // The log says where the metrics are.
         let mut stderr = child.stderr.take().unwrap();
-        let mut log = String::new();
-        let metrics_url = tokio::time::timeout(Duration::from_secs(10), async {
-            use tokio::io::AsyncReadExt;
-            let mut chunk = [0u8; 4096];
-            loop {
-                if let Some(at) = log.find("metrics at http://") {
-                    let rest = &log[at + "metrics at ".len()..];
-                    if let Some(end) = rest.find("/metrics") {
-                        return format!("{}/metrics", &rest[..end]);
-                    }
-                }
-                let n = stderr.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "the agent ended: {log}");
-                log.push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        })
-        .await
-        .expect("no metrics address in the log");
+        let metrics_url =
+            format!("http://{}/metrics", address_in_log(&mut stderr, "metrics at http://").await);
         gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
         for _ in 0..3 {
             assert_eq!(get(format!("http://{addr}/t/{TUNNEL}/")).await.0, StatusCode::OK);
@@ -241,6 +225,69 @@ async fn metrics_show_upstream_times_answers_and_sessions() {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
         child.kill().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// Reads the log until `before` and an address after it; the address.
+async fn address_in_log(stderr: &mut tokio::process::ChildStderr, before: &str) -> String {
+    let mut log = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(at) = log.find(before) {
+                let rest = &log[at + before.len()..];
+                if let Some(end) = rest.find(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c))) {
+                    return rest[..end].to_owned();
+                }
+            }
+            let n = stderr.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the agent ended: {log}");
+            log.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {before:?} in the log: {log}"))
+}
+
+/// The inspector is on by default (here on a port of its own), shows the requests, and is
+/// refused on an address other than loopback without `--inspect-allow-remote` and a token.
+#[tokio::test]
+async fn the_inspector_shows_requests_and_stays_on_loopback_unless_told() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let up = upstream(Arc::new(Semaphore::new(0)), Arc::new(Notify::new())).await;
+        let (gateway, addr, _stop) = gateway(GatewayConfig::default()).await;
+        let id: TunnelId = TUNNEL.parse().unwrap();
+        let mut child = agent_command(addr, up, &["--inspect", "127.0.0.1:0"]).spawn().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let inspector = address_in_log(&mut stderr, "inspector at http://").await;
+        gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        assert_eq!(get(format!("http://{addr}/t/{TUNNEL}/hello?x=1")).await.0, StatusCode::OK);
+        let (status, body) = get(format!("http://{inspector}/api/requests")).await;
+        assert_eq!(status, StatusCode::OK);
+        let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(list["requests"][0]["path"], "/hello?x=1", "{list}");
+        assert_eq!(list["requests"][0]["response_bytes"], 2, "{list}");
+        child.kill().await.unwrap();
+
+        // Refused before anything listens (nothing here binds other than loopback).
+        for (flags, token, says) in [
+            (&["--inspect", "0.0.0.0:4040"][..], None, "not a loopback address"),
+            (&["--inspect", "0.0.0.0:4040", "--inspect-allow-remote"][..], None, "needs a token"),
+            (&["--inspect", "nowhere"][..], None, "is not HOST:PORT"),
+            (&["--inspect", "10.0.0.1:4040"][..], Some("a token"), "not a loopback address"),
+        ] {
+            let mut command = agent_command(addr, up, flags);
+            if let Some(token) = token {
+                command.env("FERRY_INSPECT_TOKEN", token);
+            }
+            let output = command.output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{flags:?} started");
+            assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        }
     })
     .await
     .unwrap();

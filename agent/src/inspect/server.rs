@@ -58,7 +58,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let Ok(local) = listener.local_addr() else { return };
-    info!(url = %format!("http://{local}"), "inspector");
+    info!("inspector at http://{local}");
     let site = Arc::new(Site { inspector, forwarder, local });
     let connections = TaskTracker::new();
     loop {
