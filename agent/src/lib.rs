@@ -20,6 +20,7 @@
 //! - `health` — the circuit breaker and the health report (a state machine: no I/O, no clock).
 //! - `probe` — what feeds it besides requests: reconnect attempts while open, the health probe.
 //! - `metrics` — `GET /metrics` on `--metrics ADDR`: upstream times and answers, sessions.
+//! - [`status`], [`console`] — what the agent is doing, and the screen that shows it on a terminal.
 //! - [`inspect`] — the request inspector on `--inspect ADDR`: the last requests, a page, replay.
 //! - [`tls`] — trust for `wss://` (CAs, the gateway's own certificate, key pins) and `https` upstreams.
 //! - [`error`] — [`AgentError`] and [`ConnectError`].
@@ -29,6 +30,7 @@
 mod backoff;
 pub mod config;
 mod connect;
+pub mod console;
 pub mod error;
 pub mod filter;
 mod health;
@@ -38,6 +40,7 @@ mod pool;
 mod probe;
 pub mod rewrite;
 mod session;
+pub mod status;
 mod tcp;
 pub mod tls;
 mod upstream;
@@ -64,7 +67,7 @@ const ATTENTION_RETRY: Duration = Duration::from_secs(30);
 /// # Errors
 /// Invalid configuration, or `max_retries` failed attempts in a row.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    run_with(config, Listeners::default(), shutdown).await
+    run_with(config, Extras::default(), shutdown).await
 }
 
 /// As [`run`], and serves `GET /metrics` on `metrics` (see `agent --metrics`).
@@ -76,26 +79,28 @@ pub async fn run_with_metrics(
     metrics: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    run_with(config, Listeners { metrics: Some(metrics), ..Listeners::default() }, shutdown).await
+    run_with(config, Extras { metrics: Some(metrics), ..Extras::default() }, shutdown).await
 }
 
-/// Where the agent's own web endpoints listen; each is off without its listener.
+/// What the agent serves and reports beside the tunnel; each is off when `None`.
 #[derive(Debug, Default)]
-pub struct Listeners {
+pub struct Extras {
     /// `GET /metrics` (see `agent --metrics`).
     pub metrics: Option<tokio::net::TcpListener>,
     /// The request inspector (see `agent --inspect`): a page and a JSON API of the last
     /// requests, kept as [`AgentConfig::inspect`] says.
     pub inspect: Option<tokio::net::TcpListener>,
+    /// Where the agent reports what it is doing (for [`console`]).
+    pub status: Option<Arc<status::Status>>,
 }
 
-/// As [`run`], with the web endpoints that have a listener in `listeners`.
+/// As [`run`], with what `listeners` asks for besides.
 ///
 /// # Errors
 /// As [`run`].
 pub async fn run_with(
     config: AgentConfig,
-    listeners: Listeners,
+    listeners: Extras,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     config.validate().map_err(AgentError::Config)?;
@@ -118,6 +123,7 @@ pub async fn run_with(
             .inspect
             .is_some()
             .then(|| Arc::new(inspect::Inspector::new(config.inspect.clone()))),
+        status: listeners.status.clone(),
     });
     // Background tasks beside the sessions (metrics server, breaker and probe loops): one token,
     // a child of `shutdown`, stops them; one tracker waits for them at the end.
@@ -125,6 +131,9 @@ pub async fn run_with(
     let stop_background = shutdown.child_token();
     let _stop_background = stop_background.clone().drop_guard();
     if let (Some(listener), Some(inspector)) = (listeners.inspect, upstream.inspector.clone()) {
+        if let (Some(status), Ok(addr)) = (&listeners.status, listener.local_addr()) {
+            status.set_inspector(format!("http://{addr}"));
+        }
         background.spawn(inspect::server::serve(
             listener,
             inspector,
@@ -331,6 +340,9 @@ async fn serve_connection(
                 };
                 taken.clear();
                 upstream.metrics.session_started();
+                if let Some(status) = &upstream.status {
+                    status.session_up(&accepted.public_urls);
+                }
                 info!(session_id = %accepted.session_id, connection = slot, node = accepted.node_id.as_deref().unwrap_or("-"), "tunnel is up");
                 if slot == 0 {
                     if let Some(inspector) = &upstream.inspector {
@@ -353,6 +365,13 @@ async fn serve_connection(
                 let started = Instant::now();
                 let end = session::serve(upstream, ws, &accepted, shutdown).await;
                 drop(claim);
+                if let Some(status) = &upstream.status {
+                    status.session_down(match &end {
+                        Ok(SessionEnd::Lost) => Some("the gateway closed the session".to_owned()),
+                        Err(err) => Some(err.to_string()),
+                        Ok(_) => None,
+                    });
+                }
                 if started.elapsed() >= config.healthy_session {
                     backoff.reset();
                 }
@@ -391,6 +410,9 @@ async fn serve_connection(
             }
             Err(err) => {
                 failures += 1;
+                if let Some(status) = &upstream.status {
+                    status.attempt_failed(error_chain(&err));
+                }
                 next = (next + 1) % gateways.len();
                 if config.max_retries.is_some_and(|max| failures >= max) {
                     error!(err = %error_chain(&err), hint = err.hint(), "giving up");

@@ -1,6 +1,7 @@
 //! `agent`: the private side of a ferry tunnel. Parses flags, sets up logging and signals, and
 //! runs the library.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -193,6 +194,11 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
 
+    /// Log lines instead of the status screen, even on a terminal (the screen is only ever
+    /// drawn when stderr is a terminal and the log format is text).
+    #[arg(long = "no-console", action = clap::ArgAction::SetFalse)]
+    console: bool,
+
     /// The request inspector's address, or `off` [default: 127.0.0.1:4040, or the next free
     /// port up to 4049 when another agent has it].
     #[arg(long, value_parser = parse_inspect, value_name = "ADDR|off")]
@@ -318,6 +324,7 @@ struct ConfigFile {
     log_format: Option<String>,
     drain_timeout: Option<String>,
     metrics: Option<String>,
+    no_console: Option<bool>,
     inspect: Option<String>,
     inspect_allow_remote: Option<bool>,
     inspect_token_file: Option<std::path::PathBuf>,
@@ -485,7 +492,18 @@ fn hash_password(user: &str) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    ferry_transport::cli::init_logging(args.log_format);
+    // On a terminal (and unless told otherwise) a status screen, with the last log lines on it;
+    // elsewhere (systemd, a pipe, CI) the log lines as they come.
+    let console = args.console
+        && args.log_format == ferry_transport::cli::LogFormat::Text
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let console = console.then(|| {
+        (Arc::new(ferry_agent::status::Status::default()), ferry_agent::console::LogLines::default())
+    });
+    match &console {
+        Some((_, log)) => ferry_transport::cli::init_logging_to(args.log_format, log.clone(), false),
+        None => ferry_transport::cli::init_logging(args.log_format),
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(
         ferry_transport::cli::cancel_on_signal(shutdown.clone(), "draining")
@@ -502,8 +520,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let inspect = args.inspect;
     let config = args.into_config()?;
     let inspect = inspect_listener(inspect, INSPECT_DEFAULT).await?;
-    let listeners = ferry_agent::Listeners { metrics, inspect };
-    ferry_agent::run_with(config, listeners, shutdown).await.context("agent stopped")?;
+    let status = console.as_ref().map(|(status, _)| Arc::clone(status));
+    let screen = console.map(|(status, log)| {
+        let stop = CancellationToken::new();
+        let drawing =
+            tokio::spawn(ferry_agent::console::run(status, log, config.tunnel_id.to_string(), stop.clone()));
+        (stop, drawing)
+    });
+    let extras = ferry_agent::Extras { metrics, inspect, status };
+    let result = ferry_agent::run_with(config, extras, shutdown).await;
+    if let Some((stop, drawing)) = screen {
+        stop.cancel();
+        let _ = drawing.await;
+    }
+    result.context("agent stopped")?;
     Ok(())
 }
 

@@ -93,6 +93,9 @@ pub(crate) async fn serve(
     let config = session_config(&upstream.config.session, accepted.limits.max_streams);
     let heartbeat = Heartbeat { interval: accepted.heartbeat_interval, misses: HEARTBEAT_MISSES };
     let (mut link, task) = session::start(ws, Role::Agent, heartbeat, &config);
+    if let Some(status) = &upstream.status {
+        status.set_control(&link.control);
+    }
     let streams = TaskTracker::new();
     // Not a child of `shutdown`: on shutdown the session goes on while it drains, and is stopped
     // only when its requests are done (or the drain deadline passes).

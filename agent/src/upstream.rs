@@ -114,6 +114,21 @@ pub(crate) struct Forwarder {
     pub(crate) metrics: AgentMetrics,
     /// The request inspector, when it is on.
     pub(crate) inspector: Option<Arc<Inspector>>,
+    /// Where requests are counted for the console, when it is on.
+    pub(crate) status: Option<Arc<crate::status::Status>>,
+}
+
+/// Counts a request for the console while it is served; `failed` when the agent answered it
+/// with an error of its own.
+struct Counted<'a> {
+    status: &'a crate::status::Status,
+    failed: bool,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.status.request_ended(self.failed);
+    }
 }
 
 /// Streams in flight above which a new stream is acknowledged at once rather than with its
@@ -165,6 +180,10 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     };
     tracing::Span::current().record("request_id", head.request_id.as_str());
     let record = upstream.inspector.as_ref().map(|inspector| inspector.begin(RequestRecord::of(&head), None));
+    let mut counted = upstream.status.as_deref().map(|status| {
+        status.request_started();
+        Counted { status, failed: false }
+    });
     let filters = &upstream.config.filters;
     let refusal = match filters.max_concurrent {
         Some(max) if in_flight > max => Err(Box::new(Refusal::at_capacity())),
@@ -175,6 +194,9 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
         upstream.metrics.own_answer(refusal.code);
         if let Some(record) = &record {
             record.fail(Some(refusal.status.as_u16()), refusal.code, &refusal.message);
+        }
+        if let Some(counted) = &mut counted {
+            counted.failed = true;
         }
         Box::pin(refusal.send(&mut writer, &head.request_id)).await;
         return;
@@ -204,6 +226,9 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
         },
         Err(Failure::Abort(code, message)) => {
             upstream.metrics.own_answer(code.as_str());
+            if let Some(counted) = &mut counted {
+                counted.failed = true;
+            }
             if let Some(record) = &record {
                 record.fail(None, code.as_str(), &message);
             }
@@ -211,6 +236,9 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
         }
         Err(Failure::Refuse(refusal)) => {
             upstream.metrics.own_answer(refusal.code);
+            if let Some(counted) = &mut counted {
+                counted.failed = true;
+            }
             if let Some(record) = &record {
                 record.fail(Some(refusal.status.as_u16()), refusal.code, &refusal.message);
             }

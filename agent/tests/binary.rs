@@ -293,6 +293,68 @@ async fn the_inspector_shows_requests_and_stays_on_loopback_unless_told() {
     .unwrap();
 }
 
+/// On a terminal (`script` gives the agent one) the agent draws its status screen in place of
+/// the scrolling log: the tunnel up, its URL, the inspector, the requests counted.
+#[tokio::test]
+async fn on_a_terminal_the_agent_draws_its_status_screen() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        if std::process::Command::new("script").arg("--version").output().is_err() {
+            assert!(std::env::var_os("FERRY_CI").is_none(), "the console test needs script (util-linux)");
+            eprintln!("SKIPPED: no `script` to give the agent a terminal");
+            return;
+        }
+        let up = upstream(Arc::new(Semaphore::new(0)), Arc::new(Notify::new())).await;
+        let (gateway, addr, _stop) = gateway(GatewayConfig::default()).await;
+        let id: TunnelId = TUNNEL.parse().unwrap();
+        let agent = format!(
+            "{} --tunnel-id {TUNNEL} --upstream {up} --gateway ws://{addr}/ws --inspect 127.0.0.1:0",
+            env!("CARGO_BIN_EXE_agent")
+        );
+        let mut child = Command::new("script")
+            .args(["-qfec", &agent, "/dev/null"])
+            .env_remove("FERRY_SECRET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        gateway.registry.wait_until(|r| r.of(&id).len() == 1).await;
+        for _ in 0..2 {
+            assert_eq!(get(format!("http://{addr}/t/{TUNNEL}/")).await.0, StatusCode::OK);
+        }
+        let mut stdout = child.stdout.take().unwrap();
+        let mut screen = String::new();
+        let drawn = tokio::time::timeout(Duration::from_secs(10), async {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 4096];
+            loop {
+                // The last whole screen: after the last "home, clear".
+                if let Some(last) = screen.rsplit("\x1b[H\x1b[J").next()
+                    && last.contains("in all\r\n")
+                    && last.contains("2 in all")
+                {
+                    return last.to_owned();
+                }
+                let n = stdout.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the agent ended: {screen}");
+                screen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no screen with two requests: {screen}"));
+        assert!(drawn.contains("Tunnel        up"), "{drawn}");
+        assert!(drawn.contains(&format!("Public URL    http://{addr}/t/{TUNNEL}/")), "{drawn}");
+        assert!(drawn.contains("Inspector     http://127.0.0.1:"), "{drawn}");
+        assert!(drawn.contains("Gateway RTT"), "{drawn}");
+        // The log lines are on the screen, not scrolling under it.
+        assert!(drawn.contains("public URL"), "{drawn}");
+        child.kill().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn log_format_json_writes_one_object_per_line() {
     tokio::time::timeout(TEST_TIMEOUT, async {

@@ -33,7 +33,7 @@ impl Inspected {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let inspector = listener.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let listeners = ferry_agent::Listeners { inspect: Some(listener), ..Default::default() };
+        let listeners = ferry_agent::Extras { inspect: Some(listener), ..Default::default() };
         let task = tokio::spawn(ferry_agent::run_with(config, listeners, shutdown.clone()));
         let agent = AgentRun { shutdown, task };
         env.wait_for_sessions(1).await;

@@ -112,12 +112,20 @@ pub fn parse_log_format(text: &str) -> Result<LogFormat, String> {
 /// Installs the process's logger: to stderr, filtered by `RUST_LOG` through [`log_directives`],
 /// in `format`.
 pub fn init_logging(format: LogFormat) {
+    init_logging_to(format, std::io::stderr, std::io::IsTerminal::is_terminal(&std::io::stderr()));
+}
+
+/// As [`init_logging`], to `writer` (colours with `ansi`, in text).
+pub fn init_logging_to<W>(format: LogFormat, writer: W, ansi: bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(log_directives(std::env::var("RUST_LOG").ok().as_deref()))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder.with_ansi(ansi).init(),
         LogFormat::Json => builder.json().with_current_span(false).with_span_list(true).init(),
     }
 }
