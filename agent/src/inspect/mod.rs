@@ -353,11 +353,7 @@ impl Entry {
         let mut line = format!("curl -X {} {}", self.request.method, shell_quote(&url));
         for (name, value) in &self.request.headers {
             let name = String::from_utf8_lossy(name);
-            // curl writes these itself from the URL and the body.
-            if ["host", "content-length", "connection", "transfer-encoding"]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n))
-            {
+            if SKIPPED_IN_CURL.iter().any(|n| name.eq_ignore_ascii_case(n)) {
                 continue;
             }
             line.push_str(" -H ");
@@ -378,6 +374,20 @@ impl Entry {
         line
     }
 }
+
+/// Fields a `curl` line leaves out: curl writes the first ones itself from the URL and the body,
+/// the gateway adds the others again.
+const SKIPPED_IN_CURL: [&str; 9] = [
+    "host",
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "via",
+];
 
 /// `text` in single quotes for a POSIX shell.
 fn shell_quote(text: &str) -> String {

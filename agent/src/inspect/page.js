@@ -75,8 +75,18 @@ function render() {
   $("empty").hidden = rows.size > 0;
 }
 
+let memoryTimer = null;
+function refreshMemory() {
+  if (memoryTimer) return;
+  memoryTimer = setTimeout(() => {
+    memoryTimer = null;
+    api("/api/requests?limit=0").then((l) => showMemory(l.memory)).catch(() => {});
+  }, 300);
+}
+
 function upsert(s) {
   rows.set(s.id, s);
+  refreshMemory();
   const body = $("requests").tBodies[0];
   const old = body.querySelector(`tr[data-id="${s.id}"]`);
   if (!matches(s)) {
@@ -118,7 +128,6 @@ function listen() {
     $("live").textContent = "reconnecting";
     $("live").className = "live off";
   };
-  setInterval(() => api("/api/requests?limit=0").then((l) => showMemory(l.memory)).catch(() => {}), 5000);
 }
 
 function scheduleRefresh() {
