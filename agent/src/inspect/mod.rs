@@ -118,6 +118,7 @@ impl Inspector {
             started: Instant::now(),
             request,
             evicted: AtomicBool::new(false),
+            size: AtomicUsize::new(size),
             state: Mutex::new(State::default()),
         });
         self.held.fetch_add(size, Ordering::Relaxed);
@@ -181,14 +182,16 @@ pub(crate) struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// A record of `head`'s parts; the fields are copied out of the frame they came in.
+    /// A record of `head`'s parts; the target and fields are copied out of the frame they came
+    /// in, into one buffer.
     pub(crate) fn of(head: &ferry_codec::RequestHead) -> Self {
+        let (target, headers) = copy_together(&head.target, &head.headers);
         Self {
             method: head.method.clone(),
-            target: Bytes::copy_from_slice(&head.target),
+            target,
             path_routed: head.path_routed,
             client: head.client_addr,
-            headers: copy_fields(&head.headers),
+            headers,
         }
     }
 
@@ -197,12 +200,30 @@ impl RequestRecord {
     }
 }
 
-/// Copies of `fields`, owning their bytes.
+/// Copies of `fields`, owning their bytes (one buffer for them all).
 pub(crate) fn copy_fields(fields: &[Header]) -> Vec<(Bytes, Bytes)> {
-    fields
-        .iter()
-        .map(|field| (Bytes::copy_from_slice(field.name()), Bytes::copy_from_slice(field.value())))
-        .collect()
+    copy_together(&[], fields).1
+}
+
+/// A copy of `first` and of `fields`, all in one buffer: a record costs a few allocations, not two
+/// per field.
+fn copy_together(first: &[u8], fields: &[Header]) -> (Bytes, Vec<(Bytes, Bytes)>) {
+    let size = first.len() + fields.iter().map(|f| f.name().len() + f.value().len()).sum::<usize>();
+    let mut buffer = bytes::BytesMut::with_capacity(size);
+    buffer.extend_from_slice(first);
+    for field in fields {
+        buffer.extend_from_slice(field.name());
+        buffer.extend_from_slice(field.value());
+    }
+    let all = buffer.freeze();
+    let mut at = first.len();
+    let mut copies = Vec::with_capacity(fields.len());
+    for field in fields {
+        let (name, value) = (field.name().len(), field.value().len());
+        copies.push((all.slice(at..at + name), all.slice(at + name..at + name + value)));
+        at += name + value;
+    }
+    (all.slice(..first.len()), copies)
 }
 
 fn fields_size(fields: &[(Bytes, Bytes)]) -> usize {
@@ -219,6 +240,8 @@ pub(crate) struct Entry {
     pub(crate) request: RequestRecord,
     /// Out of the list: captures stop.
     evicted: AtomicBool,
+    /// Bytes held: the heads and the kept body bytes.
+    size: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -231,7 +254,7 @@ pub(crate) enum Side {
 
 #[derive(Debug, Default)]
 struct State {
-    upstream: Option<String>,
+    upstream: Option<crate::config::Upstream>,
     status: Option<u16>,
     response_headers: Vec<(Bytes, Bytes)>,
     request_body: Capture,
@@ -263,11 +286,17 @@ impl Entry {
 
     /// Bytes this record holds.
     fn size(&self) -> usize {
-        let state = self.state();
-        self.request.size()
-            + fields_size(&state.response_headers)
-            + state.request_body.kept.len()
-            + state.response_body.kept.len()
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` more bytes held, unless the record is out of the list (then they are not kept).
+    fn hold(&self, inspector: &Inspector, n: usize) -> bool {
+        if self.evicted.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.size.fetch_add(n, Ordering::Relaxed);
+        inspector.held.fetch_add(n, Ordering::Relaxed);
+        true
     }
 
     /// The line of the list.
@@ -294,7 +323,7 @@ impl Entry {
             "method": self.request.method,
             "path": String::from_utf8_lossy(&self.request.target),
             "client": self.request.client.map(|addr| addr.ip().to_string()),
-            "upstream": state.upstream,
+            "upstream": state.upstream.as_ref().map(ToString::to_string),
             "status": state.status,
             "phase": phase,
             "duration_ms": millis(state.duration),
@@ -448,16 +477,15 @@ impl Record {
     }
 
     /// Which upstream the request went to.
-    pub(crate) fn upstream(&self, upstream: &impl std::fmt::Display) {
-        self.entry.state().upstream = Some(upstream.to_string());
+    pub(crate) fn upstream(&self, upstream: &crate::config::Upstream) {
+        self.entry.state().upstream = Some(upstream.clone());
     }
 
     /// The response head, as the client gets it.
     pub(crate) fn response(&self, status: u16, fields: &[Header]) {
         let fields = copy_fields(fields);
         let mut state = self.entry.state();
-        if !self.entry.evicted.load(Ordering::Relaxed) {
-            self.inspector.held.fetch_add(fields_size(&fields), Ordering::Relaxed);
+        if self.entry.hold(&self.inspector, fields_size(&fields)) {
             state.response_headers = fields;
         }
         state.status = Some(status);
@@ -475,10 +503,9 @@ impl Record {
         };
         capture.total += data.len() as u64;
         let room = limit.saturating_sub(capture.kept.len());
-        let kept = if room > 0 && !self.entry.evicted.load(Ordering::Relaxed) {
-            let take = room.min(data.len());
+        let take = room.min(data.len());
+        let kept = if take > 0 && self.entry.hold(&self.inspector, take) {
             capture.kept.extend_from_slice(&data[..take]);
-            self.inspector.held.fetch_add(take, Ordering::Relaxed);
             take
         } else {
             0
