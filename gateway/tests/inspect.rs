@@ -16,7 +16,6 @@ use http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 /// A tunnel whose agent runs the inspector on a loopback port.
 struct Inspected {
@@ -30,12 +29,7 @@ impl Inspected {
         let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
         let mut config = env.agent_config();
         tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let inspector = listener.local_addr().unwrap();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let listeners = ferry_agent::Extras { inspect: Some(listener), ..Default::default() };
-        let task = tokio::spawn(ferry_agent::run_with(config, listeners, shutdown.clone()));
-        let agent = AgentRun { shutdown, task };
+        let (agent, inspector) = spawn_agent_with_inspector(config).await;
         env.wait_for_sessions(1).await;
         Self { env, agent, inspector }
     }

@@ -21,7 +21,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode, header};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -158,14 +158,7 @@ async fn the_page_updates_live_shows_the_body_and_replays_with_one_click() {
     bounded(async {
         let Some(browser) = Browser::start().await else { return };
         let env = TestEnv::start_without_agent(GatewayConfig::default()).await;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let inspector = listener.local_addr().unwrap();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let extras = ferry_agent::Extras { inspect: Some(listener), ..Default::default() };
-        let agent = AgentRun {
-            shutdown: shutdown.clone(),
-            task: tokio::spawn(ferry_agent::run_with(env.agent_config(), extras, shutdown)),
-        };
+        let (agent, inspector) = spawn_agent_with_inspector(env.agent_config()).await;
         env.wait_for_sessions(1).await;
 
         let mut page = browser.open(&format!("http://{inspector}/")).await;

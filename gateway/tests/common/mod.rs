@@ -112,6 +112,16 @@ pub fn spawn_agent(config: AgentConfig) -> AgentRun {
     AgentRun { shutdown, task }
 }
 
+/// An agent running its request inspector on a loopback port; the port.
+pub async fn spawn_agent_with_inspector(config: AgentConfig) -> (AgentRun, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inspector = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let extras = ferry_agent::Extras { inspect: Some(listener), ..Default::default() };
+    let task = tokio::spawn(ferry_agent::run_with(config, extras, shutdown.clone()));
+    (AgentRun { shutdown, task }, inspector)
+}
+
 pub struct TestEnv {
     pub gateway: Arc<Gateway>,
     pub gateway_run: GatewayRun,
