@@ -19,7 +19,7 @@ use crate::error::AgentError;
 use crate::error_chain;
 use crate::filter::{Refusal, target_path};
 use crate::health::{Admission, Health};
-use crate::inspect::{Inspector, Record, RequestRecord, Side, Tee};
+use crate::inspect::{Inspector, Metered, Record, RequestRecord, Side, Tee};
 use crate::metrics::AgentMetrics;
 use crate::pool::{OutRequest, UpstreamPool};
 use ferry_transport::h1::RequestFraming;
@@ -210,20 +210,22 @@ async fn serve(upstream: Arc<Forwarder>, mut stream: multiplex::Stream) {
     // agent's CPU per small request.
     match Box::pin(proxy(&upstream, head, reader, &mut writer, record.as_ref())).await {
         Ok(None) => {}
-        Ok(Some((upstream_io, reader))) => match Box::pin(pipe(reader, writer, upstream_io)).await {
-            Ok((to_upstream, from_upstream)) => {
-                debug!(to_upstream, from_upstream, "upgraded stream closed");
-                if let Some(record) = &record {
-                    record.upgraded(to_upstream, from_upstream);
+        Ok(Some((upstream_io, reader))) => {
+            match Box::pin(pipe(reader, writer, Metered::new(upstream_io, record.clone()))).await {
+                Ok((to_upstream, from_upstream)) => {
+                    debug!(to_upstream, from_upstream, "upgraded stream closed");
+                    if let Some(record) = &record {
+                        record.upgraded(to_upstream, from_upstream);
+                    }
+                }
+                Err(err) => {
+                    debug!(%err, "upgraded stream failed");
+                    if let Some(record) = &record {
+                        record.fail(None, "upgraded_stream_failed", &err.to_string());
+                    }
                 }
             }
-            Err(err) => {
-                debug!(%err, "upgraded stream failed");
-                if let Some(record) = &record {
-                    record.fail(None, "upgraded_stream_failed", &err.to_string());
-                }
-            }
-        },
+        }
         Err(Failure::Abort(code, message)) => {
             upstream.metrics.own_answer(code.as_str());
             if let Some(counted) = &mut counted {

@@ -295,10 +295,23 @@ async fn server_sent_events_show_as_they_arrive_and_an_upgrade_shows_its_bytes()
             .unwrap();
         let echoed = ws.next().await.unwrap().unwrap();
         assert_eq!(echoed.into_text().unwrap(), "hello through the tunnel");
+        // While it is open, its bytes show.
+        let open = events
+            .until("update", |s| {
+                s["path"] == "/ws"
+                    && s["duration_ms"].is_null()
+                    && s["upgraded"]["from_upstream"].as_u64() > Some(24)
+            })
+            .await;
+        assert_eq!(open["status"], 101);
         ws.close(None).await.unwrap();
         while ws.next().await.is_some() {}
         drop(ws);
-        let upgraded = events.until("update", |s| s["path"] == "/ws" && s["phase"] == "upgraded").await;
+        let upgraded = events
+            .until("update", |s| {
+                s["path"] == "/ws" && s["phase"] == "upgraded" && !s["duration_ms"].is_null()
+            })
+            .await;
         assert_eq!(upgraded["status"], 101);
         assert!(upgraded["upgraded"]["to_upstream"].as_u64().unwrap() > 24, "{upgraded}");
         assert!(upgraded["upgraded"]["from_upstream"].as_u64().unwrap() > 24, "{upgraded}");

@@ -32,8 +32,9 @@ pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
 pub const MAX_REQUESTS: usize = 100_000;
 /// Most bytes of one body that may be kept.
 pub const MAX_BODY_LIMIT: usize = 16 << 20;
-/// Least time between two progress events of one record once its captures are full.
-const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Least time between two progress events of one record once its captures are full (or on an
+/// upgraded connection).
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// What the inspector keeps.
 #[derive(Debug, Clone)]
@@ -73,6 +74,8 @@ pub(crate) struct Inspector {
     events: broadcast::Sender<Event>,
     /// The tunnel's first public URL, once a session is up (for the `curl` lines).
     public_url: Mutex<Option<String>>,
+    /// Records whose last progress event was held back.
+    unsent: Mutex<Vec<u64>>,
 }
 
 impl Inspector {
@@ -84,6 +87,23 @@ impl Inspector {
             held: AtomicUsize::new(0),
             events: broadcast::Sender::new(1024),
             public_url: Mutex::default(),
+            unsent: Mutex::default(),
+        }
+    }
+
+    /// Sends the progress events held back (called every [`PROGRESS_EVERY`] while someone
+    /// listens), so a record whose traffic stopped shows where it stopped.
+    pub(crate) fn flush(&self) {
+        let ids = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
+        for id in ids {
+            let Some(entry) = self.get(id) else { continue };
+            let mut state = entry.state();
+            if state.unsent {
+                state.unsent = false;
+                state.last_progress = Some(Instant::now());
+                drop(state);
+                let _ = self.events.send(Event::Update(id));
+            }
         }
     }
 
@@ -269,6 +289,8 @@ struct State {
     upgraded: Option<(u64, u64)>,
     /// When the last progress event went out.
     last_progress: Option<Instant>,
+    /// A progress event was held back and has not been sent since.
+    unsent: bool,
 }
 
 /// The first bytes of a body, and how many there were in all.
@@ -468,10 +490,16 @@ impl Record {
         if progress {
             let now = Instant::now();
             if state.last_progress.is_some_and(|last| now.duration_since(last) < PROGRESS_EVERY) {
+                // Held back; [`Inspector::flush`] sends it, so the last change is never lost.
+                if !state.unsent {
+                    state.unsent = true;
+                    self.inspector.unsent.lock().unwrap_or_else(|e| e.into_inner()).push(self.entry.id);
+                }
                 return;
             }
             state.last_progress = Some(now);
         }
+        state.unsent = false;
         drop(state);
         let _ = self.inspector.events.send(Event::Update(self.entry.id));
     }
@@ -550,6 +578,67 @@ impl Record {
         state.duration = Some(self.entry.started.elapsed());
         state.upgraded = Some((to_upstream, from_upstream));
         self.changed(state, false);
+    }
+
+    /// Bytes moved on an upgraded connection that is still open.
+    fn upgraded_bytes(&self, to_upstream: u64, from_upstream: u64) {
+        let mut state = self.entry.state();
+        let (up, down) = state.upgraded.get_or_insert((0, 0));
+        *up += to_upstream;
+        *down += from_upstream;
+        self.changed(state, true);
+    }
+}
+
+/// An upgraded upstream connection whose bytes each way are counted into a record as they move
+/// (a WebSocket shows its traffic while it is open). Without a record it only passes them on.
+#[derive(Debug)]
+pub(crate) struct Metered<T> {
+    inner: T,
+    tap: Option<Record>,
+}
+
+impl<T> Metered<T> {
+    pub(crate) fn new(inner: T, tap: Option<Record>) -> Self {
+        Self { inner, tap }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let read = buf.filled().len() - before;
+        if let (Some(record), true) = (&self.tap, read > 0) {
+            record.upgraded_bytes(0, read as u64);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        if let (Some(record), true) = (&self.tap, written > 0) {
+            record.upgraded_bytes(written as u64, 0);
+        }
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -668,6 +757,26 @@ mod tests {
         inspector.clear();
         assert_eq!(inspector.held(), 0);
         assert!(inspector.list().is_empty());
+    }
+
+    #[test]
+    fn progress_held_back_by_the_throttle_is_sent_by_the_flush() {
+        let inspector = inspector(10, 4);
+        let mut events = inspector.subscribe();
+        let record = inspector.begin(request("/big"), None);
+        assert_eq!(events.try_recv().unwrap(), Event::New(1));
+        record.capture(Side::Response, b"abcd");
+        // Past the limit: the first progress goes out, the next ones within the interval wait.
+        for _ in 0..3 {
+            record.capture(Side::Response, b"efgh");
+        }
+        let sent: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        assert_eq!(sent, [Event::Update(1), Event::Update(1)]);
+        inspector.flush();
+        assert_eq!(events.try_recv().unwrap(), Event::Update(1));
+        inspector.flush();
+        assert!(events.try_recv().is_err(), "nothing held back any more");
+        assert_eq!(inspector.get(1).unwrap().summary()["response_bytes"], 16);
     }
 
     #[test]

@@ -59,8 +59,22 @@ pub(crate) async fn serve(
 ) {
     let Ok(local) = listener.local_addr() else { return };
     info!("inspector at http://{local}");
-    let site = Arc::new(Site { inspector, forwarder, local });
+    let site = Arc::new(Site { inspector: Arc::clone(&inspector), forwarder, local });
     let connections = TaskTracker::new();
+    // Progress held back by the throttle goes out a moment later.
+    let flusher = {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(super::PROGRESS_EVERY);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = ticks.tick() => inspector.flush(),
+                }
+            }
+        })
+    };
     loop {
         let (socket, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -91,6 +105,7 @@ pub(crate) async fn serve(
         });
     }
     connections.close();
+    let _ = flusher.await;
 }
 
 struct Site {
